@@ -1,0 +1,121 @@
+"""Frozen dataclasses that are JAX pytrees and serializable state.
+
+A drop-in for ``flax.struct``::
+
+    >>> from lib import struct
+    >>> import jax
+    >>> class Model(struct.PyTreeNode):
+    ...   params: dict
+    ...   apply_fn: object = struct.field(pytree_node=False, default=None)
+    >>> m = Model(params={'w': 1.0})
+    >>> jax.tree_util.tree_leaves(m)
+    [1.0]
+    >>> m.replace(params={'w': 2.0}).params
+    {'w': 2.0}
+
+Fields marked ``pytree_node=False`` are static: they are part of the treedef
+(and so of jit's cache key), are not leaves, and are left out of the state dict
+that checkpoints store.
+"""
+
+import dataclasses
+from typing import Any, TypeVar
+
+import jax
+
+from lib import serialization
+
+__all__ = ['dataclass', 'field', 'PyTreeNode']
+
+_T = TypeVar('_T')
+_MARK = '_flax_dataclass'  # same marker name as flax, so either can detect it
+
+
+def field(pytree_node: bool = True, *, metadata: dict | None = None, **kwargs):
+  """A ``dataclasses.field`` that records whether it is a pytree node.
+
+  Args:
+    pytree_node: ``False`` makes the field static (not a leaf, not saved).
+    metadata: extra metadata, merged with ``{'pytree_node': pytree_node}``.
+    **kwargs: passed to ``dataclasses.field`` (``default``, ``kw_only``, ...).
+  """
+  return dataclasses.field(
+      metadata=(metadata or {}) | {'pytree_node': pytree_node}, **kwargs)
+
+
+def dataclass(clz: _T | None = None, **kwargs) -> _T:
+  """Turns ``clz`` into a frozen dataclass registered as a pytree.
+
+  Usable bare (``@dataclass``) or with ``dataclasses.dataclass`` keyword
+  arguments (``@dataclass(frozen=False, kw_only=True)``). Frozen unless
+  ``frozen=False`` is given. Adds ``replace(**updates)``. Applying it twice is a
+  no-op.
+  """
+  if clz is None:
+    return lambda c: dataclass(c, **kwargs)
+  if _MARK in clz.__dict__:
+    return clz
+
+  kwargs.setdefault('frozen', True)
+  data_clz = dataclasses.dataclass(**kwargs)(clz)
+  data_fields, meta_fields = [], []
+  for f in dataclasses.fields(data_clz):
+    if f.metadata.get('pytree_node', True):
+      data_fields.append(f.name)
+    else:
+      meta_fields.append(f.name)
+
+  def replace(self, **updates):
+    """Returns a copy of this instance with the given fields replaced."""
+    return dataclasses.replace(self, **updates)
+
+  data_clz.replace = replace
+  jax.tree_util.register_dataclass(
+      data_clz, data_fields=data_fields, meta_fields=meta_fields)
+
+  def to_state_dict(x):
+    return {
+        name: serialization.to_state_dict(getattr(x, name))
+        for name in data_fields
+    }
+
+  def from_state_dict(x, state):
+    state = dict(state)
+    updates = {}
+    for name in data_fields:
+      if name not in state:
+        raise ValueError(
+            f'Missing field {name} in state dict while restoring an instance'
+            f' of {clz.__name__}, at path {serialization.current_path()}')
+      updates[name] = serialization.from_state_dict(
+          getattr(x, name), state.pop(name), name=name)
+    if state:
+      names = ','.join(state.keys())
+      raise ValueError(
+          f'Unknown field(s) "{names}" in state dict while restoring an'
+          f' instance of {clz.__name__} at path'
+          f' {serialization.current_path()}')
+    return x.replace(**updates)
+
+  serialization.register_serialization_state(
+      data_clz, to_state_dict, from_state_dict)
+  setattr(data_clz, _MARK, True)
+  return data_clz
+
+
+class PyTreeNode:
+  """Base class form of :func:`dataclass`.
+
+  Subclasses are dataclasses; class keyword arguments go to :func:`dataclass`::
+
+    class State(PyTreeNode, kw_only=True):
+      step: int
+  """
+
+  def __init_subclass__(cls, **kwargs):
+    dataclass(cls, **kwargs)
+
+  if False:  # for type checkers: subclasses get these from dataclass()
+    def __init__(self, *args: Any, **kwargs: Any): ...
+
+    def replace(self: _T, **overrides) -> _T: ...

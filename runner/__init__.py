@@ -1,0 +1,1 @@
+"""gintrain runner: gin + absl wiring of lib/ into experiments."""
