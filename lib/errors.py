@@ -16,12 +16,32 @@ __all__ = [
 ]
 
 
+def _rebuild(cls, args, state):
+  """Unpickles an error without calling its (differently shaped) __init__."""
+  err = cls.__new__(cls)
+  Exception.__init__(err, *args)
+  err.__dict__.update(state)
+  return err
+
+
 class GintrainError(Exception):
-  """Base class of the library's errors (flax: ``FlaxError``)."""
+  """Base class of the library's errors (flax: ``FlaxError``).
+
+  Errors keep their class, message and attributes when pickled (e.g. when
+  re-raised from a worker process):
+
+    >>> import pickle
+    >>> err = pickle.loads(pickle.dumps(InvalidCheckpointError('/c/ckpt_3', 3)))
+    >>> type(err).__name__, err.step
+    ('InvalidCheckpointError', 3)
+  """
 
   def __init__(self, message: str, hint: str = ''):
     self.hint = hint
     super().__init__(f'{message} {hint}'.strip())
+
+  def __reduce__(self):
+    return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidCheckpointError(GintrainError):
@@ -33,6 +53,7 @@ class InvalidCheckpointError(GintrainError):
   """
 
   def __init__(self, path, step):
+    self.path, self.step = path, step
     super().__init__(
         f'Trying to save an outdated checkpoint at step: "{step}" and path:'
         f' "{path}".',
@@ -44,6 +65,7 @@ class AlreadyExistsError(GintrainError):
   """A rename target exists and overwriting was not requested."""
 
   def __init__(self, path):
+    self.path = path
     super().__init__(
         f'Trying to overwrite an existing file: "{path}".',
         'Another writer may be saving into the same directory; pass'
@@ -54,7 +76,7 @@ class CheckpointReadError(GintrainError, ValueError):
   """A checkpoint file could not be read or decoded (corrupt or truncated)."""
 
   def __init__(self, path, reason):
-    self.path = path
+    self.path, self.reason = path, reason
     super().__init__(
         f'Checkpoint file "{path}" is unreadable: {reason}.',
         'The file is truncated or corrupt (e.g. copied while being written);'
@@ -65,6 +87,7 @@ class MsgpackDecodeError(GintrainError, ValueError):
   """Bytes given to ``msgpack_restore``/``from_bytes`` are not a valid tree."""
 
   def __init__(self, reason):
+    self.reason = reason
     super().__init__(
         f'Cannot decode msgpack checkpoint bytes: {reason}.',
         'The bytes are truncated, corrupt, or were not written by to_bytes.')
@@ -74,6 +97,7 @@ class MPACheckpointingRequiredError(GintrainError):
   """A tree holds arrays that span processes, but no ``gda_manager`` was given."""
 
   def __init__(self, path, step):
+    self.path, self.step = path, step
     super().__init__(
         f'Checkpoint failed at step: "{step}" and path: "{path}": the target'
         ' contains jax.Arrays that are not fully addressable by this process.',
@@ -86,6 +110,7 @@ class MPARestoreTargetRequiredError(GintrainError):
   """A multi-process array in the file has no matching array in the target."""
 
   def __init__(self, path, step, key=None):
+    self.path, self.step, self.key = path, step, key
     where = f' for key "{key}"' if key else ''
     super().__init__(
         f'Restore failed at step: "{step}" and path: "{path}": the checkpoint'
@@ -99,6 +124,7 @@ class MPARestoreDataCorruptedError(GintrainError):
   """The ``<checkpoint>_gda`` directory is missing or was never committed."""
 
   def __init__(self, step, path):
+    self.path, self.step = path, step
     super().__init__(
         f'Restore failed at step: "{step}" and path: "{path}": the'
         ' multi-process array data is missing or was never committed.',

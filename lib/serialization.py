@@ -24,6 +24,7 @@ Decoding never executes code.
 
 import contextlib
 import enum
+import re
 import threading
 from typing import Any, Callable
 
@@ -144,6 +145,19 @@ def from_state_dict(target, state, name: str = '.'):
     return _STATE_DICT_REGISTRY[ty][1](target, state)
 
 
+def expect_state_dict(state, target) -> None:
+  """Raises ``ValueError`` naming the path unless ``state`` is a dict.
+
+  For ``from_state_dict`` handlers whose state must be a dict (a checkpoint
+  that holds a leaf where the target has a container is not restorable).
+  """
+  if not isinstance(state, dict):
+    raise ValueError(
+        f'Expected a state dict (a dict) to restore a {type(target).__name__}'
+        f' at path {current_path()}, got a {type(state).__name__}: the'
+        ' checkpoint has a leaf where the target has a container.')
+
+
 def _dict_state_dict(xs: dict) -> dict[str, Any]:
   str_keys = {str(k) for k in xs}
   if len(str_keys) != len(xs):
@@ -154,6 +168,7 @@ def _dict_state_dict(xs: dict) -> dict[str, Any]:
 
 
 def _restore_dict(xs: dict, states: dict) -> dict:
+  expect_state_dict(states, xs)
   missing = {str(k) for k in xs}.difference(states.keys())
   if missing:
     raise ValueError(
@@ -170,6 +185,7 @@ def _list_state_dict(xs) -> dict[str, Any]:
 
 
 def _restore_list(xs, states: dict) -> list:
+  expect_state_dict(states, xs)
   if len(states) != len(xs):
     raise ValueError(
         'The size of the list and the state dict do not match, got'
@@ -185,6 +201,7 @@ def _namedtuple_state_dict(nt) -> dict[str, Any]:
 
 
 def _restore_namedtuple(xs, states: dict):
+  expect_state_dict(states, xs)
   if set(states.keys()) == {'name', 'fields', 'values'}:  # legacy layout
     states = {
         states['fields'][str(i)]: states['values'][str(i)]
@@ -206,6 +223,7 @@ def _partial_state_dict(p):
 
 
 def _restore_partial(p, states):
+  expect_state_dict(states, p)
   args = from_state_dict(p.args, states['args'])
   keywords = from_state_dict(p.keywords, states['keywords'])
   return jax.tree_util.Partial(p.func, *args, **keywords)
@@ -232,8 +250,14 @@ class _ExtType(enum.IntEnum):
 
 
 def _as_little_endian(arr: np.ndarray) -> np.ndarray:
-  """Big-endian arrays are stored little-endian (flax stores them unswapped)."""
-  if arr.dtype.byteorder == '>':
+  """Non-native (big-endian) arrays as little-endian copies; others as is.
+
+  The wire format stores only ``dtype.name``, which has no byte order, so the
+  data must be little-endian to restore correctly (flax writes big-endian data
+  unswapped, which restores as garbage). Streaming writers that use
+  :func:`array_header` must pass their arrays through this first.
+  """
+  if not arr.dtype.isnative:
     return arr.astype(arr.dtype.newbyteorder('<'))
   return arr
 
@@ -241,23 +265,43 @@ def _as_little_endian(arr: np.ndarray) -> np.ndarray:
 def _check_dtype(dtype: np.dtype):
   if dtype.hasobject or dtype.isalignedstruct:
     raise ValueError(
-        f'Arrays of dtype {dtype} cannot be serialized: object and structured'
-        ' dtypes are not supported.')
+        f'Arrays of dtype {dtype} cannot be serialized: object and aligned'
+        ' structured dtypes are not supported.')
 
 
 def array_header(shape, dtype: np.dtype) -> tuple[bytes, int]:
   """Encodes everything of an ExtType-1 array before its raw data bytes.
 
   Returns ``(header, nbytes)``: ``header + arr.tobytes('C')`` is exactly the
-  ext payload that :func:`to_bytes` writes for ``arr``. Lets a writer stream
-  the data buffer instead of copying it into one bytes object.
+  ext payload that :func:`to_bytes` writes for a little-endian ``arr`` (see
+  :func:`_as_little_endian`). Lets a writer stream the data buffer instead of
+  copying it into one bytes object.
+
+    >>> arr = np.arange(3, dtype=np.int16)
+    >>> head, nbytes = array_header(arr.shape, arr.dtype)
+    >>> head + arr.tobytes() == _ndarray_to_bytes(arr), nbytes
+    (True, 6)
   """
+  dtype = np.dtype(dtype)
   _check_dtype(dtype)
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   packer = msgpack.Packer(use_bin_type=True)
   head = (packer.pack_array_header(3) + packer.pack(tuple(shape)) +
-          packer.pack(dtype.name) + packer.pack_bin_header(nbytes))
+          packer.pack(dtype.name) + _bin_header(nbytes))
   return head, nbytes
+
+
+def _bin_header(nbytes: int) -> bytes:
+  """The msgpack bin 8/16/32 header msgpack itself writes for ``nbytes``."""
+  if nbytes < 2**8:
+    return b'\xc4' + nbytes.to_bytes(1, 'big')
+  if nbytes < 2**16:
+    return b'\xc5' + nbytes.to_bytes(2, 'big')
+  if nbytes < 2**32:
+    return b'\xc6' + nbytes.to_bytes(4, 'big')
+  raise ValueError(
+      f'An array of {nbytes} bytes does not fit one msgpack bin (4 GiB);'
+      ' keep MAX_CHUNK_SIZE below that so it is chunked.')
 
 
 def _ndarray_to_bytes(arr) -> bytes:
@@ -269,23 +313,57 @@ def _ndarray_to_bytes(arr) -> bytes:
       (arr.shape, arr.dtype.name, arr.tobytes('C')), use_bin_type=True)
 
 
+_SIZED_DTYPE_NAME = re.compile(r'(bytes|str|void)([0-9]{1,12})')
+
+
 def dtype_from_name(name: str | bytes) -> np.dtype:
-  """The dtype for a stored dtype name, incl. bfloat16 and ml_dtypes names."""
+  """The dtype for a stored dtype name, incl. bfloat16 and ml_dtypes names.
+
+    >>> dtype_from_name(b'bfloat16'), dtype_from_name('float8_e4m3fn')
+    (dtype(bfloat16), dtype(float8_e4m3fn))
+
+  Also the names numpy gives fixed-size string and void dtypes, which
+  ``np.dtype`` itself does not parse (flax cannot restore these arrays;
+  structured arrays come back as raw records):
+
+    >>> dtype_from_name('bytes24'), dtype_from_name('str64')
+    (dtype('S3'), dtype('<U2'))
+
+  Raises:
+    ValueError: the name is not a dtype, or names an object dtype (which
+      could not be restored from raw bytes).
+  """
   if isinstance(name, bytes):
-    name = name.decode('ascii')
+    name = name.decode('ascii', errors='backslashreplace')
+  if not isinstance(name, str):
+    raise ValueError(f'the dtype name is not a str but {type(name).__name__}')
+  sized = _SIZED_DTYPE_NAME.fullmatch(name)
+  if sized:  # numpy writes these names but does not parse them
+    kind, bits = sized.group(1), int(sized.group(2))
+    char, unit = {'bytes': ('S', 8), 'str': ('U', 32), 'void': ('V', 8)}[kind]
+    if bits % unit:
+      raise ValueError(f'bad size in array dtype name {name!r}')
+    name = f'{char}{bits // unit}'
   try:
-    return np.dtype(name)
+    dtype = np.dtype(name)
   except TypeError:
     ml_type = getattr(ml_dtypes, name, None)
-    if ml_type is None:
+    if not (isinstance(ml_type, type) and issubclass(ml_type, np.generic)):
       raise ValueError(f'unknown array dtype name {name!r}') from None
-    return np.dtype(ml_type)
+    dtype = np.dtype(ml_type)
+  if dtype.hasobject:
+    raise ValueError(f'object dtype {name!r} cannot be restored')
+  return dtype
 
 
 def _ndarray_from_bytes(data: bytes) -> np.ndarray:
-  shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
-  dtype = dtype_from_name(dtype_name)
-  return np.frombuffer(buffer, dtype=dtype).reshape(shape, order='C')
+  """Decodes an ExtType-1/3 payload; ValueError (with the cause) if corrupt."""
+  try:
+    shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
+    dtype = dtype_from_name(dtype_name)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order='C')
+  except (ValueError, TypeError, msgpack.UnpackException) as e:
+    raise ValueError(f'invalid array payload: {_describe(e)}') from e
 
 
 def _msgpack_ext_pack(x):
@@ -300,11 +378,15 @@ def _msgpack_ext_pack(x):
 
 
 def _msgpack_ext_unpack(code, data):
+  """msgpack ``ext_hook``; raises ValueError for a corrupt payload."""
   if code == _ExtType.ndarray:
     return _ndarray_from_bytes(data)
   if code == _ExtType.native_complex:
-    real, imag = msgpack.unpackb(data)
-    return complex(real, imag)
+    try:
+      real, imag = msgpack.unpackb(data)
+      return complex(real, imag)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+      raise ValueError(f'invalid complex payload: {_describe(e)}') from e
   if code == _ExtType.npscalar:
     return _ndarray_from_bytes(data)[()]
   return msgpack.ExtType(code, data)
@@ -337,7 +419,15 @@ def needs_chunking(arr: np.ndarray) -> bool:
 
 
 def chunk(arr: np.ndarray) -> dict[str, Any]:
-  """The chunked-array dict of ``arr``; chunks are views where possible."""
+  """The chunked-array dict of ``arr``; chunks are views where possible.
+
+    >>> import lib.serialization as s
+    >>> old, s.MAX_CHUNK_SIZE = s.MAX_CHUNK_SIZE, 16
+    >>> c = s.chunk(np.arange(5.))
+    >>> s.MAX_CHUNK_SIZE = old
+    >>> c['shape'], [len(x) for x in c['chunks'].values()]
+    ({'0': 5}, [2, 2, 1])
+  """
   chunksize = max(1, int(MAX_CHUNK_SIZE / arr.dtype.itemsize))
   flat = arr.reshape(-1)
   chunks = [flat[i:i + chunksize] for i in range(0, flat.size, chunksize)]
@@ -366,51 +456,92 @@ def _chunk_array_leaves_in_place(d):
   return d
 
 
+def _path_str(keys) -> str:
+  return '/'.join(['.', *map(str, keys)])
+
+
+def _unchunk_at(data: dict, keys) -> np.ndarray:
+  try:
+    return _unchunk(data)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ValueError(
+        f'at {_path_str(keys)}, invalid chunked array: {_describe(e)}'
+    ) from e
+
+
 def unchunk_array_leaves_in_place(d):
-  """Replaces every chunked-array dict in nested dicts by its array."""
-  if isinstance(d, dict):
-    if CHUNKED_KEY in d:
-      return _unchunk(d)
-    for k, v in d.items():
+  """Replaces every chunked-array dict in nested dicts by its array.
+
+  Only dicts are walked (as flax does); the walk is iterative, so any depth
+  msgpack can decode works. A corrupt chunked dict raises ``ValueError``
+  naming its path.
+  """
+  if not isinstance(d, dict):
+    return d
+  if CHUNKED_KEY in d:
+    return _unchunk_at(d, ())
+  stack = [(d, ())]
+  while stack:
+    node, keys = stack.pop()
+    for k, v in node.items():
       if isinstance(v, dict):
-        d[k] = unchunk_array_leaves_in_place(v)
+        if CHUNKED_KEY in v:
+          node[k] = _unchunk_at(v, (*keys, k))
+        else:
+          stack.append((v, (*keys, k)))
   return d
 
 
-def _find_unserializable(tree, path='') -> tuple[str, Any] | None:
-  """The first leaf msgpack cannot encode, as (path, leaf), or None."""
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      found = _find_unserializable(v, f'{path}/{k}')
-      if found:
-        return found
+# ---------------------------------------------------------------------------
+# Error reporting: find the place in a tree that made msgpack fail.
+
+_NATIVE_LEAVES = (str, bytes, float, bool, type(None), complex)
+_INT_RANGE = (-2**63, 2**64 - 1)
+
+
+def _leaf_problem(x) -> type[Exception] | None:
+  """The exception msgpack raises for a leaf (not a dict/list), if any."""
+  if type(x) is int:
+    return None if _INT_RANGE[0] <= x <= _INT_RANGE[1] else OverflowError
+  if type(x) in _NATIVE_LEAVES:
     return None
-  if type(tree) is list:
-    for i, v in enumerate(tree):
-      found = _find_unserializable(v, f'{path}/{i}')
-      if found:
-        return found
-    return None
-  if type(tree) in (str, bytes, int, float, bool, type(None), complex):
-    return None
-  if isinstance(tree, (np.ndarray, jax.Array, np.generic)):
-    return None
-  return (path or '/', tree)
+  if isinstance(x, (np.ndarray, jax.Array, np.generic)):
+    dtype = np.dtype(x.dtype)
+    return ValueError if dtype.hasobject or dtype.isalignedstruct else None
+  return TypeError
+
+
+def _find_unpackable(tree, exc_type):
+  """``(path, what)`` of the first part of ``tree`` raising ``exc_type``."""
+  stack = [(tree, ())]
+  while stack:
+    node, keys = stack.pop()
+    if type(node) is dict:
+      for k, v in reversed(node.items()):
+        if _leaf_problem(k) is exc_type:
+          return _path_str(keys), f'the dict key {k!r}'
+        stack.append((v, (*keys, k)))
+    elif type(node) is list:
+      stack.extend((v, (*keys, i)) for i, v in reversed(list(enumerate(node))))
+    elif _leaf_problem(node) is exc_type:
+      return _path_str(keys), f'a {type(node).__name__}'
+  return None
 
 
 def _pack(tree) -> bytes:
   try:
     return msgpack.packb(tree, default=_msgpack_ext_pack, strict_types=True)
-  except TypeError as e:
-    found = _find_unserializable(tree)
+  except (TypeError, ValueError, OverflowError) as e:
+    found = _find_unpackable(tree, type(e))
     if found is None:
       raise
-    path, leaf = found
-    raise TypeError(
-        f'Cannot serialize the leaf at {path}: a {type(leaf).__name__}'
-        f' ({e}). Leaves must be arrays, numpy scalars, str, bytes, int,'
-        ' float, bool, complex or None; register other types with'
-        ' register_serialization_state.') from e
+    path, what = found
+    raise type(e)(
+        f'Cannot serialize {what} at {path}: {e}. Leaves must be arrays'
+        ' (not of object dtype), numpy scalars, str, bytes, int (64-bit),'
+        ' float, bool, complex or None, in exact dicts and lists; convert'
+        ' other objects with to_state_dict / register_serialization_state.'
+    ) from e
 
 
 def msgpack_serialize(pytree, in_place: bool = False) -> bytes:
@@ -423,6 +554,11 @@ def msgpack_serialize(pytree, in_place: bool = False) -> bytes:
       ``jax.tree_util.tree_map``, which sorts dict keys; if True, ``pytree``'s
       dicts are modified (jax.Arrays become numpy, large arrays chunked) and
       their order is kept.
+
+  Raises:
+    TypeError: a leaf msgpack cannot encode (the message names its path).
+    ValueError: an array of object or aligned structured dtype.
+    OverflowError: an int outside the 64-bit range.
   """
   if not in_place:
     pytree = jax.tree_util.tree_map(lambda x: x, pytree)
@@ -431,21 +567,93 @@ def msgpack_serialize(pytree, in_place: bool = False) -> bytes:
   return _pack(pytree)
 
 
+class _Undecodable:
+  """Stands in for an ext payload that failed to decode, to find its path."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+def _find_undecodable(tree) -> str:
+  stack = [(tree, ())]
+  while stack:
+    node, keys = stack.pop()
+    if isinstance(node, _Undecodable):
+      return f'at {_path_str(keys)}, {node.reason}'
+    if isinstance(node, dict):
+      for k, v in node.items():
+        if isinstance(k, _Undecodable):
+          return f'in a dict key at {_path_str(keys)}, {k.reason}'
+        stack.append((v, (*keys, k)))
+    elif isinstance(node, list):
+      stack.extend((v, (*keys, i)) for i, v in enumerate(node))
+  return 'a value is corrupt'
+
+
+_UNPACK_REASONS = {
+    'FormatError': 'invalid msgpack type byte',
+    'StackError': 'nesting deeper than msgpack allows',
+    'ExtraData': 'extra bytes after the end of the encoded tree',
+    'OutOfData': 'the input ends early (truncated)',
+}
+
+
+def _describe(e: BaseException) -> str:
+  """A one-line cause for an error (msgpack's own are often blank)."""
+  name = type(e).__name__
+  text = str(e).strip()
+  if name in _UNPACK_REASONS:
+    return f'{_UNPACK_REASONS[name]}' + (f': {text}' if text else '')
+  if 'incomplete input' in text:
+    return 'the input ends early (truncated)'
+  if isinstance(e, KeyError):
+    return f'missing key {text}'
+  if type(e) is ValueError and text:
+    return text
+  return f'{name}: {text}' if text else name
+
+
 def msgpack_restore(encoded_pytree: bytes):
   """Decodes msgpack bytes into nested dicts of numpy arrays and scalars.
 
+  Never executes code: only msgpack values, arrays of non-object dtypes,
+  numpy scalars and complex numbers are built.
+
+    >>> msgpack_restore(msgpack_serialize({'a': [1, 2.5], 'b': 1j}))
+    {'a': [1, 2.5], 'b': 1j}
+
   Raises:
     lib.errors.MsgpackDecodeError: the bytes are truncated or not a valid
-      encoding (it is also a ``ValueError``).
+      encoding (it is also a ``ValueError``); the message names the path of
+      a corrupt array where there is one.
+    TypeError: ``encoded_pytree`` is not a bytes-like object.
   """
   try:
+    memoryview(encoded_pytree)
+  except TypeError:
+    raise TypeError(
+        'msgpack_restore needs bytes, got a'
+        f' {type(encoded_pytree).__name__}') from None
+  failed = []
+
+  def ext_hook(code, data):
+    try:
+      return _msgpack_ext_unpack(code, data)
+    except ValueError as e:
+      failed.append(True)
+      return _Undecodable(str(e))
+
+  try:
     state = msgpack.unpackb(
-        encoded_pytree, ext_hook=_msgpack_ext_unpack, raw=False,
-        strict_map_key=False)
+        encoded_pytree, ext_hook=ext_hook, raw=False, strict_map_key=False)
+  except (msgpack.UnpackException, ValueError, TypeError) as e:
+    raise errors.MsgpackDecodeError(_describe(e)) from e
+  if failed:
+    raise errors.MsgpackDecodeError(_find_undecodable(state))
+  try:
     return unchunk_array_leaves_in_place(state)
-  except (msgpack.UnpackException, ValueError, TypeError, KeyError,
-          IndexError) as e:
-    raise errors.MsgpackDecodeError(f'{type(e).__name__}: {e}') from e
+  except ValueError as e:
+    raise errors.MsgpackDecodeError(str(e)) from e
 
 
 def to_bytes(target) -> bytes:

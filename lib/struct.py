@@ -23,6 +23,12 @@ from typing import Any, TypeVar
 
 import jax
 
+try:
+  from typing import dataclass_transform
+except ImportError:  # Python < 3.11: only type checkers miss it
+  def dataclass_transform(**unused_kwargs):
+    return lambda x: x
+
 from lib import serialization
 
 __all__ = ['dataclass', 'field', 'PyTreeNode']
@@ -43,6 +49,7 @@ def field(pytree_node: bool = True, *, metadata: dict | None = None, **kwargs):
       metadata=(metadata or {}) | {'pytree_node': pytree_node}, **kwargs)
 
 
+@dataclass_transform(field_specifiers=(field,))
 def dataclass(clz: _T | None = None, **kwargs) -> _T:
   """Turns ``clz`` into a frozen dataclass registered as a pytree.
 
@@ -80,6 +87,7 @@ def dataclass(clz: _T | None = None, **kwargs) -> _T:
     }
 
   def from_state_dict(x, state):
+    serialization.expect_state_dict(state, x)
     state = dict(state)
     updates = {}
     for name in data_fields:
@@ -103,19 +111,30 @@ def dataclass(clz: _T | None = None, **kwargs) -> _T:
   return data_clz
 
 
+@dataclass_transform(field_specifiers=(field,))
 class PyTreeNode:
   """Base class form of :func:`dataclass`.
 
-  Subclasses are dataclasses; class keyword arguments go to :func:`dataclass`::
+  Subclasses are dataclasses; class keyword arguments go to :func:`dataclass`;
+  ``typing.Generic`` may be a base too, before or after it::
 
-    class State(PyTreeNode, kw_only=True):
-      step: int
+    >>> class State(PyTreeNode, kw_only=True, frozen=False):
+    ...   step: int
+    >>> s = State(step=1)
+    >>> s.step = 2
+    >>> s
+    State(step=2)
+
+  ``PyTreeNode`` itself cannot be instantiated (as in flax).
   """
 
   def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__()  # lets typing.Generic set __parameters__
     dataclass(cls, **kwargs)
 
-  if False:  # for type checkers: subclasses get these from dataclass()
-    def __init__(self, *args: Any, **kwargs: Any): ...
+  def __init__(self, *args: Any, **kwargs: Any):
+    raise NotImplementedError('PyTreeNode is a base class; subclass it.')
 
-    def replace(self: _T, **overrides) -> _T: ...
+  def replace(self: _T, **overrides) -> _T:
+    """Returns a copy with the given fields replaced (set by dataclass)."""
+    raise NotImplementedError
