@@ -1,0 +1,246 @@
+"""``save_checkpoint_multiprocess``: one checkpoint written by many processes.
+
+Every process calls it with the same arguments (SPMD). Process 0 writes the
+msgpack file (the bytes of flax's ``save_checkpoint_multiprocess``: dict keys
+sorted) and prunes old checkpoints; ``jax.Array`` leaves that are not fully
+addressable are written by every process, each its own shards, into the
+``<checkpoint>_gda`` directory beside it (see ``lib.multiprocess_arrays``).
+``lib.checkpoints.restore_checkpoint`` reads both back.
+
+In a single process with ordinary arrays it behaves like ``save_checkpoint``
+except for the key order on disk::
+
+  >>> import tempfile, numpy as np
+  >>> from lib.checkpoints import restore_checkpoint
+  >>> d = tempfile.mkdtemp()
+  >>> save_checkpoint_multiprocess(d, {'b': 1, 'a': np.ones(2)}, 3)[len(d):]
+  '/checkpoint_3'
+  >>> restore_checkpoint(d, None)
+  {'a': array([1., 1.]), 'b': 1}
+
+Commit order with multi-process arrays: process 0 writes ``<prefix>tmp``
+(fsynced); every process writes its shards into ``<prefix>tmp_gda``; once
+all finished (jax's ``GlobalAsyncCheckpointManager`` barrier) process 0
+renames ``<prefix>tmp_gda`` -> ``<checkpoint>_gda``, then ``<prefix>tmp`` ->
+``<checkpoint>``, then prunes. A crash at any point leaves the previous
+checkpoint intact; the newest checkpoint *file* always has its arrays.
+
+All processes take the same decisions: a failure on one process (the
+overwrite check, serializing the tree on process 0, writing the file, the
+previous asynchronous save) makes every process raise, instead of leaving
+the others waiting at the next barrier.
+"""
+
+import functools
+import logging
+import os
+import warnings
+import zlib
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from lib import checkpoint_io
+from lib import checkpoint_naming
+from lib import errors
+from lib import multiprocess_arrays
+from lib import serialization
+
+__all__ = ['save_checkpoint_multiprocess']
+
+logger = logging.getLogger(__name__)
+
+
+def _barrier(name: str) -> None:
+  """A barrier over all processes (flax's names); no-op in one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _agree(name: str, error: BaseException | None) -> None:
+  """A barrier at which every process learns whether any process failed.
+
+  Raises ``error`` on the process that had it, and on every other process a
+  ``lib.errors.GintrainError`` naming the failed processes. The barrier's
+  name is checked to be the same everywhere, as ``sync_global_devices``
+  does.
+  """
+  if jax.process_count() > 1:
+    name_hash = zlib.crc32(name.encode()) & 0x7fffffff
+    mine = np.array([name_hash, error is not None], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    if (everyone[:, 0] != mine[0]).any():
+      raise AssertionError(
+          f'Processes reached different barriers at {name!r}.')
+    failed = np.flatnonzero(everyone[:, 1]).tolist()
+    if error is None and failed:
+      raise errors.GintrainError(
+          f'Checkpoint save aborted at {name!r}: process(es) {failed} failed.',
+          'See the log of those processes for the cause.')
+  if error is not None:
+    raise error
+
+
+def _call(fn, *args, **kwargs) -> BaseException | None:
+  """Runs ``fn``; returns the exception it raised (None if none)."""
+  try:
+    fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  return None
+
+
+def _save_with_orbax(ckpt_path, base_path, target, keep, overwrite,
+                     keep_every_n_steps, orbax_checkpointer) -> None:
+  from lib import orbax_delegation  # pylint: disable=g-import-not-at-top
+
+  def prune_first():
+    # As flax: the cleanup runs before the save, on process 0 only.
+    if jax.process_index() == 0:
+      checkpoint_naming.remove_invalid_checkpoints(
+          ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
+          has_mpa=True)
+
+  orbax_delegation.save_with_orbax(ckpt_path, target, orbax_checkpointer,
+                                   overwrite, before_save=prune_first)
+
+
+def _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
+            keep_every_n_steps, async_manager) -> None:
+  """Process 0, once every process wrote its arrays: publish the checkpoint."""
+  multiprocess_arrays.commit_array_dir(tmp_path, ckpt_path)
+  if async_manager:
+    async_manager.wait_previous_save()  # the main file's write
+  checkpoint_io.commit_file(tmp_path, ckpt_path, overwrite)
+  logger.info('Saved checkpoint at %s', ckpt_path)
+  checkpoint_naming.remove_invalid_checkpoints(
+      ckpt_path, base_path, keep, overwrite, keep_every_n_steps, has_mpa=True)
+
+
+def save_checkpoint_multiprocess(
+    ckpt_dir: str | os.PathLike,
+    target: Any,
+    step: int | float,
+    prefix: str = 'checkpoint_',
+    keep: int = 1,
+    overwrite: bool = False,
+    keep_every_n_steps: int | None = None,
+    async_manager: Any | None = None,
+    gda_manager: Any | None = None,
+    orbax_checkpointer: Any | None = None,
+) -> str:
+  """Saves ``target`` from every process as ``<ckpt_dir>/<prefix><step>``.
+
+  Must be called by every process, with the same arguments; ``ckpt_dir``
+  must be visible to all of them (shared filesystem).
+
+  Args:
+    ckpt_dir: directory (str or path-like), created if missing.
+    target: any object ``lib.serialization`` can turn into a state dict.
+    step: int or float, written as ``str(step)``.
+    prefix: file name prefix.
+    keep: number of newest checkpoints to keep (0 keeps all).
+    overwrite: replace a checkpoint of this step and delete every checkpoint
+      sorting after it. Without it such a save raises on every process.
+    keep_every_n_steps: also keep one older checkpoint every that many steps.
+    async_manager: process 0 writes the file in a background thread (a
+      snapshot of the tree is taken first).
+    gda_manager: a ``jax.experimental.array_serialization.serialization
+      .GlobalAsyncCheckpointManager``; required when ``target`` holds
+      ``jax.Array`` leaves that are not fully addressable. They are written
+      asynchronously; ``gda_manager.wait_until_finished()`` waits for the
+      commit (the next save waits for it too).
+    orbax_checkpointer: save as an Orbax checkpoint directory with it (every
+      process calls Orbax; process 0 prunes old checkpoints first).
+
+  Returns:
+    The checkpoint path (it may not exist yet when a manager is used).
+
+  Raises:
+    lib.errors.MPACheckpointingRequiredError: multi-process arrays but no
+      ``gda_manager``; nothing is written.
+    lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint of
+      this step, or one sorting after it, exists (on any process); nothing
+      is written.
+    TypeError: a leaf that cannot be serialized.
+    lib.errors.GintrainError: the save failed on another process.
+  """
+  _barrier('Flax:Checkpoint:StartSave')
+  if async_manager or gda_manager is not None:
+    waited = None
+    if async_manager:
+      waited = _call(async_manager.wait_previous_save)
+    if gda_manager is not None and waited is None:
+      waited = _call(gda_manager.wait_until_finished)
+    _agree('Flax:Checkpoint:WaitLastSaveDone', waited)
+
+  ckpt_path, tmp_path, base_path = checkpoint_naming.get_checkpoint_paths(
+      ckpt_dir, step, prefix)
+  logger.info('Saving checkpoint at step: %s', step)
+
+  if orbax_checkpointer is not None:
+    _save_with_orbax(ckpt_path, base_path, target, keep, overwrite,
+                     keep_every_n_steps, orbax_checkpointer)
+    return ckpt_path
+
+  warnings.warn(
+      'Single-file msgpack checkpoints are the legacy flax format, which flax'
+      ' deprecates in favour of Orbax; pass orbax_checkpointer= to write'
+      ' Orbax checkpoints.', DeprecationWarning, stacklevel=2)
+  state = serialization.to_state_dict(target)
+  state, arrays = multiprocess_arrays.split_multiprocess_arrays(state)
+  if arrays and gda_manager is None:
+    raise errors.MPACheckpointingRequiredError(ckpt_path, step)
+
+  is_writer = jax.process_index() == 0
+  error = None
+  if not overwrite:
+    error = _call(checkpoint_naming.check_overwrite, tmp_path, ckpt_path,
+                  base_path, step)
+  encoded = None
+  if is_writer and error is None:
+    try:
+      encoded = checkpoint_io.encode(
+          state, sort_keys=True, snapshot=bool(async_manager))
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  _agree('Flax:Checkpoint:CheckOverwriteBeforeSave', error)
+
+  if not arrays:
+    if is_writer:
+      def write_and_clean_up():
+        checkpoint_io.write_checkpoint_file(encoded, ckpt_path, tmp_path,
+                                            overwrite)
+        logger.info('Saved checkpoint at %s', ckpt_path)
+        checkpoint_naming.remove_invalid_checkpoints(
+            ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
+            has_mpa=False)
+      if async_manager:
+        async_manager.save_async(write_and_clean_up)
+      else:
+        error = _call(write_and_clean_up)
+    if not async_manager:
+      _agree('Flax:Checkpoint:MainFileWritten', error)
+    return ckpt_path
+
+  # Multi-process arrays: the file is committed after all arrays are written.
+  if is_writer:
+    def write_tmp():
+      checkpoint_io.make_parent_dirs(ckpt_path)
+      checkpoint_io.write_file(encoded, tmp_path)
+    if async_manager:
+      async_manager.save_async(write_tmp)
+    else:
+      error = _call(write_tmp)
+    if error is None:
+      error = _call(multiprocess_arrays.prepare_array_dir, tmp_path,
+                    ckpt_path, [subpath for subpath, _ in arrays])
+  _agree('Flax:Checkpoint:AfterCreateMPADir', error)
+  multiprocess_arrays.save_multiprocess_arrays(
+      gda_manager, arrays, tmp_path, ckpt_path,
+      on_commit=functools.partial(
+          _commit, tmp_path, ckpt_path, base_path, keep, overwrite,
+          keep_every_n_steps, async_manager))
+  return ckpt_path
