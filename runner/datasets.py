@@ -1,0 +1,154 @@
+"""In-memory classification datasets that need no download.
+
+    >>> ds = digits(test_fraction=0.25, seed=0)
+    >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+    ((1347, 64), (450, 64), 10)
+    >>> digits(image=True).input_shape
+    (8, 8, 1)
+    >>> synthetic(num_train=64, num_test=16, num_features=5).x_train.shape
+    (64, 5)
+
+Inputs are float32, labels int32 in ``[0, num_classes)``. Splits depend only
+on the arguments (``seed`` included), so runs are reproducible.
+"""
+
+import dataclasses
+import numbers
+import operator
+
+import numpy as np
+
+__all__ = ['Dataset', 'digits', 'synthetic']
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A train/test split held in host memory as numpy arrays.
+
+  Attributes:
+    x_train, y_train: training inputs (N, ...) float32 and labels (N,) int32.
+    x_test, y_test: the held-out split, same layout.
+    num_classes: labels lie in ``[0, num_classes)``.
+    name: a short description, for logs.
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  name: str = 'dataset'
+
+  def __post_init__(self):
+    for split in ('train', 'test'):
+      x, y = getattr(self, f'x_{split}'), getattr(self, f'y_{split}')
+      if x.ndim < 2 or y.shape != x.shape[:1]:
+        raise ValueError(
+            f'{self.name}: x_{split} {x.shape} and y_{split} {y.shape} must'
+            ' have the same number of rows, with x at least 2-D.')
+      if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+        raise ValueError(f'{self.name}: y_{split} has labels outside'
+                         f' [0, {self.num_classes}).')
+    if self.x_train.shape[1:] != self.x_test.shape[1:]:
+      raise ValueError(f'{self.name}: x_train rows {self.x_train.shape[1:]}'
+                       f' differ from x_test rows {self.x_test.shape[1:]}.')
+
+  @property
+  def num_train(self) -> int:
+    return int(self.x_train.shape[0])
+
+  @property
+  def num_test(self) -> int:
+    return int(self.x_test.shape[0])
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """The shape of one example (no batch axis)."""
+    return tuple(self.x_train.shape[1:])
+
+
+def _check_int(name, value, minimum):
+  """``value`` as an int (anything with ``__index__`` but bool), or raise."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    result = operator.index(value)
+  except TypeError:
+    result = None
+  if result is None or result < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+  return result
+
+
+def _stratified_split(labels, test_fraction, rng):
+  """Indices (train, test): each class contributes round(n_c * fraction) test
+  rows (at least one, and at least one left to train when n_c >= 2)."""
+  train, test = [], []
+  for c in np.unique(labels):
+    rows = rng.permutation(np.flatnonzero(labels == c))
+    n_test = int(round(len(rows) * test_fraction))
+    n_test = min(max(n_test, 1), max(len(rows) - 1, 1))
+    test.append(rows[:n_test])
+    train.append(rows[n_test:])
+  train = rng.permutation(np.concatenate(train))
+  test = rng.permutation(np.concatenate(test))
+  return train, test
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0,
+           image: bool = False) -> Dataset:
+  """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes).
+
+  Args:
+    test_fraction: the share of each class held out for test, in (0, 1).
+    seed: fixes the stratified shuffle-split (numpy ``default_rng(seed)``,
+      independent of the scikit-learn version).
+    image: ``False``: rows of 64 pixels; ``True``: NHWC images (N, 8, 8, 1).
+
+  Pixels are scaled from 0..16 to [0, 1].
+  """
+  if (isinstance(test_fraction, bool)
+      or not isinstance(test_fraction, numbers.Real)
+      or not 0 < test_fraction < 1):
+    raise ValueError(
+        f'test_fraction must be a number in (0, 1), got {test_fraction!r}.')
+  seed = _check_int('seed', seed, 0)
+  if not isinstance(image, (bool, np.bool_)):
+    raise ValueError(f'image must be True or False, got {image!r}.')
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  raw = load_digits()
+  x = (np.asarray(raw.data, np.float32) / 16.0).astype(np.float32)
+  y = np.asarray(raw.target, np.int32)
+  if image:
+    x = x.reshape((-1, 8, 8, 1))
+  train, test = _stratified_split(y, float(test_fraction),
+                                  np.random.default_rng(seed))
+  return Dataset(x[train], y[train], x[test], y[test], num_classes=10,
+                 name=f'digits(test_fraction={test_fraction}, seed={seed},'
+                 f' image={bool(image)})')
+
+
+def synthetic(num_train: int = 512, num_test: int = 128,
+              num_features: int = 16, num_classes: int = 4,
+              seed: int = 0) -> Dataset:
+  """A learnable Gaussian task labelled by a random linear teacher.
+
+  Inputs are standard normal; the label is the arg-max of ``x @ W + b`` for a
+  random ``W`` and ``b`` fixed by ``seed``, so a linear model can reach 100%
+  accuracy and a small MLP learns it in a few hundred steps.
+  """
+  num_train = _check_int('num_train', num_train, 1)
+  num_test = _check_int('num_test', num_test, 1)
+  num_features = _check_int('num_features', num_features, 1)
+  num_classes = _check_int('num_classes', num_classes, 2)
+  seed = _check_int('seed', seed, 0)
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((num_features, num_classes))
+  b = 0.1 * rng.standard_normal(num_classes)
+  x = rng.standard_normal((num_train + num_test, num_features))
+  y = np.argmax(x @ w + b, axis=-1)
+  x, y = x.astype(np.float32), y.astype(np.int32)
+  return Dataset(x[:num_train], y[:num_train], x[num_train:], y[num_train:],
+                 num_classes=num_classes,
+                 name=(f'synthetic(num_train={num_train}, num_test={num_test},'
+                       f' num_features={num_features},'
+                       f' num_classes={num_classes}, seed={seed})'))

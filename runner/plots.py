@@ -1,0 +1,109 @@
+"""Loss and accuracy curves of a run, from its ``metrics.jsonl``.
+
+    >>> import json, os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+    ...   for step in (1, 2, 3):
+    ...     print(json.dumps({'step': step, 'split': 'train', 'loss': 1 / step}), file=f)
+    >>> out = plot_metrics(os.path.join(d, 'metrics.jsonl'), os.path.join(d, 'curves.png'))
+    >>> open(out, 'rb').read(8) == b'\\x89PNG\\r\\n\\x1a\\n'
+    True
+
+Uses matplotlib's Agg canvas directly (no pyplot, no global backend change),
+so it is safe in headless runs and threads.
+"""
+
+import json
+import math
+import os
+
+__all__ = ['read_metrics', 'plot_metrics', 'PANELS']
+
+# (metric name, panel title); one line per split within a panel.
+PANELS = (('loss', 'loss'), ('accuracy', 'accuracy'))
+
+
+def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
+  """``{(split, name): (steps, values)}`` from a ``metrics.jsonl``.
+
+  Steps are sorted; when a step repeats (a resumed run re-logs it) the last
+  record wins. A final line without newline that does not parse (a write cut
+  short by a crash) is ignored.
+
+  Raises:
+    FileNotFoundError: the file is missing.
+    ValueError: naming ``file:line``, for a line that is not a JSON object
+      with an integer ``step`` and a string ``split``.
+  """
+  path = os.fspath(metrics_jsonl)
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().split('\n')
+  series: dict[tuple[str, str], dict[int, float]] = {}
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if lineno == len(lines):  # last piece, not newline-terminated
+        break
+      raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg}).') from e
+    if (not isinstance(record, dict) or not isinstance(record.get('step'), int)
+        or not isinstance(record.get('split'), str)):
+      raise ValueError(f'{path}:{lineno}: expected a JSON object with an'
+                       ' integer "step" and a string "split".')
+    for name, value in record.items():
+      if name in ('step', 'split') or isinstance(value, bool):
+        continue
+      if isinstance(value, (int, float)):
+        series.setdefault((record['split'], name), {})[record['step']] = (
+            float(value))
+  return {key: (sorted(points), [points[s] for s in sorted(points)])
+          for key, points in series.items()}
+
+
+def plot_metrics(metrics_jsonl: str | os.PathLike,
+                 out_png: str | os.PathLike) -> str:
+  """Draws loss and accuracy vs step (one line per split) into ``out_png``.
+
+  Panels: ``loss`` (e.g. train and eval loss) and ``accuracy`` (e.g. eval
+  accuracy). A panel without data says so instead of failing, so a run that
+  stopped before its first eval still gets a plot. Returns ``out_png``.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``read_metrics``.
+  """
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  series = read_metrics(metrics_jsonl)
+  fig = Figure(figsize=(5 * len(PANELS), 4))
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.92, wspace=0.2)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(PANELS), squeeze=False)[0]
+  for ax, (name, title) in zip(axes, PANELS):
+    keys = sorted((k for k in series if k[1] == name),
+                  key=lambda k: (k[0] != 'train', k[0] != 'eval', k[0]))
+    for split, _ in keys:
+      steps, values = series[(split, name)]
+      finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+      marker = 'o' if len(finite) < 30 else None
+      ax.plot([s for s, _ in finite], [v for _, v in finite], marker=marker,
+              markersize=3, label=f'{split} {name}')
+    if keys:
+      ax.legend()
+    else:
+      ax.text(0.5, 0.5, f'no {name} recorded', ha='center', va='center',
+              transform=ax.transAxes)
+    shown = [v for k in keys for v in series[k][1] if math.isfinite(v)]
+    if name == 'loss' and shown and min(shown) > 0:
+      ax.set_yscale('log')
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.grid(True, alpha=0.3)
+  out = os.fspath(out_png)
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  fig.savefig(out, format='png', dpi=100)
+  return out
