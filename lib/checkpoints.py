@@ -1,0 +1,330 @@
+"""Checkpoints: ``flax.training.checkpoints`` without flax.
+
+Saving writes one msgpack file per step (flax's "legacy" format, byte for byte
+what flax writes for the same tree); Orbax is used only when an
+``orbax_checkpointer`` is passed, or when restoring an Orbax directory.
+
+  >>> import tempfile, numpy as np
+  >>> d = tempfile.mkdtemp()
+  >>> state = {'w': np.arange(3.0), 'step': 7}
+  >>> save_checkpoint(d, state, step=7, keep=2)[len(d):]
+  '/checkpoint_7'
+  >>> restore_checkpoint(d, target=state)
+  {'w': array([0., 1., 2.]), 'step': 7}
+
+A save writes ``<dir>/<prefix>tmp``, fsyncs it, renames it to
+``<dir>/<prefix><step>`` and fsyncs the directory, then deletes checkpoints
+per ``keep``/``keep_every_n_steps``/``overwrite``. After a crash at any moment
+the latest checkpoint is complete.
+
+Differences from flax (deliberate): a failed :class:`AsyncManager` save is
+re-raised by the next wait or save; files and directory are fsynced;
+big-endian arrays are stored little-endian; restoring a path that does not
+exist logs a warning naming it.
+"""
+
+import collections.abc
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+
+from lib import checkpoint_io
+from lib import checkpoint_naming
+from lib import multiprocess_arrays
+from lib import orbax_delegation
+from lib import serialization
+from lib.async_manager import AsyncManager
+from lib.checkpoint_naming import MODULE_NUM_RE
+from lib.checkpoint_naming import MP_ARRAY_POSTFIX
+from lib.checkpoint_naming import natural_sort
+from lib.checkpoint_naming import safe_normpath
+from lib.checkpoint_naming import SCHEME_RE
+from lib.checkpoint_naming import SIGNED_FLOAT_RE
+from lib.checkpoint_naming import UNSIGNED_FLOAT_RE
+from lib.checkpoints_multiprocess import save_checkpoint_multiprocess
+from lib.multiprocess_arrays import COMMIT_SUCCESS_FILE
+from lib.multiprocess_arrays import MP_ARRAY_PH
+from lib.orbax_delegation import ORBAX_CKPT_FILENAME
+from lib.orbax_delegation import ORBAX_MANIFEST_OCDBT
+from lib.orbax_delegation import ORBAX_METADATA_FILENAME
+
+__all__ = [
+    'AsyncManager',
+    'save_checkpoint',
+    'save_checkpoint_multiprocess',
+    'restore_checkpoint',
+    'latest_checkpoint',
+    'available_steps',
+    'convert_pre_linen',
+    'natural_sort',
+    'safe_normpath',
+    'SIGNED_FLOAT_RE',
+    'UNSIGNED_FLOAT_RE',
+    'MODULE_NUM_RE',
+    'SCHEME_RE',
+    'MP_ARRAY_POSTFIX',
+    'MP_ARRAY_PH',
+    'COMMIT_SUCCESS_FILE',
+    'ORBAX_CKPT_FILENAME',
+    'ORBAX_MANIFEST_OCDBT',
+    'ORBAX_METADATA_FILENAME',
+]
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    target: PyTree,
+    step: int | float,
+    prefix: str = 'checkpoint_',
+    keep: int = 1,
+    overwrite: bool = False,
+    keep_every_n_steps: int | None = None,
+    async_manager: AsyncManager | None = None,
+    orbax_checkpointer: Any | None = None,
+) -> str:
+  """Saves ``target`` as ``<ckpt_dir>/<prefix><step>`` (single process).
+
+  Every process that calls it writes its own file; for multi-process
+  training use ``save_checkpoint_multiprocess``.
+
+  Args:
+    ckpt_dir: directory (str or path-like), created if missing.
+    target: any object ``lib.serialization`` can turn into a state dict.
+    step: int or float, written as ``str(step)`` (``3`` and ``3.0`` are
+      different files).
+    prefix: file name prefix.
+    keep: number of newest checkpoints to keep (0 keeps all).
+    overwrite: replace a checkpoint of this step and delete every checkpoint
+      sorting after it. Without it such a save raises.
+    keep_every_n_steps: also keep one older checkpoint every that many steps.
+    async_manager: write in a background thread. The call blocks only to
+      wait for the previous save, check for overwriting, and take a snapshot
+      of ``target`` (numpy arrays are copied; ``jax.Array`` leaves are not).
+      A failed background save raises at the next save or
+      ``async_manager.wait_previous_save()``.
+    orbax_checkpointer: save as an Orbax checkpoint directory with it.
+
+  Returns:
+    The checkpoint path (with ``async_manager`` it may not exist yet).
+
+  Raises:
+    lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint
+      of this step, or one sorting after it (e.g. ``<prefix>best``), exists.
+      Nothing is written.
+    TypeError: ``target`` holds a leaf that cannot be serialized.
+  """
+  if async_manager:
+    async_manager.wait_previous_save()
+  ckpt_path, tmp_path, base_path = checkpoint_naming.get_checkpoint_paths(
+      ckpt_dir, step, prefix)
+  logger.info('Saving checkpoint at step: %s', step)
+
+  if orbax_checkpointer is not None:
+    if jax.process_count() > 1:
+      logger.warning(
+          'Multiple JAX processes detected when calling single-process'
+          ' save_checkpoint: every process must call it, or devices hang.')
+    orbax_delegation.save_with_orbax(ckpt_path, target, orbax_checkpointer,
+                                     overwrite)
+    if jax.process_index() == 0:
+      checkpoint_naming.remove_invalid_checkpoints(
+          ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
+          has_mpa=True)
+    return ckpt_path
+
+  warnings.warn(
+      'Single-file msgpack checkpoints are the legacy flax format, which flax'
+      ' deprecates in favour of Orbax; pass orbax_checkpointer= to write'
+      ' Orbax checkpoints.', DeprecationWarning, stacklevel=2)
+  if not overwrite:
+    checkpoint_naming.check_overwrite(tmp_path, ckpt_path, base_path, step)
+  encoded = checkpoint_io.encode(
+      serialization.to_state_dict(target), snapshot=async_manager is not None)
+
+  def write_and_clean_up():
+    checkpoint_io.write_checkpoint_file(encoded, ckpt_path, tmp_path,
+                                        overwrite)
+    logger.info('Saved checkpoint at %s', ckpt_path)
+    checkpoint_naming.remove_invalid_checkpoints(
+        ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
+        has_mpa=False)
+
+  if async_manager:
+    async_manager.save_async(write_and_clean_up)
+  else:
+    write_and_clean_up()
+  return ckpt_path
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike,
+                      prefix: str = 'checkpoint_') -> str | None:
+  """The path of the newest checkpoint in ``ckpt_dir``, or None.
+
+  Newest = last in :func:`natural_sort` order; names starting with the
+  prefix but holding no number (``checkpoint_best``) count as newest.
+  ``<prefix>tmp``, ``*_gda`` and unfinished Orbax directories are ignored.
+  """
+  paths = checkpoint_naming.all_checkpoints(ckpt_dir, prefix)
+  return paths[-1] if paths else None
+
+
+def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
+                    step_type: type = int) -> list[int | float]:
+  """The steps of the checkpoints in ``ckpt_dir``, oldest first.
+
+  Each is the text after the prefix converted with ``step_type``.
+
+  Raises:
+    ValueError: a name does not convert (``checkpoint_2.5`` with ``int``,
+      ``checkpoint_best`` with any type).
+  """
+  steps = []
+  for path in checkpoint_naming.all_checkpoints(ckpt_dir, prefix):
+    steps.append(step_type(path[path.rfind(prefix) + len(prefix):]))
+  return steps
+
+
+def _wait_for_orbax(orbax_checkpointer) -> None:
+  wait = getattr(orbax_checkpointer, 'wait_until_finished', None)
+  if wait is not None:
+    wait()
+
+
+def restore_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    target: Any | None,
+    step: int | float | None = None,
+    prefix: str = 'checkpoint_',
+    parallel: bool = True,
+    gda_manager: Any | None = None,
+    allow_partial_mpa_restoration: bool = False,
+    orbax_checkpointer: Any | None = None,
+    orbax_transforms: dict | None = None,
+) -> PyTree:
+  """Restores the latest (or the given step's) checkpoint.
+
+  Args:
+    ckpt_dir: a directory of checkpoints, or one checkpoint file or Orbax
+      directory.
+    target: the object to restore into (its structure and types; leaves are
+      replaced without shape or dtype checks). None returns the state dict
+      (lists and tuples come back as ``{'0': ..}`` dicts).
+    step: the step to restore (``<ckpt_dir>/<prefix><step>``); None for the
+      latest.
+    prefix: checkpoint name prefix (ignored for a file path).
+    parallel: read large files with several threads.
+    gda_manager: needed when the checkpoint holds multi-process arrays.
+    allow_partial_mpa_restoration: skip multi-process arrays without a
+      matching array in ``target`` instead of raising.
+    orbax_checkpointer: the checkpointer for an Orbax checkpoint.
+    orbax_transforms: Orbax transformations for an Orbax restore.
+
+  Returns:
+    The restored object. If ``step`` is None and there is no checkpoint (the
+    path does not exist, or holds none with ``prefix``) ``target`` itself;
+    a missing path also logs a warning naming it.
+
+  Raises:
+    ValueError: ``step`` given but ``<ckpt_dir>/<prefix><step>`` missing.
+    lib.errors.CheckpointReadError: the file is corrupt or truncated.
+    ValueError: the checkpoint does not fit ``target``'s structure.
+  """
+  if orbax_checkpointer is not None:
+    _wait_for_orbax(orbax_checkpointer)
+  ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  if step is not None:
+    ckpt_path = checkpoint_naming.checkpoint_path(ckpt_dir, step, prefix)
+    if not os.path.exists(ckpt_path):
+      raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
+  elif not os.path.exists(ckpt_dir):
+    logger.warning(
+        'No checkpoint restored: "%s" does not exist; returning the target'
+        ' unchanged.', ckpt_dir)
+    return target
+  elif not os.path.isdir(ckpt_dir):
+    ckpt_path = ckpt_dir
+  elif orbax_delegation.is_orbax_checkpoint(ckpt_dir):
+    ckpt_path = ckpt_dir
+  else:
+    ckpt_path = latest_checkpoint(ckpt_dir, prefix)
+    if not ckpt_path:
+      logger.info('Found no checkpoint files in %s with prefix %s', ckpt_dir,
+                  prefix)
+      return target
+
+  if orbax_delegation.is_orbax_checkpoint(ckpt_path):
+    logger.info('Restoring orbax checkpoint from %s', ckpt_path)
+    return orbax_delegation.restore_with_orbax(
+        ckpt_path, target, orbax_checkpointer, orbax_transforms)
+
+  logger.info('Restoring legacy checkpoint from %s', ckpt_path)
+  state_dict = checkpoint_io.read_checkpoint_file(ckpt_path, parallel)
+  if _has_placeholder(state_dict):
+    state_dict = multiprocess_arrays.restore_multiprocess_arrays(
+        state_dict, target, ckpt_path, step, gda_manager,
+        allow_partial_mpa_restoration)
+  if target is None:
+    return state_dict
+  return serialization.from_state_dict(target, state_dict)
+
+
+def _has_placeholder(tree) -> bool:
+  """Whether a multi-process array placeholder string is in ``tree``."""
+  if isinstance(tree, str):
+    return tree.startswith(MP_ARRAY_PH)
+  if isinstance(tree, dict):
+    return any(_has_placeholder(v) for v in tree.values())
+  return False
+
+
+def _frozen_dict_type(params) -> type | None:
+  """flax's ``FrozenDict`` (recognised by name; lib never imports flax)."""
+  ty = type(params)
+  if (isinstance(params, collections.abc.Mapping) and
+      ty.__name__ == 'FrozenDict'):
+    return ty
+  return None
+
+
+def convert_pre_linen(params: PyTree) -> PyTree:
+  """Renames pre-Linen submodule counters to Linen's per-type counters.
+
+  Pre-Linen numbered submodules across types (``Conv_0, Dense_1``); Linen
+  numbers each type on its own (``Conv_0, Dense_0``). Keys are visited in
+  :func:`natural_sort` order and every ``<name>_<n>`` key is renumbered per
+  ``<name>``; values are converted recursively. Already-Linen trees come
+  back unchanged.
+
+  >>> convert_pre_linen({'mod_2': 1, 'mod_11': 2, 'mod_1': 0, 'x': {'a_3': 4}})
+  {'mod_0': 0, 'mod_1': 1, 'mod_2': 2, 'x': {'a_0': 4}}
+
+  Args:
+    params: a dict (or flax ``FrozenDict``) of parameters; anything else is
+      returned unchanged (lists are not descended into).
+
+  Returns:
+    A new dict (``FrozenDict`` in, ``FrozenDict`` out) in natural-sort key
+    order.
+  """
+  frozen = _frozen_dict_type(params)
+  if not isinstance(params, dict) and frozen is None:
+    return params
+  renamed = {}
+  counts: dict[str, int] = {}
+  for name in natural_sort(params.keys()):
+    value = params[name]
+    match = MODULE_NUM_RE.match(name)
+    if match:
+      module = match.group(1)
+      num = counts.get(module, 0)
+      counts[module] = num + 1
+      name = f'{module}_{num}'
+    renamed[name] = convert_pre_linen(value)
+  return frozen(renamed) if frozen is not None else renamed

@@ -1,0 +1,132 @@
+"""Preemption: a signal on any process stops all of them at the same step.
+
+The training loop calls :func:`install` once, then :func:`should_stop` before
+every step. SIGTERM or SIGUSR1 on *any* process only sets a local flag (the
+handler does nothing else, so it is safe at any point); at the next check all
+processes exchange their flags and return the same answer, so they all stop
+at the same step, write one synchronized checkpoint and exit with
+:data:`PREEMPTED_EXIT_CODE`. A launcher that sees that status requeues the job
+(launch/slurm.sbatch does), and the next launch resumes from the checkpoint.
+
+Why these signals: SLURM sends SIGTERM on preemption or ``scancel`` (and
+SIGKILL ``KillWait`` seconds later) and, with ``--signal=B:USR1@120``, SIGUSR1
+to the batch script two minutes before the time limit, which
+launch/slurm.sbatch forwards to the tasks. Kubernetes and most schedulers send
+SIGTERM, then SIGKILL after a grace period.
+
+:data:`PREEMPTED_EXIT_CODE` is 75, ``EX_TEMPFAIL`` of ``sysexits.h``
+("temporary failure; the user is invited to retry later"): distinct from
+success (0), from Python's own errors (1, 2) and from death by a signal
+(128+N, or a negative status from subprocess).
+
+The agreement uses the coordination service of ``jax.distributed``
+(host-side barrier plus key-value store; no device synchronisation): checks
+happen at steps that are multiples of ``--preemption_check_interval``, which
+must be the same on all processes. In a single process no communication
+happens::
+
+    >>> import os, signal
+    >>> install()
+    >>> should_stop(0)
+    False
+    >>> os.kill(os.getpid(), signal.SIGUSR1)
+    >>> requested(), should_stop(1)
+    (True, True)
+    >>> uninstall()
+"""
+
+import logging
+import signal
+import threading
+from typing import Optional, Sequence
+
+from absl import flags
+
+from runner import distributed
+
+__all__ = ['PREEMPTED_EXIT_CODE', 'SIGNALS', 'install', 'uninstall',
+           'requested', 'request', 'should_stop', 'reset']
+
+PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL: "preempted, requeue me"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_CHECK_INTERVAL = flags.DEFINE_integer(
+    'preemption_check_interval', 1,
+    'Steps between two agreements on a pending preemption signal (every'
+    ' process must use the same value). 1 stops at the very next step.',
+    lower_bound=1)
+
+_flag = threading.Event()
+_received: list = []
+_previous: dict = {}
+
+
+def _handler(signum, frame):  # pylint: disable=unused-argument
+  # Only set a flag: anything more (I/O, locks, JAX) is unsafe in a handler.
+  _received.append(signum)
+  _flag.set()
+
+
+def install(signals: Sequence[int] = SIGNALS) -> None:
+  """Installs the flag-setting handler for ``signals`` (main thread only).
+
+  Idempotent; :func:`uninstall` restores the handlers found here. Call it
+  after ``jax.distributed`` is initialized (JAX installs its own SIGTERM
+  notifier there, which this replaces).
+  """
+  for signum in signals:
+    previous = signal.signal(signum, _handler)
+    if previous is not _handler:
+      _previous[signum] = previous
+
+
+def uninstall() -> None:
+  """Restores the signal handlers :func:`install` replaced."""
+  while _previous:
+    signum, previous = _previous.popitem()
+    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+def request() -> None:
+  """Marks this process as preempted, as a signal would."""
+  _flag.set()
+
+
+def requested() -> bool:
+  """Whether *this* process received a preemption signal (no agreement)."""
+  return _flag.is_set()
+
+
+def reset() -> None:
+  """Clears the local flag (tests, or after a handled preemption)."""
+  _flag.clear()
+  _received.clear()
+
+
+def _check_interval() -> int:
+  flag = flags.FLAGS['preemption_check_interval']
+  return flag.value if flags.FLAGS.is_parsed() else flag.default
+
+
+def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
+  """Whether all processes stop before ``step``; the same on every process.
+
+  At a step that is not a multiple of ``check_interval`` (default
+  ``--preemption_check_interval``) it returns False without communicating.
+  At a check step every process must call it (it is a barrier bounded by
+  ``--barrier_timeout``); it returns True on all processes if any of them
+  received SIGTERM/SIGUSR1 before the call.
+  """
+  interval = _check_interval() if check_interval is None else check_interval
+  if interval < 1:
+    raise ValueError(f'check_interval must be >= 1, got {interval}')
+  if step % interval:
+    return False
+  local = _flag.is_set()
+  if not distributed.is_initialized():
+    return local
+  flagged = distributed.processes_with_flag('preempt', local)
+  if flagged:
+    logging.warning('Preemption agreed before step %d (signal on process(es)'
+                    ' %s).', step, flagged)
+  return bool(flagged)

@@ -1,0 +1,257 @@
+"""Helpers for the multi-process tests: real processes, loopback ports only.
+
+Used by tests/test_multihost.py, tests/test_preemption.py and
+tests/test_distributed.py (imported with this directory on ``sys.path``).
+Every process the tests start gets its environment from :func:`env`: CPU
+only, ``PYTHONPATH`` with this directory (for ``slow_data`` and the toy
+scripts), and a shared JAX compilation cache so that repeated launches of the
+same experiment compile once.
+
+Ports: JAX coordinators take ports from 24200-24399 (:func:`free_port`);
+SLURM uses 24610-24650 (slurm_local.sh).
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+LAUNCH = os.path.join(REPO, 'launch')
+GIN_FILE = os.path.join(HERE, 'multihost.gin')
+TOY = os.path.join(HERE, 'preempt_toy.py')
+SLURM_LOCAL = os.path.join(HERE, 'slurm_local.sh')
+PORT_RANGE = (24200, 24400)
+PREEMPTED = 75
+
+_next_port = [PORT_RANGE[0] + os.getpid() % 97]
+
+
+def free_port() -> int:
+  """A port of 24200-24399 that 127.0.0.1 can bind now (round robin)."""
+  lo, hi = PORT_RANGE
+  for _ in range(hi - lo):
+    port = _next_port[0]
+    _next_port[0] = lo + (port + 1 - lo) % (hi - lo)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError(f'no free port in {lo}-{hi - 1} on 127.0.0.1')
+
+
+def env(cache_dir=None, devices=None, **extra) -> dict:
+  """The environment of a test process (from a clean copy of ours).
+
+  ``devices``: virtual CPU devices per process (XLA_FLAGS); None leaves
+  XLA_FLAGS without a device count (launch/*.sh -d sets it).
+  """
+  out = dict(os.environ)
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                 out.get('XLA_FLAGS', '')).strip()
+  if devices:
+    flags = f'{flags} --xla_force_host_platform_device_count={devices}'.strip()
+  if flags:
+    out['XLA_FLAGS'] = flags
+  else:
+    out.pop('XLA_FLAGS', None)
+  out['JAX_PLATFORMS'] = 'cpu'
+  out['PYTHONPATH'] = os.pathsep.join(
+      p for p in (HERE, REPO, out.get('PYTHONPATH')) if p)
+  out['PYTHONUNBUFFERED'] = '1'
+  for key in list(out):  # keep every JAX coordinator setting explicit
+    if key.startswith('JAX_COORDINATOR') or key.startswith('SLURM_') or (
+        key.startswith('OMPI_')):
+      del out[key]
+  if cache_dir:
+    out['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
+    out['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    out['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  out.update({k: str(v) for k, v in extra.items()})
+  return out
+
+
+def train_command(workdir, *args) -> list:
+  """``python -m runner.train`` on the tests' tiny experiment."""
+  return [sys.executable, '-m', 'runner.train', f'--workdir={workdir}',
+          f'--gin_file={GIN_FILE}', *args]
+
+
+class Launch:
+  """A ``launch/local.sh`` run in its own session (so it can be killed whole).
+
+  Process i's output goes to ``log_dir/process_i.log``; local.sh's own
+  messages (pids, exit statuses) to ``log_dir/launcher.log``.
+  """
+
+  def __init__(self, command, log_dir, num_processes=2, devices=2,
+               port=None, environ=None):
+    self.log_dir = str(log_dir)
+    os.makedirs(self.log_dir, exist_ok=True)
+    self.port = port or free_port()
+    self.launcher_log = os.path.join(self.log_dir, 'launcher.log')
+    self._log = open(self.launcher_log, 'w', encoding='utf-8')
+    self.proc = subprocess.Popen(
+        [os.path.join(LAUNCH, 'local.sh'), '-n', str(num_processes), '-p',
+         str(self.port), '-d', str(devices), '-l', self.log_dir, '--',
+         *command],
+        stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+        env=environ or env(), start_new_session=True)
+    self.num_processes = num_processes
+
+  def pids(self, timeout=60) -> list:
+    """The pids of the processes (from local.sh's messages)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      found = dict(re.findall(r'process (\d+) pid (\d+)', self.text()))
+      if len(found) == self.num_processes:
+        return [int(found[str(i)]) for i in range(self.num_processes)]
+      time.sleep(0.05)
+    raise AssertionError(f'local.sh did not start its processes:\n'
+                         f'{self.text()}')
+
+  def text(self) -> str:
+    with open(self.launcher_log, encoding='utf-8') as f:
+      return f.read()
+
+  def log(self, index) -> str:
+    path = os.path.join(self.log_dir, f'process_{index}.log')
+    with open(path, encoding='utf-8', errors='replace') as f:
+      return f.read()
+
+  def statuses(self) -> dict:
+    """``{process index: exit status}`` reported by local.sh."""
+    return {int(i): int(rc) for i, rc in re.findall(
+        r'process (\d+) exited with status (\d+)', self.text())}
+
+  def wait(self, timeout=240) -> int:
+    try:
+      return self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(
+          f'launch did not finish within {timeout} s; logs:\n'
+          + self.describe()) from None
+    finally:
+      self._log.close()
+
+  def kill(self):
+    """SIGKILL the whole session: local.sh and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(self.proc.pid, signal.SIGKILL)
+    self.proc.wait(30)
+
+  def describe(self) -> str:
+    parts = [f'--- launcher\n{self.text()}']
+    for i in range(self.num_processes):
+      with contextlib.suppress(OSError):
+        parts.append(f'--- process {i}\n{tail(self.log(i))}')
+    return '\n'.join(parts)
+
+
+def tail(text, lines=40) -> str:
+  kept = [l for l in text.splitlines() if not l.startswith('    @ ')]
+  return '\n'.join(kept[-lines:])
+
+
+def wait_for_file(path, timeout=180, proc=None) -> None:
+  """Polls (every 10 ms) until ``path`` exists; fails if ``proc`` ended."""
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f'{path} never appeared: the run ended first'
+                           f' (status {proc.returncode})')
+    if time.monotonic() > deadline:
+      raise AssertionError(f'{path} did not appear within {timeout} s')
+    time.sleep(0.01)
+
+
+def checkpoint_steps(workdir) -> list:
+  """Steps of the finished ``checkpoint_<step>`` files, sorted."""
+  directory = os.path.join(str(workdir), 'checkpoints')
+  steps = []
+  for name in os.listdir(directory):
+    match = re.fullmatch(r'checkpoint_(\d+)', name)
+    if match:
+      steps.append(int(match.group(1)))
+  return sorted(steps)
+
+
+def checkpoint_entries(workdir) -> list:
+  """Every entry of ``<workdir>/checkpoints`` (to spot temporary files)."""
+  return sorted(os.listdir(os.path.join(str(workdir), 'checkpoints')))
+
+
+def final_state(workdir, step):
+  """The ``state`` dict (numpy leaves) of ``checkpoint_<step>``."""
+  from lib import checkpoints  # pylint: disable=g-import-not-at-top
+  path = os.path.join(str(workdir), 'checkpoints', f'checkpoint_{step}')
+  restored = checkpoints.restore_checkpoint(path, target=None)
+  assert restored is not None, f'no checkpoint at {path}'
+  return restored['state']
+
+
+def flat(tree, prefix=''):
+  """``{'params/Dense_0/kernel': array}`` of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat(value, f'{prefix}{key}/'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def have(*binaries) -> bool:
+  return all(shutil.which(b) for b in binaries)
+
+
+class SlurmCluster:
+  """The single-node SLURM of slurm_local.sh, up for the lifetime of this
+  object (``with SlurmCluster() as slurm: ...``).
+
+  Its state directory is a fresh one under /tmp: munged runs as the munge
+  user, who cannot enter pytest's private (0700) temporary directories.
+  """
+
+  def __init__(self):
+    base = '/tmp' if os.access('/tmp', os.W_OK) else tempfile.gettempdir()
+    self.state_dir = tempfile.mkdtemp(prefix='gintrain-slurm-', dir=base)
+    self.env = dict(os.environ, SLURM_LOCAL_DIR=self.state_dir)
+    self.conf = os.path.join(self.state_dir, 'slurm.conf')
+
+  def __enter__(self):
+    result = subprocess.run(['bash', SLURM_LOCAL, 'up'], env=self.env,
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode:
+      self.__exit__()
+      raise AssertionError(f'slurm_local.sh up failed ({result.returncode}):'
+                           f'\n{result.stdout}\n{result.stderr}')
+    return self
+
+  def __exit__(self, *exc_info):
+    subprocess.run(['bash', SLURM_LOCAL, 'down'], env=self.env,
+                   capture_output=True, text=True, timeout=120)
+
+  def client_env(self, base) -> dict:
+    return dict(base, SLURM_CONF=self.conf)
+
+  def job_field(self, job, field) -> str:
+    out = subprocess.run(['scontrol', 'show', 'job', str(job)],
+                         env=self.client_env(os.environ), capture_output=True,
+                         text=True, timeout=30).stdout
+    match = re.search(rf'\b{field}=(\S*)', out)
+    return match.group(1) if match else ''
+
+  def run(self, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), env=self.client_env(os.environ),
+                          capture_output=True, text=True, timeout=60)

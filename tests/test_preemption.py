@@ -1,0 +1,121 @@
+"""runner.preemption: signal handling in one process, agreement across two.
+
+The two-process tests run tests/cluster/preempt_toy.py (a loop with one
+cross-process collective per step) under launch/local.sh: 2 real processes
+x 2 CPU devices, jax.distributed on 127.0.0.1.
+"""
+
+import doctest
+import os
+import re
+import signal
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from runner import preemption  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture
+def handler():
+  preemption.reset()
+  preemption.install()
+  yield
+  preemption.uninstall()
+  preemption.reset()
+
+
+def test_doctests():
+  assert doctest.testmod(preemption).failed == 0
+
+
+def test_exit_code_is_ex_tempfail():
+  assert preemption.PREEMPTED_EXIT_CODE == os.EX_TEMPFAIL == 75
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_sets_flag_and_stops_single_process(handler, signum):
+  assert not preemption.requested()
+  assert not preemption.should_stop(3)
+  os.kill(os.getpid(), signum)
+  assert preemption.requested()
+  assert preemption.should_stop(4)
+
+
+def test_check_interval_only_checks_multiples(handler):
+  preemption.request()
+  assert not preemption.should_stop(4, check_interval=3)
+  assert not preemption.should_stop(5, check_interval=3)
+  assert preemption.should_stop(6, check_interval=3)
+  with pytest.raises(ValueError, match='check_interval'):
+    preemption.should_stop(6, check_interval=0)
+
+
+def test_uninstall_restores_previous_handlers():
+  seen = []
+  previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
+  try:
+    preemption.install()
+    preemption.install()  # idempotent: still restores the original
+    preemption.uninstall()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert seen == [1]
+    assert not preemption.requested()
+  finally:
+    signal.signal(signal.SIGUSR1, previous)
+    preemption.reset()
+
+
+def _stops(launch):
+  """``{process: (stop step, whether it got the signal itself)}``."""
+  out = {}
+  for i in range(launch.num_processes):
+    match = re.search(r'^STOP (\d+) local=(True|False)$', launch.log(i),
+                      re.MULTILINE)
+    out[i] = (int(match.group(1)), match.group(2) == 'True') if match else None
+  return out
+
+
+def _toy(tmp_path, *args):
+  return harness.Launch([sys.executable, harness.TOY, *args],
+                        tmp_path / 'logs', environ=harness.env())
+
+
+def test_two_processes_agree_on_stop_step(tmp_path):
+  # Process 1 sends itself SIGUSR1 during step 7: both stop before step 8
+  # (the check is a barrier, so process 0 cannot have gone further), write
+  # nothing else, and exit with the preempted status.
+  launch = _toy(tmp_path, '--steps=40', '--self_signal_at=7',
+                '--self_signal_process=1', '--resume_steps=12,12')
+  assert launch.wait() == harness.PREEMPTED, launch.describe()
+  assert launch.statuses() == {0: 75, 1: 75}
+  assert _stops(launch) == {0: (8, False), 1: (8, True)}
+  for i in range(2):
+    log = launch.log(i)
+    assert 'GATHER p0,p1' in log  # all_gather: process order
+    assert 'AGREED 12' in log     # agree_on_step
+    assert 'DONE' not in log
+
+
+def test_interval_and_sigterm_on_process_0(tmp_path):
+  # SIGTERM on process 0 during step 7, checks every 3 steps: stop at 9.
+  launch = _toy(tmp_path, '--steps=40', '--self_signal_at=7',
+                '--self_signal_process=0', '--self_signal=TERM',
+                '--preemption_check_interval=3')
+  assert launch.wait() == harness.PREEMPTED, launch.describe()
+  assert _stops(launch) == {0: (9, True), 1: (9, False)}
+
+
+def test_no_signal_runs_to_the_end_and_disagreement_is_an_error(tmp_path):
+  launch = _toy(tmp_path, '--steps=5', '--resume_steps=4,none')
+  assert launch.wait() == 3, launch.describe()
+  for i in range(2):
+    log = launch.log(i)
+    assert re.search(r'DISAGREE .*process 0: 4, process 1: none', log), log
+  launch = _toy(tmp_path / 'b', '--steps=5')
+  assert launch.wait() == 0, launch.describe()
+  for i in range(2):
+    assert re.search(r'^DONE 5 ', launch.log(i), re.MULTILINE)
