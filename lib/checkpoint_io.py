@@ -12,10 +12,11 @@ object:
   fsynced. Extra memory: the framing plus arrays under 64 KiB; an array that
   is not C-contiguous is written through 64 MiB contiguous pieces (a whole
   copy only if it is also chunked); a big-endian one is converted.
-* **Reading** parses the msgpack framing from a small read-ahead window, allocates
-  every array once at its final size (a chunked array directly at its full
-  shape) and then fills the arrays from the file with ``os.preadv`` in
-  parallel threads. Extra memory: none beyond the restored arrays.
+* **Reading** parses the msgpack framing from a small read-ahead window,
+  allocates every array once at its final size (a chunked array directly at
+  its full shape) and has a thread pool fill it from the file with
+  ``os.preadv`` while parsing goes on. Extra memory: none beyond the
+  restored arrays.
 
   >>> import os, tempfile, numpy as np
   >>> d = tempfile.mkdtemp()
@@ -71,7 +72,7 @@ _WINDOW_BYTES = 1 << 16
 _INLINE_READ_BYTES = 1 << 20
 # Parallel reads: split into pieces of this size, read by this many threads.
 _READ_PIECE_BYTES = 32 << 20
-_READ_THREADS = 8
+_READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
 # msgpack's own nesting limit (its packer and unpacker stop at 1024).
 _MAX_DEPTH = 1024
 
@@ -351,13 +352,13 @@ class _Corrupt(Exception):
 
 @dataclasses.dataclass(eq=False)
 class _PendingArray:
-  """An array found while parsing, filled from the file afterwards."""
+  """An array found while parsing; its data is read from the file."""
   dtype: np.dtype
   shape: tuple
   offset: int
   nbytes: int
   dest: np.ndarray | None = None  # flat array (or view) it is read into
-  loaded: bool = False  # small arrays are read while parsing
+  started: bool = False  # its read was issued (or done) while parsing
 
   __hash__ = None  # an array is not a valid map key (as in msgpack_restore)
 
@@ -371,16 +372,67 @@ _I8, _I16, _I32, _I64 = _s('>b'), _s('>h'), _s('>i'), _s('>q')
 _F32, _F64 = _s('>f'), _s('>d')
 
 
+def _pread_bytes(fd: int, n: int, offset: int) -> bytes:
+  parts = []
+  while n > 0:
+    part = os.pread(fd, n, offset)
+    if not part:
+      raise _Corrupt(f'file ended early at offset {offset}')
+    parts.append(part)
+    n -= len(part)
+    offset += len(part)
+  return parts[0] if len(parts) == 1 else b''.join(parts)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+  while view.nbytes:
+    n = os.preadv(fd, [view], offset)
+    if n == 0:
+      raise _Corrupt(f'file ended early at offset {offset}')
+    view = view[n:]
+    offset += n
+
+
+class _Reader:
+  """Reads array data into place: inline, or by a thread pool in pieces."""
+
+  def __init__(self, fd: int, pool: concurrent.futures.Executor | None):
+    self.fd = fd
+    self.pool = pool
+    self.futures = []
+
+  def read(self, p: _PendingArray) -> None:
+    if p.dest is None:
+      p.dest = np.empty(p.nbytes // p.dtype.itemsize, p.dtype)
+    p.started = True
+    view = memoryview(p.dest.view(np.uint8))
+    for start in range(0, p.nbytes, _READ_PIECE_BYTES):
+      piece = view[start:start + _READ_PIECE_BYTES]
+      if self.pool is None:
+        _pread_into(self.fd, piece, p.offset + start)
+      else:
+        self.futures.append(self.pool.submit(
+            _pread_into, self.fd, piece, p.offset + start))
+
+  def wait(self) -> None:
+    for future in self.futures:
+      future.result()
+    self.futures = []
+
+
 class _Parser:
   """A msgpack decoder (``raw=False, strict_map_key=False``) over a file.
 
-  ExtType-1 arrays are not read but returned as :class:`_PendingArray` with
-  their file offsets (small ones are read at once, into ``dest``).
+  ExtType-1 arrays are returned as :class:`_PendingArray` (filled by
+  ``reader``). Their reads start as soon as they are parsed, in file order,
+  except for the chunks of a chunked array: those are deferred until the
+  whole array can be allocated (see :func:`_plan_chunked`).
   """
 
-  def __init__(self, fd: int, size: int):
+  def __init__(self, fd: int, size: int, reader: _Reader):
     self.fd = fd
     self.size = size
+    self.reader = reader
     self.pos = 0
     self.window = b''
     self.window_start = 0
@@ -409,7 +461,16 @@ class _Parser:
   def _unpack(self, st: struct.Struct):
     return st.unpack(self._read(st.size))[0]
 
-  def parse(self, depth: int = 0, raw: bool = False):
+  def parse(self, depth: int = 0, raw: bool = False, defer: bool = False,
+            chunks: bool = False):
+    """Decodes one object.
+
+    Args:
+      depth: nesting depth (limited to msgpack's 1024).
+      raw: decode str as bytes (inside array payloads).
+      defer: an array here is a chunk: do not start reading it.
+      chunks: a map here holds chunks (its array values are deferred).
+    """
     if depth > _MAX_DEPTH:
       raise _Corrupt('nesting too deep')
     b = self._read(1)[0]
@@ -418,7 +479,7 @@ class _Parser:
     if b >= 0xe0:
       return b - 0x100
     if b <= 0x8f:
-      return self._map(b & 0x0f, depth + 1)
+      return self._map(b & 0x0f, depth + 1, chunks)
     if b <= 0x9f:
       return [self.parse(depth + 1) for _ in range(b & 0x0f)]
     if b <= 0xbf:
@@ -433,7 +494,7 @@ class _Parser:
       return bytes(self._read(self._unpack((_U8, _U16, _U32)[b - 0xc4])))
     if 0xc7 <= b <= 0xc9:
       length = self._unpack((_U8, _U16, _U32)[b - 0xc7])
-      return self._ext(self._unpack(_I8), length)
+      return self._ext(self._unpack(_I8), length, defer)
     if b == 0xca:
       return self._unpack(_F32)
     if b == 0xcb:
@@ -443,14 +504,15 @@ class _Parser:
     if 0xd0 <= b <= 0xd3:
       return self._unpack((_I8, _I16, _I32, _I64)[b - 0xd0])
     if 0xd4 <= b <= 0xd8:
-      return self._ext(self._unpack(_I8), 1 << (b - 0xd4))
+      return self._ext(self._unpack(_I8), 1 << (b - 0xd4), defer)
     if 0xd9 <= b <= 0xdb:
       return self._str(self._unpack((_U8, _U16, _U32)[b - 0xd9]), raw)
     if b in (0xdc, 0xdd):
       n = self._unpack(_U16 if b == 0xdc else _U32)
       return [self.parse(depth + 1) for _ in range(n)]
     if b in (0xde, 0xdf):
-      return self._map(self._unpack(_U16 if b == 0xde else _U32), depth + 1)
+      n = self._unpack(_U16 if b == 0xde else _U32)
+      return self._map(n, depth + 1, chunks)
     raise _Corrupt(f'invalid msgpack byte 0x{b:02x} at offset {self.pos - 1}')
 
   def _str(self, n: int, raw: bool):
@@ -462,21 +524,25 @@ class _Parser:
     except UnicodeDecodeError as e:
       raise _Corrupt(f'invalid UTF-8 string at offset {self.pos - n}') from e
 
-  def _map(self, n: int, depth: int) -> dict:
+  def _map(self, n: int, depth: int, chunks: bool) -> dict:
     out = {}
+    chunked = False  # this map is a chunked array: defer its chunks
     for _ in range(n):
       key = self.parse(depth)
-      value = self.parse(depth)
+      chunked = chunked or (type(key) is str and  # pylint: disable=unidiomatic-typecheck
+                            key == serialization.CHUNKED_KEY)
+      value = self.parse(depth, defer=chunks,
+                         chunks=chunked and key == 'chunks')
       try:
         out[key] = value
       except TypeError as e:
         raise _Corrupt(f'unhashable map key at offset {self.pos}') from e
     return out
 
-  def _ext(self, code: int, length: int):
+  def _ext(self, code: int, length: int, defer: bool):
     start, num_pending = self.pos, len(self.pending)
     if code == serialization._ExtType.ndarray:  # pylint: disable=protected-access
-      arr = self._array(length)
+      arr = self._array(length, defer)
       if arr is not None:
         return arr
       # An unusual layout: decode it like flax does.
@@ -487,7 +553,7 @@ class _Parser:
     except Exception as e:  # pylint: disable=broad-except
       raise _Corrupt(f'bad ext type {code} at offset {start}: {e}') from e
 
-  def _array(self, length: int) -> _PendingArray | None:
+  def _array(self, length: int, defer: bool) -> _PendingArray | None:
     """Parses ``[shape, dtype, bin]``; None if laid out differently."""
     end = self.pos + length
     if length < 1 or self._read(1)[0] != 0x93:
@@ -518,6 +584,8 @@ class _Parser:
     self._skip(nbytes)
     if nbytes <= _INLINE_READ_BYTES:
       self._load(pending)
+    elif not defer:
+      self.reader.read(pending)
     self.pending.append(pending)
     return pending
 
@@ -531,32 +599,11 @@ class _Parser:
       view[:] = memoryview(self.window)[off:off + pending.nbytes]
     else:
       _pread_into(self.fd, view, pending.offset)
-    pending.loaded = True
-
-
-def _pread_bytes(fd: int, n: int, offset: int) -> bytes:
-  parts = []
-  while n > 0:
-    part = os.pread(fd, n, offset)
-    if not part:
-      raise _Corrupt(f'file ended early at offset {offset}')
-    parts.append(part)
-    n -= len(part)
-    offset += len(part)
-  return parts[0] if len(parts) == 1 else b''.join(parts)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-  while view.nbytes:
-    n = os.preadv(fd, [view], offset)
-    if n == 0:
-      raise _Corrupt(f'file ended early at offset {offset}')
-    view = view[n:]
-    offset += n
+    pending.started = True
 
 
 def _plan_chunked(node) -> np.ndarray | None:
-  """Allocates a chunked array whole and points its chunks into it."""
+  """Allocates a chunked array whole; its chunks are read into it."""
   try:
     shape = tuple(node['shape'][str(i)] for i in range(len(node['shape'])))
     chunks = [node['chunks'][str(i)] for i in range(len(node['chunks']))]
@@ -575,7 +622,7 @@ def _plan_chunked(node) -> np.ndarray | None:
   flat = out.reshape(-1)
   start = 0
   for c in chunks:
-    if c.loaded:
+    if c.started:  # small, or not recognised as a chunk while parsing
       flat[start:start + c.shape[0]] = c.dest
     else:
       c.dest = flat[start:start + c.shape[0]]
@@ -595,27 +642,6 @@ def _plan_unchunk(node):
   return node
 
 
-def _fill(fd: int, pending: list, parallel: bool) -> None:
-  """Allocates and reads every pending array."""
-  jobs = []
-  for p in pending:
-    if p.loaded:
-      continue
-    if p.dest is None:
-      p.dest = np.empty(p.shape, p.dtype).reshape(-1)
-    view = memoryview(p.dest.view(np.uint8))
-    for start in range(0, p.nbytes, _READ_PIECE_BYTES):
-      jobs.append((view[start:start + _READ_PIECE_BYTES], p.offset + start))
-  total = sum(v.nbytes for v, _ in jobs)
-  if parallel and len(jobs) > 1 and total > 2 * _READ_PIECE_BYTES:
-    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-      for f in [pool.submit(_pread_into, fd, v, o) for v, o in jobs]:
-        f.result()
-  else:
-    for view, offset in jobs:
-      _pread_into(fd, view, offset)
-
-
 def _resolve(node):
   """Replaces every pending array by its numpy array (read-only, as flax)."""
   if isinstance(node, _PendingArray):
@@ -633,16 +659,38 @@ def _resolve(node):
   return node
 
 
+def _decode(fd: int, size: int, reader: _Reader):
+  if size == 0:
+    raise _Corrupt('the file is empty')
+  parser = _Parser(fd, size, reader)
+  state = parser.parse()
+  if parser.pos != size:
+    raise _Corrupt(f'{size - parser.pos} extra bytes after the checkpoint at'
+                   f' offset {parser.pos}')
+  state = _plan_unchunk(state)
+  for p in parser.pending:
+    if not p.started:
+      reader.read(p)
+  reader.wait()
+  state = _resolve(state)
+  try:
+    return serialization.unchunk_array_leaves_in_place(state)
+  except (ValueError, TypeError, KeyError) as e:
+    raise _Corrupt(f'bad chunked array: {e}') from e
+
+
 def read_checkpoint_file(path: str, parallel: bool = True):
   """Reads a msgpack checkpoint file into its state dict.
 
   The result equals ``lib.serialization.msgpack_restore`` of the file's
   bytes (flax's too): numpy arrays (read-only, except arrays that were
-  stored chunked), numpy/Python scalars, nested dicts and lists.
+  stored chunked), numpy/Python scalars, nested dicts and lists. Each array
+  is allocated once, at its final size, and read straight into.
 
   Args:
     path: the checkpoint file.
-    parallel: read large files with several threads.
+    parallel: read large files with several threads (while the rest of the
+      file is being parsed).
 
   Raises:
     lib.errors.CheckpointReadError: the file is truncated, corrupt or not a
@@ -650,25 +698,15 @@ def read_checkpoint_file(path: str, parallel: bool = True):
     OSError: the file cannot be opened.
   """
   fd = os.open(path, os.O_RDONLY)
+  pool = None
   try:
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
       raise IsADirectoryError(21, 'Is a directory', path)
+    if parallel and st.st_size > 2 * _READ_PIECE_BYTES:
+      pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS)
     try:
-      if st.st_size == 0:
-        raise _Corrupt('the file is empty')
-      parser = _Parser(fd, st.st_size)
-      state = parser.parse()
-      if parser.pos != st.st_size:
-        raise _Corrupt(f'{st.st_size - parser.pos} extra bytes after the'
-                       f' checkpoint at offset {parser.pos}')
-      state = _plan_unchunk(state)
-      _fill(fd, parser.pending, parallel)
-      state = _resolve(state)
-      try:
-        return serialization.unchunk_array_leaves_in_place(state)
-      except (ValueError, TypeError, KeyError) as e:
-        raise _Corrupt(f'bad chunked array: {e}') from e
+      return _decode(fd, st.st_size, _Reader(fd, pool))
     except _Corrupt as e:
       raise errors.CheckpointReadError(path, str(e)) from e
     except RecursionError as e:
@@ -676,5 +714,6 @@ def read_checkpoint_file(path: str, parallel: bool = True):
     except OSError as e:
       raise errors.CheckpointReadError(path, f'read failed: {e}') from e
   finally:
+    if pool is not None:  # no read may outlive the file descriptor
+      pool.shutdown(wait=True, cancel_futures=True)
     os.close(fd)
-

@@ -157,8 +157,8 @@ def _read(path: str):
 def load_params(path: str, params: Any) -> Any:
   """The parameters stored at ``path``, restored into the shape of ``params``.
 
-  ``path`` is a checkpoint file, or a directory whose latest
-  ``checkpoint_*`` is used. It may hold a runner checkpoint
+  ``path`` is a checkpoint file, a directory whose latest ``checkpoint_*``
+  is used, or a run's workdir (its ``checkpoints/``). It may hold a runner checkpoint
   (``state/params``), a ``TrainState`` (``params``) or a bare params tree.
 
   Raises:
@@ -166,6 +166,8 @@ def load_params(path: str, params: Any) -> Any:
   """
   if not os.path.exists(path):
     raise RunnerError(f'--init_from={path}: no such file or directory.')
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    path = os.path.join(path, CHECKPOINT_DIR)  # a run's workdir
   raw = _read(path)
   if raw is None:
     raise RunnerError(f'--init_from={path}: the directory holds no'

@@ -149,7 +149,7 @@ def _format_metrics(metrics):
   return ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
 
 
-def train(*, model, dataset, optimizer,
+def train(*, model=None, dataset=None, optimizer=None,
           loss: Callable = losses.cross_entropy_loss,
           metrics: Mapping[str, Callable] | None = None,
           batch_size: int = 128, num_steps: int | None = None,
@@ -202,6 +202,14 @@ def train(*, model, dataset, optimizer,
     RunnerError: a bad setting, or a checkpoint that does not fit.
     Preempted: after saving, when a preemption signal arrived.
   """
+  unset = [f'train.{name}' for name, value in (
+      ('model', model), ('dataset', dataset), ('optimizer', optimizer))
+             if value is None]
+  if unset:
+    raise RunnerError(
+        f'{", ".join(unset)} not set: bind them in a gin file (e.g. include'
+        ' default.gin, or run.gin with files from models/, datasets/ and'
+        f' optimizers/) or with --gin.{unset[0]}=...')
   model = _resolve(model, 'model', ('init', 'apply'))
   dataset = _resolve(dataset, 'dataset', ('x_train', 'y_train', 'x_test',
                                           'y_test'))
@@ -253,41 +261,17 @@ def train(*, model, dataset, optimizer,
             'parameters': sum(sizes),
             'param_shapes': jax.tree_util.tree_map(lambda x: x.shape, shapes)}
 
+  if not workdir:
+    raise RunnerError('train needs a workdir (--workdir).')
+  main = distributed.is_main_process()
   state = jax.device_get(state_factory(model=model, tx=tx, rng=rng,
                                        sample_input=sample))
-  stopper = early_stopping
-  es_state = stopper.state if stopper else None
-  main = distributed.is_main_process()
   ckpt = checkpointing.Checkpointer(workdir, policy)
-  latest = ckpt.latest_step()
-  if resume == 'require' and latest is None:
-    raise RunnerError(f'--resume=require but {ckpt.dir} holds no checkpoint'
-                      f' ({policy.prefix}<step>).')
-  if resume == 'never' and latest is not None:
-    raise RunnerError(
-        f'--resume=never but {ckpt.dir} already holds checkpoints (latest'
-        f' step {latest}); use --resume=auto to continue that run, or a new'
-        ' --workdir.')
-  start = 0
-  if latest is not None:
-    restored = ckpt.restore(latest, state, es_state)
-    state, es_state, start = restored.state, restored.early_stopping, (
-        restored.step)
-    if main:
-      logging.info('Resumed from %s (step %d).', restored.path, start)
-      if init_from:
-        logging.info('--init_from=%s ignored: the run resumes.', init_from)
-  elif init_from:
-    state = state.replace(params=checkpointing.load_params(init_from,
-                                                           state.params))
-    if main:
-      logging.info('Initialised params from %s.', init_from)
-  if stopper:
-    stopper = stopper._replace(state=es_state)
-
+  state, stopper, start, resumed = _resume_or_start(
+      ckpt, state, early_stopping, resume, init_from, main)
   writer = metric_writers.MetricWriter(workdir, enabled=main)
   if settings is not None and main:
-    _record_settings(workdir, settings, writer, resumed=latest is not None)
+    _record_settings(workdir, settings, writer, resumed)
 
   backend.compile(loss, metric_fns)
   eval_batches = _eval_batches(dataset, eval_size, backend)
@@ -297,7 +281,8 @@ def train(*, model, dataset, optimizer,
 
   def batch_at(step):
     idx = batching.global_batch_indices(num_train, batch_size, seed, step)
-    idx = batching.process_slice(idx, index, count)
+    if count > 1:
+      idx = batching.process_slice(idx, index, count)
     return backend.put_batch({'x': dataset.x_train[idx],
                               'y': dataset.y_train[idx]})
 
@@ -317,9 +302,10 @@ def train(*, model, dataset, optimizer,
   pending = []
   tick, tick_step = time.perf_counter(), start
   preemption.install()
+  check_every = preemption._check_interval()  # pylint: disable=protected-access
   try:
     while step < total and not stopped_early:
-      if preemption.should_stop(step):
+      if preemption.should_stop(step, check_every):
         save(step)
         ckpt.wait()
         raise Preempted(step)
@@ -379,6 +365,34 @@ def train(*, model, dataset, optimizer,
                        os.path.join(workdir, METRICS_PLOT))
   return TrainResult(backend.get(dstate), step, train_metrics, eval_metrics,
                      stopped_early, list(ckpt.best))
+
+
+def _resume_or_start(ckpt, state, stopper, resume, init_from, main):
+  """``(state, stopper, start step, resumed)`` as ``--resume`` says."""
+  latest = ckpt.latest_step()
+  if resume == 'require' and latest is None:
+    raise RunnerError(f'--resume=require but {ckpt.dir} holds no checkpoint'
+                      f' ({ckpt.policy.prefix}<step>).')
+  if resume == 'never' and latest is not None:
+    raise RunnerError(
+        f'--resume=never but {ckpt.dir} already holds checkpoints (latest'
+        f' step {latest}); use --resume=auto to continue that run, or a new'
+        ' --workdir.')
+  if latest is None:
+    if init_from:
+      state = state.replace(params=checkpointing.load_params(init_from,
+                                                             state.params))
+      if main:
+        logging.info('Initialised params from %s.', init_from)
+    return state, stopper, 0, False
+  restored = ckpt.restore(latest, state, stopper and stopper.state)
+  if stopper:
+    stopper = stopper._replace(state=restored.early_stopping)
+  if main:
+    logging.info('Resumed from %s (step %d).', restored.path, restored.step)
+    if init_from:
+      logging.info('--init_from=%s ignored: the run resumes.', init_from)
+  return restored.state, stopper, restored.step, True
 
 
 def _record_settings(workdir, settings, writer, resumed):

@@ -143,8 +143,11 @@ def _sharded() -> Backend:
     return jax.tree_util.tree_map(put, tree)
 
   def put_batch(batch):
+    # Explicitly placed: with numpy batches split by jit's in_shardings,
+    # jax 0.10 on CPU can deadlock in the gradient all-reduce (a collective
+    # rendezvous times out) when devices outnumber cores.
     if jax.process_count() == 1:
-      return batch  # numpy; jit's in_shardings split it (faster)
+      return jax.device_put(batch, split)
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(split, x), batch)
 

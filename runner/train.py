@@ -1,20 +1,57 @@
-r"""gintrain's entry point: ``python -m runner.train`` (or ``gintrain``).
+r"""gintrain: train a JAX model from gin config files.
 
-    python -m runner.train --workdir=/tmp/run          # the default experiment
+Usage (``python -m runner.train`` or the ``gintrain`` console script)::
+
+    # The default experiment (gin/default.gin: an MLP on the digits data).
+    python -m runner.train --workdir=/tmp/digits
+    # Files by role, later ones win; bindings on the command line win last.
     python -m runner.train --workdir=/tmp/cnn --gin_file=default.gin \
-        --gin_file=models/cnn.gin --gin.train.num_epochs=20
-    python -m runner.train --dry_run --gin_file=models/cnn.gin
+        --gin_file=models/cnn.gin --gin_file=datasets/digits_image.gin \
+        --gin.train.num_epochs=20 --gin.optimizer.learning_rate=0.003
+    # Check a config without training: prints it, every unset
+    # %gin.REQUIRED, and what it builds (model size, steps, devices).
+    python -m runner.train --dry_run --gin_file=run.gin --gin_file=models/cnn.gin
 
-See ``runner.flags`` for the flags and ``runner.configurables`` for what gin
-can bind. Outputs in the workdir: ``config.parsed.gin`` (before training),
+Flags: --gin_file (repeatable), --gin_bindings (repeatable; alias
+--gin_param; shorthand --gin.NAME=VALUE), --gin_search_paths, --workdir,
+--resume=auto|never|require, --init_from=PATH (weights only), --dry_run,
+plus absl's --jax_* flags and the multi-process flags of runner.distributed.
+String values need gin quotes: --gin.optimizer.name="'sgd'".
+
+Your own model or dataset, without editing the runner: write a function
+returning a model (``init(rng, x) -> {'params': ...}`` and
+``apply(variables, x) -> logits``, e.g. built with ``runner.models``) or a
+``runner.datasets.Dataset``, decorate it with ``@gin.configurable``, and
+import its module from gin::
+
+    # my_module.py (in the working directory or on PYTHONPATH)
+    import gin
+    from runner import models
+
+    @gin.configurable
+    def my_model(width=256):
+      return models.mlp(features=(width, width), num_classes=10)
+
+    python -m runner.train --workdir=/tmp/mine \
+        --gin_bindings='import my_module' \
+        --gin.train.model=@my_module.my_model --gin.my_model.width=512
+
+(or put ``import my_module`` and the bindings in a gin file). A reference
+without ``()`` passes the factory, which the loop calls; with ``()`` gin
+calls it. See runner/configurables.py for every bindable name.
+
+Outputs in the workdir: ``config.parsed.gin`` (before training),
 ``config.operative.gin`` (after the first step), ``flags.txt`` (reusable as
-``--flagfile``), ``settings.json``, ``metrics.jsonl``, ``hparams.json``,
-``tensorboard/``, ``checkpoints/`` (and ``best_checkpoints/``),
-``metrics.png``.
+``--flagfile``), ``settings.json`` (the resolved settings; compared on
+resume), ``metrics.jsonl``, ``hparams.json``, ``tensorboard/``,
+``checkpoints/`` (and ``best_checkpoints/`` with keep-best), and
+``metrics.png`` at the end. Running again with the same --workdir resumes
+from the latest checkpoint (--resume=auto).
 
 A fault in the input (flags, gin, workdir, checkpoint) prints one line,
-``gintrain: error: ...``, and exits with status 1. A preempted run exits
-with ``runner.preemption.PREEMPTED_EXIT_CODE`` after saving a checkpoint.
+``gintrain: error: ...``, and exits with status 1. A preempted run
+(SIGTERM/SIGUSR1) saves a checkpoint and exits with
+``runner.preemption.PREEMPTED_EXIT_CODE`` (75).
 """
 
 import os

@@ -209,19 +209,33 @@ def _wait_job(slurm, job, done, timeout=240):
 
 
 def _release_requeued(slurm, job, timeout=120):
-  """Waits for the job's requeue; SLURM then holds it ~2 minutes before it
-  may start again (its begin time): set that to now."""
+  """Waits for the job's requeue, then lets it start 3 s later.
+
+  SLURM holds a requeued job for its credential lifetime (``cred_expire``,
+  120 s by default) because slurmd refuses, as revoked, a new credential of
+  the same job created within the second of the old one's revocation.
+  """
   deadline = time.monotonic() + timeout
+  seen = []
+  released = False
   while time.monotonic() < deadline:
     state = slurm.job_field(job, 'JobState')
-    if slurm.job_field(job, 'Restarts') == '1':
-      if state != 'PENDING':
-        if state in ('RUNNING', 'COMPLETED'):
-          return
-      else:
-        slurm.run('scontrol', 'update', f'JobId={job}', 'StartTime=now')
-    time.sleep(0.2)
-  raise AssertionError(f'job {job} was not requeued within {timeout} s')
+    restarts = slurm.job_field(job, 'Restarts')
+    note = (state, restarts)
+    if restarts == '1':
+      if state in ('RUNNING', 'COMPLETED'):
+        return
+      if state == 'PENDING' and not released:
+        result = slurm.run('scontrol', 'update', f'JobId={job}',
+                           'StartTime=now+3')
+        released = result.returncode == 0
+        note += (result.returncode, result.stderr.strip())
+      if state not in ('PENDING', 'REQUEUED', 'COMPLETING'):
+        break
+    if not seen or seen[-1] != note:
+      seen.append(note)
+    time.sleep(0.1)
+  raise AssertionError(f'job {job} did not restart after its requeue: {seen}')
 
 
 @pytest.mark.skipif(

@@ -241,3 +241,17 @@ def test_every_gin_file_parses_and_documents_its_bindings():
     assert 'Commonly overridden' in text.split('\n\n')[0], name
     config.parse([name], [])
   gin.clear_config()
+
+
+def test_jax_flags_are_applied(tmp_path, capsys):
+  from runner import train  # pylint: disable=g-import-not-at-top
+  assert not jax.config.jax_enable_x64
+  try:
+    assert train.main_with_flags(['gintrain', '--dry_run',
+                                  '--jax_enable_x64']) == 0
+    assert jax.config.jax_enable_x64
+    assert jnp.zeros(1).dtype == jnp.float64
+  finally:
+    jax.config.update('jax_enable_x64', False)
+  assert 'All %gin.REQUIRED bindings are set.' in capsys.readouterr().out
+  assert not os.listdir(tmp_path)

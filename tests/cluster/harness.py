@@ -238,9 +238,19 @@ class SlurmCluster:
                            f'\n{result.stdout}\n{result.stderr}')
     return self
 
-  def __exit__(self, *exc_info):
+  def __exit__(self, exc_type=None, *exc_info):
+    if exc_type is not None:  # shown by pytest with the failure
+      print(self.logs())
     subprocess.run(['bash', SLURM_LOCAL, 'down'], env=self.env,
                    capture_output=True, text=True, timeout=120)
+
+  def logs(self, lines=60) -> str:
+    parts = []
+    for name in ('slurmctld.log', 'slurmd.log'):
+      path = os.path.join(self.state_dir, 'log', name)
+      with contextlib.suppress(OSError), open(path, encoding='utf-8') as f:
+        parts.append(f'--- {name}\n' + tail(f.read(), lines))
+    return '\n'.join(parts)
 
   def client_env(self, base) -> dict:
     return dict(base, SLURM_CONF=self.conf)

@@ -110,6 +110,19 @@ start_munge() {
   munge -S "$MSOCK" -n | unmunge -S "$MSOCK" >/dev/null
 }
 
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+check_ports() {  # another SLURM on our ports would silently take our jobs
+  local p
+  for p in "$PORT" "$((PORT + 1))"; do
+    if port_busy "$p"; then
+      say "127.0.0.1:$p is already in use (another slurmctld/slurmd?);" \
+        "stop it or set SLURM_LOCAL_PORT"
+      exit 4
+    fi
+  done
+}
+
 start_slurm() {
   export SLURM_CONF=$CONF
   alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
@@ -152,7 +165,10 @@ down() {
 }
 
 case ${1:-} in
-  up) check_binaries; write_conf; start_munge; start_slurm ;;
+  up)
+    check_binaries
+    alive "$DIR/slurmctld.pid" || check_ports
+    write_conf; start_munge; start_slurm ;;
   down) down ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   status)
