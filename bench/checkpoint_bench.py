@@ -53,16 +53,14 @@ SMALL_CASES = {
     '160 MiB, 75 MB leaf': (int(2.5 * GIB) // 16, 21, 75_000_000),
 }
 
-# (method, op) in the order they run; restores read what the save before
-# them wrote.
-RUNS = [
-    ('numpy', 'save'), ('numpy', 'restore'), ('numpy', 'restore_warm'),
-    ('gintrain', 'save'), ('gintrain', 'restore'),
-    ('gintrain', 'restore_warm'),
-    ('gintrain_async_jax', 'save'), ('gintrain_async_numpy', 'save'),
-    ('flax', 'save'), ('flax', 'restore'),
-    ('orbax', 'save'), ('orbax', 'restore'),
-]
+# Per tree, every method saves first (into its own directory); then the
+# files, all equally old, are restored cold (the order alternates between
+# rounds), then warm. Reading a file right after writing it is faster on a
+# VM whose host still caches it, which would favour whichever ran last.
+SAVES = ['numpy', 'gintrain', 'gintrain_async_jax', 'gintrain_async_numpy',
+         'flax', 'orbax']
+RESTORES = ['numpy', 'gintrain', 'flax', 'orbax']
+WARM_RESTORES = ['numpy', 'gintrain']
 
 TARGETS = {
     'save': 0.8,  # durable save throughput >= 0.8x numpy
@@ -248,27 +246,27 @@ def measure(cases, scratch, repeat: int) -> list[dict]:
   best = {}
   for round_ in range(repeat):
     for name, case in cases.items():
-      directory = {}
-      for method, op in RUNS:
-        base = method.split('_async')[0]
-        d = directory.setdefault(base, tempfile.mkdtemp(prefix=f'{base}_',
-                                                        dir=scratch))
-        if op == 'save' and os.listdir(d):
-          shutil.rmtree(d)
-          os.makedirs(d)
+      directory = {m: tempfile.mkdtemp(prefix=f'{m}_', dir=scratch)
+                   for m in SAVES}
+      restores = RESTORES if round_ % 2 == 0 else RESTORES[::-1]
+      runs = ([(m, 'save') for m in SAVES] +
+              [(m, 'restore') for m in restores] +
+              [(m, 'restore_warm') for m in WARM_RESTORES])
+      for method, op in runs:
         print(f'[{round_ + 1}/{repeat}] [{name}] {method} {op} ...',
               file=sys.stderr, flush=True)
-        r = run_worker(method, op, case, d)
+        r = run_worker(method, op, case, directory[method])
         r.update(case=name, method=method, op=op)
         print(f'  {r["seconds"]:.2f} s', file=sys.stderr, flush=True)
         key = (name, method, op)
         if key not in best or r['seconds'] < best[key]['seconds']:
           best[key] = r
-        if op == 'restore' and method not in ('gintrain', 'numpy'):
-          shutil.rmtree(d)
       for d in directory.values():
         shutil.rmtree(d, ignore_errors=True)
-  return list(best.values())
+  order = {(m, op): i for i, (m, op) in enumerate(
+      [(m, op) for m in SAVES for op in ('save', 'restore', 'restore_warm')])}
+  return sorted(best.values(), key=lambda r: (list(cases).index(r['case']),
+                                              order[r['method'], r['op']]))
 
 
 def table(rows) -> tuple[str, list[str]]:

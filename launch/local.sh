@@ -5,7 +5,7 @@
 #   launch/local.sh [-n N] [-p PORT] [-d DEVICES] [-g] [-l LOGDIR] -- CMD [ARGS...]
 #
 #   launch/local.sh -n 2 -p 24200 -d 2 -- python -m runner.train \
-#       --gin_file=gin/mnist_mlp.gin --workdir=/tmp/run
+#       --gin_file=default.gin --workdir=/tmp/run
 #
 # Process i runs `CMD ARGS... --coordinator_address=127.0.0.1:PORT
 # --process_count=N --process_index=i` (absl flags of runner/distributed.py),

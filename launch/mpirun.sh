@@ -5,7 +5,7 @@
 #   launch/mpirun.sh [-n N] [-p PORT] [-H HOSTFILE] [-l] [-d DEVICES] -- CMD [ARGS...]
 #
 #   launch/mpirun.sh -n 2 -p 24220 -l -d 2 -- python -m runner.train \
-#       --gin_file=gin/mnist_mlp.gin --workdir=/tmp/run           # one host
+#       --gin_file=default.gin --workdir=/tmp/run           # one host
 #   launch/mpirun.sh -n 8 -p 24220 -H hosts.txt -- python -m runner.train \
 #       --gin_file=... --workdir=/shared/run                        # a cluster
 #

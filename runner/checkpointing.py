@@ -88,9 +88,6 @@ class CheckpointPolicy:
         raise RunnerError(f'checkpoint_policy.{name} must be {want}, got'
                           f' {getattr(self, name)!r}.')
 
-  def is_better(self, value: float, than: float) -> bool:
-    return value < than if self.best_mode == 'min' else value > than
-
 
 def _describe(leaf):
   return f'{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}'
@@ -158,8 +155,9 @@ def load_params(path: str, params: Any) -> Any:
   """The parameters stored at ``path``, restored into the shape of ``params``.
 
   ``path`` is a checkpoint file, a directory whose latest ``checkpoint_*``
-  is used, or a run's workdir (its ``checkpoints/``). It may hold a runner checkpoint
-  (``state/params``), a ``TrainState`` (``params``) or a bare params tree.
+  is used, or a run's workdir (its ``checkpoints/``). The checkpoint may be
+  a runner checkpoint (``state/params``), a ``TrainState`` (``params``) or
+  a bare params tree.
 
   Raises:
     RunnerError: nothing at ``path``, or parameters that do not fit.
@@ -186,7 +184,6 @@ class Restored:
   """What a resume brings back (host values)."""
   state: Any
   early_stopping: Any
-  best: list  # [(step, value)], best first
   step: int
   path: str
 
@@ -224,7 +221,8 @@ class Checkpointer:
     return distributed.agree_on_step('resume_step', step)
 
   def restore(self, step: int, state, early_stopping) -> Restored:
-    """Restores ``step`` into the structure of ``state``/``early_stopping``.
+    """Restores ``step`` into the structure of ``state``/``early_stopping``,
+    and the kept-best record into ``self.best``.
 
     Raises:
       RunnerError: the checkpoint does not fit the model (naming leaves).
@@ -253,7 +251,7 @@ class Checkpointer:
                         f' train state step {int(state.step)}.')
     self._saved_steps.add(step)
     self._prune_best_after(step)
-    return Restored(state, early_stopping, list(self.best), data_step, path)
+    return Restored(state, early_stopping, data_step, path)
 
   def _prune_best_after(self, step):
     """Drops best checkpoints newer than the resume point (they will be

@@ -89,7 +89,7 @@ def format_gin_error(error: BaseException, source: str) -> str:
 
   Args:
     error: the exception gin raised.
-    source: the file being parsed, or ``'--gin_bindings'``.
+    source: the file being parsed, or ``--gin_bindings '<binding>'``.
   """
   message = str(error)
   place = source

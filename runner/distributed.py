@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 from typing import Mapping, Optional, Sequence
 
 from absl import flags
@@ -285,6 +286,11 @@ def initialize(multiprocess: Optional[str] = None,
   Arguments left ``None`` take their flag's value (or its default when the
   flags are not parsed). Call before any device use; calling it again once
   initialized returns the plan and does nothing.
+
+  When it starts the distributed runtime it also installs
+  ``runner.preemption``'s SIGTERM/SIGUSR1 handler (JAX's own SIGTERM
+  notifier would otherwise swallow a signal arriving before the training
+  loop starts); the flag is then acted on at the first preemption check.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -304,9 +310,13 @@ def initialize(multiprocess: Optional[str] = None,
                                                  heartbeat_timeout),
       shutdown_timeout_seconds=_flag_or_default('shutdown_timeout',
                                                 shutdown_timeout))
-  logging.info('jax.distributed.initialize via %s: coordinator=%s count=%s'
-               ' index=%s %s', plan.source, plan.coordinator_address,
-               plan.process_count, plan.process_index, timeouts)
+  logging.info(
+      'jax.distributed.initialize via %s: coordinator %s, process %s of %s'
+      ' (None: detected by JAX); waiting up to %d s for all processes,'
+      ' heartbeat timeout %d s.', plan.source, plan.coordinator_address,
+      plan.process_index, plan.process_count,
+      timeouts['initialization_timeout'],
+      timeouts['heartbeat_timeout_seconds'])
   try:
     jax.distributed.initialize(
         plan.coordinator_address, plan.process_count, plan.process_index,
@@ -318,6 +328,12 @@ def initialize(multiprocess: Optional[str] = None,
           ' --coordinator_address, --process_count and --process_index, or'
           ' launch with srun/mpirun.') from e
     raise
+  # jax.distributed installs a SIGTERM notifier that only logs: a SIGTERM
+  # before the training loop installs its handler would be swallowed. Take
+  # over now, so that it is honoured at the first preemption check.
+  if threading.current_thread() is threading.main_thread():
+    from runner import preemption  # pylint: disable=g-import-not-at-top
+    preemption.install()
   logging.info('Process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

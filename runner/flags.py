@@ -26,7 +26,7 @@ from runner.errors import RunnerError
 
 __all__ = ['GIN_FILE', 'GIN_BINDINGS', 'GIN_SEARCH_PATHS', 'WORKDIR', 'RESUME',
            'INIT_FROM', 'DRY_RUN', 'RESUME_MODES', 'expand_gin_shorthand',
-           'FLAG_MODULES']
+           'FLAG_MODULES', 'ALIASES']
 
 RESUME_MODES = ('auto', 'never', 'require')
 
@@ -60,8 +60,9 @@ DRY_RUN = flags.DEFINE_bool(
     'Parse the gin config, build model, data and optimizer, print the config'
     ' and every unset %gin.REQUIRED, then exit without training.')
 
-# Modules whose flags are recorded with the run.
+# Modules whose flags are recorded with the run (aliases left out).
 FLAG_MODULES = ('runner.flags', 'runner.distributed', 'runner.preemption')
+ALIASES = ('gin_param',)
 
 if 'jax_platforms' not in flags.FLAGS:
   jax.config.config_with_absl()

@@ -29,10 +29,13 @@ __all__ = ['SETTINGS_FILE', 'build', 'flatten', 'changes', 'load', 'save',
            'package_versions', 'device_topology', 'IGNORED_ON_RESUME']
 
 SETTINGS_FILE = 'settings.json'
-# Flags that legitimately differ between a run and its resumption.
+# Flags that legitimately differ between a run and its resumption. The gin
+# input flags are left out too: their effect is compared binding by binding
+# in the 'gin' section.
 IGNORED_ON_RESUME = frozenset({
     'flags.resume', 'flags.dry_run', 'flags.init_from',
-    'flags.coordinator_address'})
+    'flags.coordinator_address', 'flags.gin_file', 'flags.gin_bindings',
+    'flags.gin_search_paths'})
 _PACKAGES = ('jax', 'jaxlib', 'optax', 'numpy', 'gin-config', 'ml-collections',
              'msgpack', 'gintrain')
 

@@ -99,26 +99,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _recorded_flags() -> list:
+  """The runner's flags, then the --jax_* flags given on the command line."""
+  out = [flag for module in runner_flags.FLAG_MODULES
+         for flag in FLAGS.get_flags_for_module(module)
+         if flag.name not in runner_flags.ALIASES]
+  out += [FLAGS[name] for name in sorted(FLAGS)
+          if name.startswith('jax_') and FLAGS[name].present]
+  return out
+
+
 def _flag_values() -> dict:
-  values = {}
-  for module in runner_flags.FLAG_MODULES:
-    for flag in FLAGS.get_flags_for_module(module):
-      values[flag.name] = flag.value
-  for name in FLAGS:
-    if name.startswith('jax_') and FLAGS[name].present:
-      values[name] = FLAGS[name].value
-  return values
+  return {flag.name: flag.value for flag in _recorded_flags()}
 
 
 def _flags_file_text() -> str:
-  lines = []
-  for module in runner_flags.FLAG_MODULES:
-    for flag in FLAGS.get_flags_for_module(module):
-      if flag.present or flag.value != flag.default:
-        lines.append(flag.serialize())
-  for name in sorted(FLAGS):
-    if name.startswith('jax_') and FLAGS[name].present:
-      lines.append(FLAGS[name].serialize())
+  """The flags that differ from their defaults, in --flagfile format."""
+  lines = [flag.serialize() for flag in _recorded_flags()
+           if flag.present or flag.value != flag.default]
   return ''.join(f'{line}\n' for line in lines if line)
 
 

@@ -9,7 +9,9 @@ import doctest
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -119,3 +121,60 @@ def test_no_signal_runs_to_the_end_and_disagreement_is_an_error(tmp_path):
   assert launch.wait() == 0, launch.describe()
   for i in range(2):
     assert re.search(r'^DONE 5 ', launch.log(i), re.MULTILINE)
+
+
+def test_sigterm_during_startup_is_not_lost(tmp_path):
+  # jax.distributed's own SIGTERM notifier only logs; runner.distributed
+  # takes over at initialize(), so the signal stops both at the first check.
+  launch = _toy(tmp_path, '--steps=5', '--signal_at_startup',
+                '--self_signal=TERM', '--self_signal_process=1')
+  assert launch.wait() == harness.PREEMPTED, launch.describe()
+  assert _stops(launch) == {0: (0, False), 1: (0, True)}
+
+
+def _signal_launcher(tmp_path, launcher, signum):
+  """Runs the toy (slow steps) under ``launcher``, signals the launcher
+  itself once both processes are stepping; returns (status, outputs)."""
+  log = tmp_path / 'out.log'
+  command = [sys.executable, harness.TOY, '--steps=400', '--step_sleep=0.05']
+  with open(log, 'w', encoding='utf-8') as out:
+    proc = subprocess.Popen(
+        [os.path.join(harness.LAUNCH, launcher), '-n', '2', '-d', '2',
+         '-p', str(harness.free_port()),
+         *(['-l'] if launcher == 'mpirun.sh' else []), '--', *command],
+        stdout=out, stderr=subprocess.STDOUT, env=harness.env(),
+        start_new_session=True)
+    try:
+      deadline = time.monotonic() + 120
+      while len(set(re.findall(r'^(\[\d\] )?step 3$', log.read_text(),
+                               re.MULTILINE))) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            log.read_text())
+        time.sleep(0.05)
+      time.sleep(0.5)  # both processes are in the loop by now
+      proc.send_signal(signum)
+      status = proc.wait(120)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+  return status, log.read_text()
+
+
+def test_local_sh_forwards_sigterm_to_all_processes(tmp_path):
+  status, text = _signal_launcher(tmp_path, 'local.sh', signal.SIGTERM)
+  assert status == harness.PREEMPTED, text
+  stops = re.findall(r'^\[(\d)\] STOP (\d+) local=True$', text, re.MULTILINE)
+  assert sorted(i for i, _ in stops) == ['0', '1'], text
+  assert len({s for _, s in stops}) == 1
+
+
+@pytest.mark.skipif(not harness.have('mpirun'),
+                    reason='Open MPI not installed (apt-get install'
+                    ' openmpi-bin); .ci/run installs it')
+def test_mpirun_sh_turns_sigterm_into_a_checkpointing_stop(tmp_path):
+  # mpirun itself would SIGKILL the ranks soon after forwarding SIGTERM;
+  # mpirun.sh forwards SIGUSR1 instead, which mpirun passes on.
+  status, text = _signal_launcher(tmp_path, 'mpirun.sh', signal.SIGTERM)
+  assert status == harness.PREEMPTED, text
+  stops = re.findall(r'^STOP (\d+) local=True$', text, re.MULTILINE)
+  assert len(stops) == 2 and len(set(stops)) == 1, text

@@ -233,7 +233,8 @@ def test_repo_gin_folder_does_not_shadow_gin_package():
 def test_every_gin_file_parses_and_documents_its_bindings():
   root = os.path.join(REPO, 'gin')
   names = sorted(os.path.relpath(os.path.join(d, f), root)
-                 for d, _, files in os.walk(root) for f in files)
+                 for d, _, files in os.walk(root) for f in files
+                 if f.endswith('.gin'))
   assert 'default.gin' in names and len(names) >= 8
   for name in names:
     text = open(os.path.join(root, name), encoding='utf-8').read()

@@ -30,6 +30,10 @@ _SIGNAL_PROCESS = flags.DEFINE_integer(
     'self_signal_process', 1, 'Which process signals itself.')
 _SIGNAL = flags.DEFINE_enum('self_signal', 'USR1', ['USR1', 'TERM'],
                             'Signal sent.')
+_AT_STARTUP = flags.DEFINE_bool(
+    'signal_at_startup', False, 'The signalling process sends its signal'
+    ' right after distributed.initialize(), before the loop installs the'
+    ' handler (it must not be lost).')
 _RESUME_STEPS = flags.DEFINE_list(
     'resume_steps', [], 'Per process: the step passed to agree_on_step'
     ' ("none" for None); empty: skip.')
@@ -39,6 +43,9 @@ def main(argv):
   del argv
   distributed.initialize()
   import jax  # pylint: disable=g-import-not-at-top
+  if _AT_STARTUP.value and jax.process_index() == _SIGNAL_PROCESS.value:
+    os.kill(os.getpid(), getattr(signal, 'SIG' + _SIGNAL.value))
+    time.sleep(0.5)  # let the handler run before anything else
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top

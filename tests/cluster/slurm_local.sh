@@ -81,6 +81,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 SchedulerType=sched/backfill
+# run the scheduler every second (default 60 s), so a requeued job starts soon
+SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
 SlurmctldTimeout=30
 SlurmdTimeout=30
