@@ -72,10 +72,12 @@ fi
 # shellcheck disable=SC2206
 extra=(${MPIRUN_ARGS:-})
 
+MPIRUN=""
+forward() { [[ -n $MPIRUN ]] && kill "-$1" "$MPIRUN" 2>/dev/null; }
+trap 'forward USR1' USR1 TERM
+trap 'forward INT' INT
 mpirun "${args[@]}" "${extra[@]}" "$@" &
 MPIRUN=$!
-trap 'kill -USR1 $MPIRUN 2>/dev/null' USR1 TERM
-trap 'kill -INT $MPIRUN 2>/dev/null' INT
 wait "$MPIRUN"; rc=$?
 while ((rc > 128)); do   # `wait` returns early on trapped signals
   if kill -0 "$MPIRUN" 2>/dev/null; then wait "$MPIRUN"; rc=$?; continue; fi

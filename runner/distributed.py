@@ -149,15 +149,15 @@ def detect_environment(environ: Mapping[str, str]) -> Optional[Environment]:
   Mirrors what ``jax.distributed.initialize()`` detects. Open MPI 5 (no
   ``OMPI_MCA_orte_hnp_uri``) is returned with ``detectable=False``.
 
+    >>> detect_environment({}) is None
+    True
+    >>> detect_environment({'SLURM_JOB_ID': '3', 'SLURM_STEP_NODELIST': 'n1',
+    ...     'SLURM_NTASKS': '2', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '1'})
+    Environment(name='slurm', process_count=2, process_index=1, detectable=True)
+
   Raises:
     DistributedConfigError: inside an ``sbatch`` script with several tasks
       but not under ``srun``, a set-up JAX would silently miss.
-
-      >>> detect_environment({}) is None
-      True
-      >>> detect_environment({'SLURM_JOB_ID': '3', 'SLURM_STEP_NODELIST': 'n1',
-      ...     'SLURM_NTASKS': '2', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '1'})
-      Environment(name='slurm', process_count=2, process_index=1, detectable=True)
   """
   if 'OMPI_COMM_WORLD_SIZE' in environ:
     size = _env_int(environ, 'OMPI_COMM_WORLD_SIZE')
@@ -195,13 +195,15 @@ def resolve(multiprocess: str = 'auto',
             environ: Optional[Mapping[str, str]] = None) -> Plan:
   """Decides what :func:`initialize` will do; pure, touches no device.
 
+  ``environ`` defaults to ``os.environ``.
+
+    >>> resolve('auto', environ={}).distributed
+    False
+    >>> resolve('auto', '127.0.0.1:24200', 2, 1, environ={})
+    Plan(distributed=True, source='flags', coordinator_address='127.0.0.1:24200', process_count=2, process_index=1, cluster_detection_method=None)
+
   Raises:
     DistributedConfigError: naming the flag or environment variable at fault.
-
-      >>> resolve('auto', environ={})
-      Plan(distributed=False, source='single', coordinator_address=None, process_count=None, process_index=None, cluster_detection_method=None)
-      >>> resolve('auto', '127.0.0.1:24200', 2, 1, environ={}).source
-      'flags'
   """
   environ = os.environ if environ is None else environ
   if multiprocess not in MULTIPROCESS_MODES:

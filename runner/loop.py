@@ -133,9 +133,6 @@ def _evaluate(backend, dstate, batches):
   return {k: float(v) / count for k, v in totals.items()}
 
 
-def _mean_metrics(backend, pending):
-  host = backend.get(pending)
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
 def _format_eta(seconds):
@@ -295,11 +292,12 @@ def train(*, model=None, dataset=None, optimizer=None,
                  getattr(model, 'name', 'model'),
                  getattr(dataset, 'name', 'dataset'), start + 1, total, total,
                  spe, batch_size, backend.mode, jax.device_count())
+  zero_sums = {k: np.zeros((), np.float32) for k in ['loss', *metric_fns]}
+  sums = backend.put_state(zero_sums)
   train_metrics, eval_metrics = {}, {}
   stopped_early = bool(stopper and stopper.state.should_stop)
   step = start
   last_eval = None
-  pending = []
   tick, tick_step = time.perf_counter(), start
   preemption.install()
   check_every = preemption._check_interval()  # pylint: disable=protected-access
@@ -309,14 +307,14 @@ def train(*, model=None, dataset=None, optimizer=None,
         save(step)
         ckpt.wait()
         raise Preempted(step)
-      dstate, step_metrics = backend.train_step(dstate, batch_at(step))
-      pending.append(step_metrics)
+      dstate, sums = backend.train_step(dstate, sums, batch_at(step))
       step += 1
       for hook in hooks:
         hook(step)
       if step % log_every == 0 or step == total:
-        train_metrics = _mean_metrics(backend, pending)
-        pending = []
+        train_metrics = {k: float(v) / (step - tick_step)
+                         for k, v in backend.get(sums).items()}
+        sums = backend.put_state(zero_sums)
         now = time.perf_counter()
         rate = (step - tick_step) / max(now - tick, 1e-9)
         tick, tick_step = now, step

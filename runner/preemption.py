@@ -32,7 +32,12 @@ happens::
     >>> os.kill(os.getpid(), signal.SIGUSR1)
     >>> requested(), should_stop(1)
     (True, True)
-    >>> uninstall()
+    >>> uninstall(); reset()
+
+``runner.distributed.initialize`` already installs the handler when it
+starts a multi-process run (JAX's own SIGTERM notifier would swallow the
+signal otherwise), so a signal during start-up is acted on at the first
+check.
 """
 
 import logging
@@ -45,7 +50,7 @@ from absl import flags
 from runner import distributed
 
 __all__ = ['PREEMPTED_EXIT_CODE', 'SIGNALS', 'install', 'uninstall',
-           'requested', 'request', 'should_stop', 'reset']
+           'requested', 'request', 'should_stop', 'reset', 'check_interval']
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL: "preempted, requeue me"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -103,9 +108,17 @@ def reset() -> None:
   _received.clear()
 
 
-def _check_interval() -> int:
+def _interval_flag() -> int:
   flag = flags.FLAGS['preemption_check_interval']
   return flag.value if flags.FLAGS.is_parsed() else flag.default
+
+
+def check_interval() -> int:
+  """``--preemption_check_interval`` (its default if flags are not parsed)."""
+  return _interval_flag()
+
+
+_check_interval = _interval_flag  # the name runner/loop.py used first
 
 
 def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
@@ -117,7 +130,7 @@ def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
   ``--barrier_timeout``); it returns True on all processes if any of them
   received SIGTERM/SIGUSR1 before the call.
   """
-  interval = _check_interval() if check_interval is None else check_interval
+  interval = _interval_flag() if check_interval is None else check_interval
   if interval < 1:
     raise ValueError(f'check_interval must be >= 1, got {interval}')
   if step % interval:

@@ -19,12 +19,14 @@ MetricFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def make_train_step(loss_fn: MetricFn, metric_fns: Mapping[str, MetricFn],
                     axis_name: str | None = None):
-  """``train_step(state, batch) -> (state, {'loss': .., **metrics})``.
+  """``train_step(state, sums, batch) -> (state, sums + metrics)``.
 
-  ``loss_fn(logits, labels)`` and each metric return a batch mean.
+  ``loss_fn(logits, labels)`` and each metric return a batch mean; the
+  step adds them to ``sums`` (``{'loss': .., **metrics}``, float32 scalars),
+  so the host fetches one small dict per log line instead of one per step.
   """
 
-  def train_step(state, batch):
+  def train_step(state, sums, batch):
     def objective(params):
       logits = state.apply_fn({'params': params}, batch['x'])
       return loss_fn(logits, batch['y']), logits
@@ -37,7 +39,8 @@ def make_train_step(loss_fn: MetricFn, metric_fns: Mapping[str, MetricFn],
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
-    return state.apply_gradients(grads=grads), metrics
+    sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in sums}
+    return state.apply_gradients(grads=grads), sums
 
   return train_step
 

@@ -143,7 +143,7 @@ def test_sigterm_to_one_process_checkpoints_and_resumes(cache, tmp_path,
                           launch.log(i)).group(1)) for i in range(2)]
   assert agreed[0] == agreed[1]
   stop = agreed[0]
-  assert 20 < stop < STEPS
+  assert 20 <= stop < STEPS
   saved = sorted({s for s in SAVES if s < stop} | {stop})
   _assert_one_file_per_save(workdir, saved)
   state = harness.final_state(workdir, stop)
@@ -242,6 +242,8 @@ def _release_requeued(slurm, job, timeout=120):
     not harness.have('slurmctld', 'slurmd', 'sbatch', 'srun', 'munged'),
     reason='SLURM/munge not installed (apt-get install slurmctld slurmd'
     ' slurm-client munge); .ci/run installs them')
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason='starting slurmd/munged needs root')
 def test_slurm_sbatch_auto_detection_preemption_and_requeue(
     cache, tmp_path, local_run):
   workdir = tmp_path / 'run'
@@ -252,6 +254,10 @@ def test_slurm_sbatch_auto_detection_preemption_and_requeue(
         cache, devices=2, GINTRAIN_PYTHON=sys.executable,
         JAX_COORDINATOR_PORT=port,
         JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}'))
+    if not harness.node_name_resolves():
+      # JAX takes the coordinator host from SLURM_STEP_NODELIST (this
+      # machine's short name); count and index are still auto-detected.
+      environ['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
     submit = subprocess.run(
         ['sbatch', '--parsable', '--ntasks=2', '--ntasks-per-node=2',
          f'--chdir={harness.REPO}', f'--output={output}',
@@ -282,7 +288,7 @@ def test_slurm_sbatch_auto_detection_preemption_and_requeue(
     assert slurm.job_field(job, 'ExitCode') == '0:0'
   # 2 tasks x 2 launches, each found by JAX's SLURM detection
   assert text.count('jax.distributed.initialize via slurm') == 4, text
-  assert 'SIGUSR1 (time limit near): forwarding' in text
+  assert 'SIGUSR1 (time limit near): forwarding as SIGUSR1' in text
   assert 'requeueing job' in text
   assert 'restart 1' in text
   stop = int(re.search(r'Preemption agreed before step (\d+)',

@@ -146,10 +146,10 @@ def _signal_launcher(tmp_path, launcher, signum):
         start_new_session=True)
     try:
       deadline = time.monotonic() + 120
-      while len(set(re.findall(r'^(\[\d\] )?step 3$', log.read_text(),
-                               re.MULTILINE))) < 1:
+      while not any(int(n) >= 3 for n in re.findall(r'step (\d+)',
+                                                      log.read_text())):
         assert proc.poll() is None and time.monotonic() < deadline, (
-            log.read_text())
+            f'status {proc.poll()}:\n{harness.tail(log.read_text())}')
         time.sleep(0.05)
       time.sleep(0.5)  # both processes are in the loop by now
       proc.send_signal(signum)

@@ -211,6 +211,15 @@ def flat(tree, prefix=''):
   return out
 
 
+def node_name_resolves() -> bool:
+  """Whether ``hostname -s`` resolves (Debian lists it in /etc/hosts)."""
+  try:
+    socket.gethostbyname(socket.gethostname().split('.')[0])
+  except OSError:
+    return False
+  return True
+
+
 def have(*binaries) -> bool:
   return all(shutil.which(b) for b in binaries)
 
