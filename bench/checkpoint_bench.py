@@ -55,7 +55,8 @@ SMALL_CASES = {
 
 # Per tree, every method saves first (into its own directory); then the
 # files, all equally old, are restored cold (the order alternates between
-# rounds), then warm. Reading a file right after writing it is faster on a
+# rounds), numpy's and gintrain's once more right after (warm: the file is
+# in the page cache). Reading a file right after writing it is faster on a
 # VM whose host still caches it, which would favour whichever ran last.
 SAVES = ['numpy', 'gintrain', 'gintrain_async_jax', 'gintrain_async_numpy',
          'flax', 'orbax']
@@ -249,9 +250,11 @@ def measure(cases, scratch, repeat: int) -> list[dict]:
       directory = {m: tempfile.mkdtemp(prefix=f'{m}_', dir=scratch)
                    for m in SAVES}
       restores = RESTORES if round_ % 2 == 0 else RESTORES[::-1]
-      runs = ([(m, 'save') for m in SAVES] +
-              [(m, 'restore') for m in restores] +
-              [(m, 'restore_warm') for m in WARM_RESTORES])
+      runs = [(m, 'save') for m in SAVES]
+      for m in restores:
+        runs.append((m, 'restore'))
+        if m in WARM_RESTORES:
+          runs.append((m, 'restore_warm'))
       for method, op in runs:
         print(f'[{round_ + 1}/{repeat}] [{name}] {method} {op} ...',
               file=sys.stderr, flush=True)

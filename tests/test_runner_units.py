@@ -1,7 +1,6 @@
 """Unit tests of the runner's parts (no training)."""
 
 import doctest
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import runner
