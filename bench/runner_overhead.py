@@ -18,7 +18,11 @@ from the end of the previous bare window) and then runs a bare window of
 runner/bare; the table shows medians over all pairs after ``warmup``
 windows (compilation excluded).
 
-    python bench/runner_overhead.py [--windows=40] [--window=100]
+Control: the same interleaving with two identical bare loops (A/A). Its
+ratio would be 1.000 on a quiet machine; its distance from 1 shows how much
+of the runner/bare ratio is measurement noise.
+
+    python bench/runner_overhead.py [--windows=200] [--window=50]
 
 The target is a ratio >= 0.97.
 """
@@ -115,10 +119,27 @@ def measure(features, batch_size, windows, window, warmup):
   return pairs
 
 
+def control(features, batch_size, windows, window):
+  """``[(a steps/s, b steps/s)]`` of two identical bare loops, interleaved."""
+  a, b = BareLoop(features, batch_size), BareLoop(features, batch_size)
+  a.run(window)
+  b.run(window)
+  return [(window / a.run(window), window / b.run(window))
+          for _ in range(windows)]
+
+
+def _summary(pairs):
+  ratios = sorted(x / y for x, y in pairs)
+  q1, _, q3 = statistics.quantiles(ratios, n=4)
+  return (statistics.median(y for _, y in pairs),
+          statistics.median(x for x, _ in pairs),
+          statistics.median(ratios), q1, q3)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--windows', type=int, default=40)
-  parser.add_argument('--window', type=int, default=100)
+  parser.add_argument('--windows', type=int, default=200)
+  parser.add_argument('--window', type=int, default=50)
   parser.add_argument('--warmup', type=int, default=2)
   args = parser.parse_args()
   logging.set_verbosity(logging.ERROR)
@@ -130,21 +151,20 @@ def main():
   for name, (features, batch_size) in CONFIGS.items():
     pairs = measure(features, batch_size, args.windows, args.window,
                     args.warmup)
-    runner = statistics.median(r for r, _ in pairs)
-    bare = statistics.median(b for _, b in pairs)
-    ratios = sorted(r / b for r, b in pairs)
-    quartiles = statistics.quantiles(ratios, n=4)
-    rows.append((name, bare, runner, statistics.median(ratios),
-                 quartiles[0], quartiles[2]))
-    print(f'  {name}: {len(pairs)} pairs', file=sys.stderr, flush=True)
-  print(f'{"config":31} {"bare steps/s":>12} {"runner steps/s":>14}'
-        f' {"runner/bare":>11} {"(quartiles)":>15}')
-  for name, bare, runner, ratio, q1, q3 in rows:
-    print(f'{name:31} {bare:12.0f} {runner:14.0f} {ratio:11.3f}'
-          f'   ({q1:.3f}-{q3:.3f})')
-  worst = min(row[3] for row in rows)
-  print(f'worst median ratio {worst:.3f} (target >= 0.97):'
-        f' {"OK" if worst >= 0.97 else "below target"}')
+    rows.append((name, 'runner', *_summary(pairs)))
+    pairs = control(features, batch_size, len(pairs), args.window)
+    rows.append((name, 'A/A', *_summary(pairs)))
+    print(f'  {name}: {len(pairs)} pairs each', file=sys.stderr, flush=True)
+  print(f'{"config":30} {"loop":>6} {"bare steps/s":>12} {"steps/s":>8}'
+        f' {"ratio":>6} {"(quartiles)":>14}')
+  for name, loop, bare, other, ratio, q1, q3 in rows:
+    print(f'{name:30} {loop:>6} {bare:12.0f} {other:8.0f} {ratio:6.3f}'
+          f'  ({q1:.3f}-{q3:.3f})')
+  worst = min(row[4] for row in rows if row[1] == 'runner')
+  noise = max(abs(row[4] - 1) for row in rows if row[1] == 'A/A')
+  print(f'worst runner/bare median ratio {worst:.3f} (target >= 0.97:'
+        f' {"OK" if worst >= 0.97 else "below"}); A/A control within'
+        f' {noise:.3f} of 1')
 
 
 if __name__ == '__main__':

@@ -135,6 +135,49 @@ def _evaluate(backend, dstate, batches):
 
 
 
+class _TrainLog:
+  """Train-metric records and log lines, written shortly after their sync.
+
+  At a log step the loop fetches the metric sums (which waits for that
+  step); the record and the log line (about a millisecond of host work) are
+  written once ``WRITE_DELAY`` more steps are dispatched, so the device
+  computes meanwhile instead of idling.
+  """
+  WRITE_DELAY = 8
+
+  def __init__(self, writer, total, start, main):
+    self.writer, self.total, self.main = writer, total, main
+    self.tick, self.tick_step = time.perf_counter(), start
+    self.pending = None
+    self.last = {}
+
+  def fetch(self, step, host_sums):
+    """Turns the sums since the last fetch into means and a rate."""
+    now = time.perf_counter()
+    steps = step - self.tick_step
+    self.last = {k: float(v) / steps for k, v in host_sums.items()}
+    rate = steps / max(now - self.tick, 1e-9)
+    self.tick, self.tick_step = now, step
+    self.pending = (step, self.last, rate)
+
+  def maybe_write(self, step):
+    if self.pending is not None and step >= (
+        self.pending[0] + self.WRITE_DELAY):
+      self.write()
+
+  def write(self):
+    """Writes the pending record, if any."""
+    if self.pending is None:
+      return
+    step, metrics, rate = self.pending
+    self.pending = None
+    self.writer.write_scalars(step, {**metrics, 'steps_per_sec': rate})
+    if self.main:
+      logging.info('step %d/%d: %s | %.1f steps/s | ETA %s', step,
+                   self.total, _format_metrics(metrics), rate,
+                   _format_eta((self.total - step) / rate))
+
+
 def _format_eta(seconds):
   if not math.isfinite(seconds):
     return '?'
@@ -292,13 +335,14 @@ def train(*, model=None, dataset=None, optimizer=None,
                  getattr(model, 'name', 'model'),
                  getattr(dataset, 'name', 'dataset'), start + 1, total, total,
                  spe, batch_size, backend.mode, jax.device_count())
-  zero_sums = {k: np.zeros((), np.float32) for k in ['loss', *metric_fns]}
-  sums = backend.put_state(zero_sums)
-  train_metrics, eval_metrics = {}, {}
+  zero_sums = backend.put_state(
+      {k: np.zeros((), np.float32) for k in ['loss', *metric_fns]})
+  sums = zero_sums
+  log = _TrainLog(writer, total, start, main)
+  eval_metrics = {}
   stopped_early = bool(stopper and stopper.state.should_stop)
   step = start
   last_eval = None
-  tick, tick_step = time.perf_counter(), start
   preemption.install()
   check_every = preemption._check_interval()  # pylint: disable=protected-access
   try:
@@ -311,19 +355,12 @@ def train(*, model=None, dataset=None, optimizer=None,
       step += 1
       for hook in hooks:
         hook(step)
+      log.maybe_write(step)
       if step % log_every == 0 or step == total:
-        train_metrics = {k: float(v) / (step - tick_step)
-                         for k, v in backend.get(sums).items()}
-        sums = backend.put_state(zero_sums)
-        now = time.perf_counter()
-        rate = (step - tick_step) / max(now - tick, 1e-9)
-        tick, tick_step = now, step
-        writer.write_scalars(step, {**train_metrics, 'steps_per_sec': rate})
-        if main:
-          logging.info('step %d/%d: %s | %.1f steps/s | ETA %s', step, total,
-                       _format_metrics(train_metrics), rate,
-                       _format_eta((total - step) / rate))
+        log.fetch(step, backend.get(sums))
+        sums = zero_sums
       if step % eval_every == 0 or step == total:
+        log.write()
         eval_metrics = _evaluate(backend, dstate, eval_batches)
         last_eval = step
         writer.write_scalars(step, eval_metrics, split='eval')
@@ -344,6 +381,7 @@ def train(*, model=None, dataset=None, optimizer=None,
                      ' evaluations (best %.4f).', step, stopper.metric,
                      stopper.state.patience_count,
                      stopper.state.best_metric)
+    log.write()
     if last_eval != step:
       eval_metrics = _evaluate(backend, dstate, eval_batches)
       writer.write_scalars(step, eval_metrics, split='eval')
@@ -357,11 +395,14 @@ def train(*, model=None, dataset=None, optimizer=None,
     try:
       ckpt.close()
     finally:
-      writer.close()
+      try:
+        log.write()
+      finally:
+        writer.close()
   if main:
     plots.plot_metrics(writer.metrics_path,
                        os.path.join(workdir, METRICS_PLOT))
-  return TrainResult(backend.get(dstate), step, train_metrics, eval_metrics,
+  return TrainResult(backend.get(dstate), step, log.last, eval_metrics,
                      stopped_early, list(ckpt.best))
 
 

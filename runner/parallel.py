@@ -69,7 +69,8 @@ class Backend:
     mode: ``'single'``, ``'pmap'`` or ``'sharded'``.
     batch_divisor: the global batch size must be a multiple of this.
     train_step: ``(state, metric_sums, batch) -> (state, metric_sums)`` on
-      placed values (see ``runner.steps``).
+      placed values (see ``runner.steps``); the state is donated, the sums
+      are not (a placed zero can be passed again and again).
     eval_step: ``(state, batch) -> sums`` on placed values.
     in_shardings: the shardings of the steps' (state, batch) inputs and
     out_sharding: of their outputs (``sharded`` only).
@@ -90,17 +91,16 @@ class Backend:
     train = steps.make_train_step(loss_fn, metric_fns, axis)
     evaluate = steps.make_eval_step(loss_fn, metric_fns, axis)
     if self.mode == 'single':
-      self.train_step = jax.jit(train, donate_argnums=(0, 1))
+      self.train_step = jax.jit(train, donate_argnums=0)
       self.eval_step = jax.jit(evaluate)
     elif self.mode == 'pmap':
-      self.train_step = jax.pmap(train, axis_name=_AXIS,
-                                 donate_argnums=(0, 1))
+      self.train_step = jax.pmap(train, axis_name=_AXIS, donate_argnums=0)
       self.eval_step = jax.pmap(evaluate, axis_name=_AXIS)
     else:
       state_in, batch_in = self.in_shardings
       self.train_step = jax.jit(
           train, in_shardings=(state_in, state_in, batch_in),
-          out_shardings=self.out_sharding, donate_argnums=(0, 1))
+          out_shardings=self.out_sharding, donate_argnums=0)
       self.eval_step = jax.jit(evaluate, in_shardings=self.in_shardings,
                                out_shardings=self.out_sharding)
     return self
