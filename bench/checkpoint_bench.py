@@ -54,10 +54,10 @@ SMALL_CASES = {
 }
 
 # Per tree, every method saves first (into its own directory); then the
-# files, all equally old, are restored cold (the order alternates between
-# rounds), numpy's and gintrain's once more right after (warm: the file is
-# in the page cache). Reading a file right after writing it is faster on a
-# VM whose host still caches it, which would favour whichever ran last.
+# files, all equally old, are restored cold, numpy's and gintrain's once
+# more right after (warm: the file is in the page cache). On a VM the first
+# cold read after the saves can be much faster (the host still caches the
+# data), so numpy and gintrain take turns reading first (use --repeat 2+).
 SAVES = ['numpy', 'gintrain', 'gintrain_async_jax', 'gintrain_async_numpy',
          'flax', 'orbax']
 RESTORES = ['numpy', 'gintrain', 'flax', 'orbax']
@@ -249,7 +249,9 @@ def measure(cases, scratch, repeat: int) -> list[dict]:
     for name, case in cases.items():
       directory = {m: tempfile.mkdtemp(prefix=f'{m}_', dir=scratch)
                    for m in SAVES}
-      restores = RESTORES if round_ % 2 == 0 else RESTORES[::-1]
+      restores = list(RESTORES)
+      if round_ % 2:  # swap neighbours: numpy and gintrain take turns first
+        restores[0::2], restores[1::2] = restores[1::2], restores[0::2]
       runs = [(m, 'save') for m in SAVES]
       for m in restores:
         runs.append((m, 'restore'))
