@@ -40,6 +40,7 @@ Decoding never executes code: object dtypes are refused.
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import stat
 import struct
@@ -49,8 +50,11 @@ import jax
 import msgpack
 import numpy as np
 
+from lib import checkpoint_naming
 from lib import errors
 from lib import serialization
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     'EncodedTree',
@@ -341,6 +345,20 @@ def write_checkpoint_file(tree, final_path: str, tmp_path: str,
   make_parent_dirs(final_path)
   write_file(tree, tmp_path, sort_keys=sort_keys)
   commit_file(tmp_path, final_path, overwrite)
+
+
+def write_and_retain(tree, final_path: str, tmp_path: str, base_path: str,
+                     keep: int, overwrite: bool,
+                     keep_every_n_steps: int | None) -> None:
+  """:func:`write_checkpoint_file`, then the retention pass of flax's saves.
+
+  The task both save functions run inline or hand to an ``AsyncManager``.
+  """
+  write_checkpoint_file(tree, final_path, tmp_path, overwrite)
+  logger.info('Saved checkpoint at %s', final_path)
+  checkpoint_naming.remove_invalid_checkpoints(
+      final_path, base_path, keep, overwrite, keep_every_n_steps,
+      has_mpa=False)
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ exist logs a warning naming it.
 """
 
 import collections.abc
+import functools
 import logging
 import os
 import warnings
@@ -148,14 +149,9 @@ def save_checkpoint(
   encoded = checkpoint_io.encode(
       serialization.to_state_dict(target), snapshot=async_manager is not None)
 
-  def write_and_clean_up():
-    checkpoint_io.write_checkpoint_file(encoded, ckpt_path, tmp_path,
-                                        overwrite)
-    logger.info('Saved checkpoint at %s', ckpt_path)
-    checkpoint_naming.remove_invalid_checkpoints(
-        ckpt_path, base_path, keep, overwrite, keep_every_n_steps,
-        has_mpa=False)
-
+  write_and_clean_up = functools.partial(
+      checkpoint_io.write_and_retain, encoded, ckpt_path, tmp_path, base_path,
+      keep, overwrite, keep_every_n_steps)
   if async_manager:
     async_manager.save_async(write_and_clean_up)
   else:

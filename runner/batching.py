@@ -17,25 +17,13 @@ sees, whatever process count either uses::
 """
 
 import functools
-import operator
 
 import numpy as np
 
+from runner.validation import check_int
+
 __all__ = ['steps_per_epoch', 'global_batch_indices', 'process_slice',
            'epoch_permutation']
-
-
-def _check_int(name, value, minimum):
-  """``value`` as an int (anything with ``__index__`` but bool), or raise."""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    result = operator.index(value)
-  except TypeError:
-    result = None
-  if result is None or result < minimum:
-    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
-  return result
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -45,8 +33,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     ValueError: ``batch_size`` is not positive, or is larger than
       ``num_examples`` (no full batch would exist).
   """
-  num_examples = _check_int('num_examples', num_examples, 1)
-  batch_size = _check_int('batch_size', batch_size, 1)
+  num_examples = check_int('num_examples', num_examples, 1)
+  batch_size = check_int('batch_size', batch_size, 1)
   if batch_size > num_examples:
     raise ValueError(
         f'batch_size {batch_size} is larger than the dataset'
@@ -64,9 +52,9 @@ def _permutation(num_examples, seed, epoch):
 def epoch_permutation(num_examples: int, seed: int,
                       epoch: int) -> np.ndarray:
   """The (read-only) example order of ``epoch``; cached for recent epochs."""
-  num_examples = _check_int('num_examples', num_examples, 1)
-  seed = _check_int('seed', seed, 0)
-  epoch = _check_int('epoch', epoch, 0)
+  num_examples = check_int('num_examples', num_examples, 1)
+  seed = check_int('seed', seed, 0)
+  epoch = check_int('epoch', epoch, 0)
   return _permutation(num_examples, seed, epoch)
 
 
@@ -82,8 +70,8 @@ def global_batch_indices(num_examples: int, batch_size: int, seed: int,
       (see ``steps_per_epoch``).
   """
   spe = steps_per_epoch(num_examples, batch_size)
-  seed = _check_int('seed', seed, 0)
-  step = _check_int('step', step, 0)
+  seed = check_int('seed', seed, 0)
+  step = check_int('step', step, 0)
   epoch, i = divmod(step, spe)
   perm = epoch_permutation(num_examples, seed, epoch)
   return perm[i * batch_size:(i + 1) * batch_size].copy()
@@ -100,8 +88,8 @@ def process_slice(indices: np.ndarray, process_index: int,
     ValueError: the batch size is not divisible by ``process_count``, or
       ``process_index`` is not in ``[0, process_count)``.
   """
-  process_count = _check_int('process_count', process_count, 1)
-  process_index = _check_int('process_index', process_index, 0)
+  process_count = check_int('process_count', process_count, 1)
+  process_index = check_int('process_index', process_index, 0)
   if process_index >= process_count:
     raise ValueError(f'process_index {process_index} must be less than'
                      f' process_count {process_count}.')

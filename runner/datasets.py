@@ -14,9 +14,10 @@ on the arguments (``seed`` included), so runs are reproducible.
 
 import dataclasses
 import numbers
-import operator
 
 import numpy as np
+
+from runner.validation import check_int
 
 __all__ = ['Dataset', 'digits', 'synthetic']
 
@@ -66,19 +67,6 @@ class Dataset:
     return tuple(self.x_train.shape[1:])
 
 
-def _check_int(name, value, minimum):
-  """``value`` as an int (anything with ``__index__`` but bool), or raise."""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    result = operator.index(value)
-  except TypeError:
-    result = None
-  if result is None or result < minimum:
-    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
-  return result
-
-
 def _stratified_split(labels, test_fraction, rng):
   """Indices (train, test): each class contributes round(n_c * fraction) test
   rows (at least one, and at least one left to train when n_c >= 2)."""
@@ -111,7 +99,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0,
       or not 0 < test_fraction < 1):
     raise ValueError(
         f'test_fraction must be a number in (0, 1), got {test_fraction!r}.')
-  seed = _check_int('seed', seed, 0)
+  seed = check_int('seed', seed, 0)
   if not isinstance(image, (bool, np.bool_)):
     raise ValueError(f'image must be True or False, got {image!r}.')
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
@@ -136,11 +124,11 @@ def synthetic(num_train: int = 512, num_test: int = 128,
   random ``W`` and ``b`` fixed by ``seed``, so a linear model can reach 100%
   accuracy and a small MLP learns it in a few hundred steps.
   """
-  num_train = _check_int('num_train', num_train, 1)
-  num_test = _check_int('num_test', num_test, 1)
-  num_features = _check_int('num_features', num_features, 1)
-  num_classes = _check_int('num_classes', num_classes, 2)
-  seed = _check_int('seed', seed, 0)
+  num_train = check_int('num_train', num_train, 1)
+  num_test = check_int('num_test', num_test, 1)
+  num_features = check_int('num_features', num_features, 1)
+  num_classes = check_int('num_classes', num_classes, 2)
+  seed = check_int('seed', seed, 0)
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((num_features, num_classes))
   b = 0.1 * rng.standard_normal(num_classes)
