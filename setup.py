@@ -1,6 +1,19 @@
 """gintrain: flax.training without flax, plus a gin-configured runner."""
 
+import glob
+import os
+
 from setuptools import setup
+
+
+def _gin_data_files():
+  """gin/ is installed to <prefix>/share/gintrain/gin, keeping its folders."""
+  files = {}
+  for path in glob.glob('gin/**/*.gin', recursive=True):
+    folder = os.path.join('share', 'gintrain', os.path.dirname(path))
+    files.setdefault(folder, []).append(path)
+  return sorted(files.items())
+
 
 setup(
     name='gintrain',
@@ -11,6 +24,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=['lib', 'runner'],
+    data_files=_gin_data_files(),
     install_requires=[
         'jax>=0.6,<0.11',
         'optax>=0.2.4,<0.3',

@@ -15,6 +15,7 @@ for unknown names, the closest known one.
 import inspect
 import os
 import re
+import sys
 import tokenize
 
 import gin
@@ -25,8 +26,19 @@ __all__ = ['REPO_GIN_DIR', 'DEFAULT_GIN_FILE', 'parse', 'unset_required',
            'check_required', 'finalize', 'bound_parameters', 'config_str',
            'operative_config_str', 'add_search_paths', 'format_gin_error']
 
-REPO_GIN_DIR = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), os.pardir, 'gin'))
+
+
+def _gin_dir() -> str:
+  """The repo's ``gin/`` (source checkout or editable install), else the copy
+  a regular ``pip install`` puts in ``<prefix>/share/gintrain/gin``."""
+  repo = os.path.abspath(
+      os.path.join(os.path.dirname(__file__), os.pardir, 'gin'))
+  if os.path.isdir(repo):
+    return repo
+  return os.path.join(sys.prefix, 'share', 'gintrain', 'gin')
+
+
+REPO_GIN_DIR = _gin_dir()
 DEFAULT_GIN_FILE = 'default.gin'
 _REQUIRED = '%gin.REQUIRED'
 

@@ -232,7 +232,8 @@ def train(*, model=None, dataset=None, optimizer=None,
     init_from: a checkpoint whose params start a fresh run.
     settings: the run's FrozenConfigDict (``runner.settings``).
     hooks: called as ``hook(step)`` after every step (``step`` counts
-      completed steps).
+      completed steps; at a log step, after the metrics fetch, so the device
+      has no work pending then).
     dry_run: build everything, then return a summary instead of training.
 
   Returns:
@@ -329,6 +330,13 @@ def train(*, model=None, dataset=None, optimizer=None,
   def save(step):
     ckpt.save(step, backend.get(dstate), stopper and stopper.state, seed)
 
+  def evaluate(step):
+    metrics = _evaluate(backend, dstate, eval_batches)
+    writer.write_scalars(step, metrics, split='eval')
+    if main:
+      logging.info('eval at step %d: %s', step, _format_metrics(metrics))
+    return metrics
+
   if main:
     logging.info('Training %s on %s: steps %d..%d of %d (%d per epoch),'
                  ' batch %d, parallelism %s on %d device(s).',
@@ -344,29 +352,29 @@ def train(*, model=None, dataset=None, optimizer=None,
   step = start
   last_eval = None
   preemption.install()
-  check_every = preemption._check_interval()  # pylint: disable=protected-access
+  check_every = preemption.check_interval()
+  # In one process should_stop() only reads the local flag: skip the call
+  # (a microsecond a step) unless it is set.
+  agree = jax.process_count() > 1
   try:
     while step < total and not stopped_early:
-      if preemption.should_stop(step, check_every):
+      if (agree or preemption.requested()) and preemption.should_stop(
+          step, check_every):
         save(step)
         ckpt.wait()
         raise Preempted(step)
       dstate, sums = backend.train_step(dstate, sums, batch_at(step))
       step += 1
-      for hook in hooks:
-        hook(step)
       log.maybe_write(step)
       if step % log_every == 0 or step == total:
-        log.fetch(step, backend.get(sums))
+        log.fetch(step, backend.get(sums))  # waits for this step
         sums = zero_sums
+      for hook in hooks:
+        hook(step)
       if step % eval_every == 0 or step == total:
         log.write()
-        eval_metrics = _evaluate(backend, dstate, eval_batches)
+        eval_metrics = evaluate(step)
         last_eval = step
-        writer.write_scalars(step, eval_metrics, split='eval')
-        if main:
-          logging.info('eval at step %d: %s', step,
-                       _format_metrics(eval_metrics))
         if stopper:
           stopper = stopper.update(eval_metrics)
           stopped_early = bool(stopper.state.should_stop)
@@ -383,11 +391,7 @@ def train(*, model=None, dataset=None, optimizer=None,
                      stopper.state.best_metric)
     log.write()
     if last_eval != step:
-      eval_metrics = _evaluate(backend, dstate, eval_batches)
-      writer.write_scalars(step, eval_metrics, split='eval')
-      if main:
-        logging.info('eval at step %d: %s', step,
-                     _format_metrics(eval_metrics))
+      eval_metrics = evaluate(step)
     save(step)
     ckpt.wait()
   finally:
