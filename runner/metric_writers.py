@@ -160,11 +160,16 @@ class MetricWriter:
         raise ValueError(f'Metric name {name!r} is reserved; rename it.')
       record[name] = to_json_scalar(value, name)
     self._jsonl.write(json.dumps(record) + '\n')
-    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-    for name, value in record.items():
-      if name in _RESERVED:
-        continue
-      self._tb.add_summary(summary.scalar(f'{split}/{name}', float(value)),
+    # One Summary event holding every scalar of this call (a queue put per
+    # scalar costs more than the training step of a small model).
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = [
+        summary_pb2.Summary.Value(tag=f'{split}/{name}',
+                                  simple_value=float(value))
+        for name, value in record.items() if name not in _RESERVED
+    ]
+    if values:
+      self._tb.add_summary(summary_pb2.Summary(value=values),
                            global_step=step_value)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
