@@ -8,7 +8,6 @@ oracle).
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,9 @@ from lib import multiprocess_arrays
 from lib import serialization
 from lib.checkpoints_multiprocess import save_checkpoint_multiprocess
 from jax.experimental.array_serialization import serialization as jax_ser
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flax_checkpoints = pytest.importorskip('flax.training.checkpoints')
 flax_serialization = pytest.importorskip('flax.serialization')
@@ -209,14 +211,7 @@ def test_remote_paths_are_recognised():
 
 
 def _free_port() -> int:
-  for port in PORTS:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-      try:
-        s.bind(('127.0.0.1', port))
-      except OSError:
-        continue
-      return port
-  pytest.fail(f'no free port in {PORTS.start}-{PORTS.stop - 1}')
+  return harness.free_port((PORTS.start, PORTS.stop))
 
 
 def _run_workers(root, num=2):

@@ -34,17 +34,25 @@ PREEMPTED = 75
 _next_port = [PORT_RANGE[0] + os.getpid() % 97]
 
 
-def free_port() -> int:
-  """A port of 24200-24399 that 127.0.0.1 can bind now (round robin)."""
-  lo, hi = PORT_RANGE
-  for _ in range(hi - lo):
-    port = _next_port[0]
-    _next_port[0] = lo + (port + 1 - lo) % (hi - lo)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-      try:
-        s.bind(('127.0.0.1', port))
-      except OSError:
-        continue
+def port_free(port: int) -> bool:
+  """Whether 127.0.0.1 can bind ``port`` now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('127.0.0.1', port))
+    except OSError:
+      return False
+    return True
+
+
+def free_port(port_range: tuple[int, int] = PORT_RANGE) -> int:
+  """A port of ``port_range`` (24200-24399 by default) that 127.0.0.1 can
+  bind now, taken round robin so consecutive tests get different ports."""
+  lo, hi = port_range
+  start = _next_port[0] if lo <= _next_port[0] < hi else lo
+  for i in range(hi - lo):
+    port = lo + (start - lo + i) % (hi - lo)
+    if port_free(port):
+      _next_port[0] = lo + (port + 1 - lo) % (hi - lo)
       return port
   raise RuntimeError(f'no free port in {lo}-{hi - 1} on 127.0.0.1')
 
