@@ -1,18 +1,13 @@
 """gintrain: flax.training without flax, plus a gin-configured runner."""
 
-import glob
-import os
-
 from setuptools import setup
 
-
-def _gin_data_files():
-  """gin/ is installed to <prefix>/share/gintrain/gin, keeping its folders."""
-  files = {}
-  for path in glob.glob('gin/**/*.gin', recursive=True):
-    folder = os.path.join('share', 'gintrain', os.path.dirname(path))
-    files.setdefault(folder, []).append(path)
-  return sorted(files.items())
+# One namespace, mapped from the top-level folders: `gintrain.lib` is lib/,
+# `gintrain.runner` is runner/, and the shipped configs in gin/ are package
+# data of `gintrain.gin` (read through importlib.resources), so installing
+# never claims the top-level names `lib`, `runner` or `gin`.
+_PACKAGE_DIRS = {'gintrain.lib': 'lib', 'gintrain.runner': 'runner',
+                 'gintrain.gin': 'gin'}
 
 
 setup(
@@ -23,8 +18,9 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=['lib', 'runner'],
-    data_files=_gin_data_files(),
+    packages=sorted(_PACKAGE_DIRS),
+    package_dir=_PACKAGE_DIRS,
+    package_data={'gintrain.gin': ['*.gin', '*/*.gin', 'README.md']},
     install_requires=[
         'jax>=0.6,<0.11',
         'optax>=0.2.4,<0.3',
@@ -43,5 +39,5 @@ setup(
         'test': ['pytest>=8', 'flax==0.12.8'],
         'orbax': ['orbax-checkpoint>=0.11'],
     },
-    entry_points={'console_scripts': ['gintrain=runner.train:run']},
+    entry_points={'console_scripts': ['gintrain=gintrain.runner.train:run']},
 )

@@ -170,7 +170,7 @@ def worker(method: str, op: str, total: int, n: int, big: int,
   elif method == 'orbax':
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   elif method.startswith('gintrain'):
-    from lib import checkpoints  # pylint: disable=g-import-not-at-top
+    from gintrain.lib import checkpoints  # pylint: disable=g-import-not-at-top
 
   if op == 'save':
     kind = 'jax' if method == 'gintrain_async_jax' else 'numpy'

@@ -39,12 +39,12 @@ import jax
 import optax
 from absl import logging
 
-from runner import batching
-from runner import datasets
-from runner import losses
-from runner import models
-from runner import state as state_lib
-from runner import train as runner_train
+from gintrain.runner import batching
+from gintrain.runner import datasets
+from gintrain.runner import losses
+from gintrain.runner import models
+from gintrain.runner import state as state_lib
+from gintrain.runner import train as runner_train
 
 # (name, mlp features, batch size, window = log_every, windows). The first
 # two are the default experiment's model and data, logging every 500 and

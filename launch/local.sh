@@ -4,7 +4,7 @@
 #
 #   launch/local.sh [-n N] [-p PORT] [-d DEVICES] [-g] [-l LOGDIR] -- CMD [ARGS...]
 #
-#   launch/local.sh -n 2 -p 24200 -d 2 -- python -m runner.train \
+#   launch/local.sh -n 2 -p 24200 -d 2 -- python -m gintrain.runner.train \
 #       --gin_file=default.gin --workdir=/tmp/run
 #
 # Process i runs `CMD ARGS... --coordinator_address=127.0.0.1:PORT

@@ -4,9 +4,9 @@
 #
 #   launch/mpirun.sh [-n N] [-p PORT] [-H HOSTFILE] [-l] [-d DEVICES] -- CMD [ARGS...]
 #
-#   launch/mpirun.sh -n 2 -p 24220 -l -d 2 -- python -m runner.train \
+#   launch/mpirun.sh -n 2 -p 24220 -l -d 2 -- python -m gintrain.runner.train \
 #       --gin_file=default.gin --workdir=/tmp/run           # one host
-#   launch/mpirun.sh -n 8 -p 24220 -H hosts.txt -- python -m runner.train \
+#   launch/mpirun.sh -n 8 -p 24220 -H hosts.txt -- python -m gintrain.runner.train \
 #       --gin_file=... --workdir=/shared/run                        # a cluster
 #
 # runner/distributed.py (--multiprocess=auto) calls jax.distributed.initialize(),

@@ -6,7 +6,7 @@
 #   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh \
 #       --gin_file=default.gin --workdir=/mnt/shared/runs/exp1
 #
-# Arguments are passed to `python3 -m runner.train` on every worker.
+# Arguments are passed to `python3 -m gintrain.runner.train` on every worker.
 # --multiprocess=on lets jax.distributed.initialize() detect the slice (GCE
 # TPU metadata: worker count, worker id, coordinator = worker 0), so no
 # coordinator flag is needed. --workdir must be visible from every host
@@ -32,4 +32,4 @@ printf -v args ' %q' "$@"
 # All workers in parallel; gcloud returns the first non-zero worker status.
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" "${project[@]}" \
   --worker=all \
-  --command="cd $REPO_DIR && $PY -m runner.train --multiprocess=on$args"
+  --command="cd $REPO_DIR && $PY -m gintrain.runner.train --multiprocess=on$args"

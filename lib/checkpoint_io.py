@@ -50,9 +50,9 @@ import jax
 import msgpack
 import numpy as np
 
-from lib import checkpoint_naming
-from lib import errors
-from lib import serialization
+from gintrain.lib import checkpoint_naming
+from gintrain.lib import errors
+from gintrain.lib import serialization
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
   """Renames ``tmp_path`` to ``final_path`` and fsyncs the directory.
 
   Raises:
-    lib.errors.AlreadyExistsError: ``final_path`` exists and not
+    gintrain.lib.errors.AlreadyExistsError: ``final_path`` exists and not
       ``overwrite`` (only reachable when two writers race).
   """
   if not overwrite and os.path.exists(final_path):
@@ -712,7 +712,7 @@ def read_checkpoint_file(path: str, parallel: bool = True):
       file is being parsed).
 
   Raises:
-    lib.errors.CheckpointReadError: the file is truncated, corrupt or not a
+    gintrain.lib.errors.CheckpointReadError: the file is truncated, corrupt or not a
       msgpack checkpoint (the message names ``path``).
     OSError: the file cannot be opened.
   """

@@ -26,7 +26,7 @@ import re
 import shutil
 from typing import Iterable
 
-from lib import errors
+from gintrain.lib import errors
 
 __all__ = [
     'SIGNED_FLOAT_RE',
@@ -237,7 +237,7 @@ def check_overwrite(ckpt_tmp_path: str, ckpt_path: str, base_path: str, step):
   other prefixes and ``*_gda`` directories never conflict.
 
   Raises:
-    lib.errors.InvalidCheckpointError: ``ckpt_path`` exists already, or some
+    gintrain.lib.errors.InvalidCheckpointError: ``ckpt_path`` exists already, or some
       checkpoint (e.g. a larger step, or ``<prefix>best``) sorts after it.
   """
   dir_path, prefix = os.path.split(base_path)

@@ -32,25 +32,25 @@ from typing import Any
 
 import jax
 
-from lib import checkpoint_io
-from lib import checkpoint_naming
-from lib import multiprocess_arrays
-from lib import orbax_delegation
-from lib import serialization
-from lib.async_manager import AsyncManager
-from lib.checkpoint_naming import MODULE_NUM_RE
-from lib.checkpoint_naming import MP_ARRAY_POSTFIX
-from lib.checkpoint_naming import natural_sort
-from lib.checkpoint_naming import safe_normpath
-from lib.checkpoint_naming import SCHEME_RE
-from lib.checkpoint_naming import SIGNED_FLOAT_RE
-from lib.checkpoint_naming import UNSIGNED_FLOAT_RE
-from lib.checkpoints_multiprocess import save_checkpoint_multiprocess
-from lib.multiprocess_arrays import COMMIT_SUCCESS_FILE
-from lib.multiprocess_arrays import MP_ARRAY_PH
-from lib.orbax_delegation import ORBAX_CKPT_FILENAME
-from lib.orbax_delegation import ORBAX_MANIFEST_OCDBT
-from lib.orbax_delegation import ORBAX_METADATA_FILENAME
+from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoint_naming
+from gintrain.lib import multiprocess_arrays
+from gintrain.lib import orbax_delegation
+from gintrain.lib import serialization
+from gintrain.lib.async_manager import AsyncManager
+from gintrain.lib.checkpoint_naming import MODULE_NUM_RE
+from gintrain.lib.checkpoint_naming import MP_ARRAY_POSTFIX
+from gintrain.lib.checkpoint_naming import natural_sort
+from gintrain.lib.checkpoint_naming import safe_normpath
+from gintrain.lib.checkpoint_naming import SCHEME_RE
+from gintrain.lib.checkpoint_naming import SIGNED_FLOAT_RE
+from gintrain.lib.checkpoint_naming import UNSIGNED_FLOAT_RE
+from gintrain.lib.checkpoints_multiprocess import save_checkpoint_multiprocess
+from gintrain.lib.multiprocess_arrays import COMMIT_SUCCESS_FILE
+from gintrain.lib.multiprocess_arrays import MP_ARRAY_PH
+from gintrain.lib.orbax_delegation import ORBAX_CKPT_FILENAME
+from gintrain.lib.orbax_delegation import ORBAX_MANIFEST_OCDBT
+from gintrain.lib.orbax_delegation import ORBAX_METADATA_FILENAME
 
 __all__ = [
     'AsyncManager',
@@ -116,7 +116,7 @@ def save_checkpoint(
     The checkpoint path (with ``async_manager`` it may not exist yet).
 
   Raises:
-    lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint
+    gintrain.lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint
       of this step, or one sorting after it (e.g. ``<prefix>best``), exists.
       Nothing is written.
     TypeError: ``target`` holds a leaf that cannot be serialized.
@@ -229,7 +229,7 @@ def restore_checkpoint(
 
   Raises:
     ValueError: ``step`` given but ``<ckpt_dir>/<prefix><step>`` missing.
-    lib.errors.CheckpointReadError: the file is corrupt or truncated.
+    gintrain.lib.errors.CheckpointReadError: the file is corrupt or truncated.
     ValueError: the checkpoint does not fit ``target``'s structure.
   """
   if orbax_checkpointer is not None:

@@ -11,7 +11,7 @@ In a single process with ordinary arrays it behaves like ``save_checkpoint``
 except for the key order on disk::
 
   >>> import tempfile, numpy as np
-  >>> from lib.checkpoints import restore_checkpoint
+  >>> from gintrain.lib.checkpoints import restore_checkpoint
   >>> d = tempfile.mkdtemp()
   >>> save_checkpoint_multiprocess(d, {'b': 1, 'a': np.ones(2)}, 3)[len(d):]
   '/checkpoint_3'
@@ -42,11 +42,11 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from lib import checkpoint_io
-from lib import checkpoint_naming
-from lib import errors
-from lib import multiprocess_arrays
-from lib import serialization
+from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoint_naming
+from gintrain.lib import errors
+from gintrain.lib import multiprocess_arrays
+from gintrain.lib import serialization
 
 __all__ = ['save_checkpoint_multiprocess']
 
@@ -94,7 +94,7 @@ def _call(fn, *args, **kwargs) -> BaseException | None:
 
 def _save_with_orbax(ckpt_path, base_path, target, keep, overwrite,
                      keep_every_n_steps, orbax_checkpointer) -> None:
-  from lib import orbax_delegation  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import orbax_delegation  # pylint: disable=g-import-not-at-top
 
   def prune_first():
     # As flax: the cleanup runs before the save, on process 0 only.
@@ -159,13 +159,13 @@ def save_checkpoint_multiprocess(
     The checkpoint path (it may not exist yet when a manager is used).
 
   Raises:
-    lib.errors.MPACheckpointingRequiredError: multi-process arrays but no
+    gintrain.lib.errors.MPACheckpointingRequiredError: multi-process arrays but no
       ``gda_manager``; nothing is written.
-    lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint of
+    gintrain.lib.errors.InvalidCheckpointError: not ``overwrite`` and a checkpoint of
       this step, or one sorting after it, exists (on any process); nothing
       is written.
     TypeError: a leaf that cannot be serialized.
-    lib.errors.GintrainError: the save failed on another process.
+    gintrain.lib.errors.GintrainError: the save failed on another process.
   """
   _barrier('Flax:Checkpoint:StartSave')
   if async_manager or gda_manager is not None:

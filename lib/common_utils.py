@@ -6,7 +6,7 @@ pmapped function back to the host, ``stack_forest`` stacks matching pytrees
 and ``onehot`` encodes labels. Same names and results as flax's.
 
   >>> import jax, numpy as np
-  >>> from lib import common_utils
+  >>> from gintrain.lib import common_utils
   >>> n = jax.local_device_count()
   >>> batch = {'x': np.zeros((4 * n, 3)), 'y': np.zeros((4 * n,))}
   >>> sharded = common_utils.shard(batch)
@@ -56,7 +56,7 @@ def shard_prng_key(prng_key):
   Example::
 
     >>> import jax
-    >>> from lib.common_utils import shard_prng_key
+    >>> from gintrain.lib.common_utils import shard_prng_key
     >>> keys = shard_prng_key(jax.random.key(0))
     >>> keys.shape == (jax.local_device_count(),)
     True
@@ -78,7 +78,7 @@ def stack_forest(forest):
 
   Example::
 
-    >>> from lib.common_utils import stack_forest
+    >>> from gintrain.lib.common_utils import stack_forest
     >>> stacked = stack_forest([{'loss': 1.0}, {'loss': 0.5}])
     >>> stacked['loss'].tolist(), stacked['loss'].dtype
     ([1.0, 0.5], dtype('float32'))
@@ -129,7 +129,7 @@ def onehot(labels, num_classes, on_value=1.0, off_value=0.0):
   Example::
 
     >>> import jax.numpy as jnp
-    >>> from lib.common_utils import onehot
+    >>> from gintrain.lib.common_utils import onehot
     >>> onehot(jnp.array([0, 2, 5]), 3).tolist()
     [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
   """

@@ -8,7 +8,7 @@ accuracy.
 
 import math
 
-from lib import struct
+from gintrain.lib import struct
 
 __all__ = ['EarlyStopping']
 
@@ -22,7 +22,7 @@ class EarlyStopping(struct.PyTreeNode):
   recorded in the current epoch and previous epoch is less than 1e-3
   consecutively for 2 times::
 
-    >>> from lib.early_stopping import EarlyStopping
+    >>> from gintrain.lib.early_stopping import EarlyStopping
 
     >>> def train_epoch(optimizer, train_ds, batch_size, epoch, input_rng):
     ...   ...

@@ -12,7 +12,7 @@ wrong, and match flax exactly:
 * warmup *multiplies* the schedule by ``min(1, step / warmup_steps)``; it
   does not delay it.
 
-  >>> from lib import lr_schedule
+  >>> from gintrain.lib import lr_schedule
   >>> f = lr_schedule.create_stepped_learning_rate_schedule(
   ...     0.1, steps_per_epoch=100, lr_sched_steps=[[30, 0.1], [60, 0.01]])
   >>> float(f(3000)), float(f(3001))
@@ -79,7 +79,7 @@ def create_constant_learning_rate_schedule(base_learning_rate,
 
   Example::
 
-    >>> from lib.lr_schedule import create_constant_learning_rate_schedule
+    >>> from gintrain.lib.lr_schedule import create_constant_learning_rate_schedule
     >>> create_constant_learning_rate_schedule(0.5, 10)(1234)
     0.5
     >>> f = create_constant_learning_rate_schedule(0.5, 10, warmup_length=2)
@@ -134,7 +134,7 @@ def create_stepped_learning_rate_schedule(base_learning_rate,
 
   Example::
 
-    >>> from lib.lr_schedule import create_stepped_learning_rate_schedule
+    >>> from gintrain.lib.lr_schedule import create_stepped_learning_rate_schedule
     >>> f = create_stepped_learning_rate_schedule(
     ...     1.0, steps_per_epoch=100,
     ...     lr_sched_steps=[[30, 0.1], [60, 0.01], [80, 0.001]])
@@ -181,7 +181,7 @@ def create_cosine_learning_rate_schedule(base_learning_rate,
   Example::
 
     >>> import jax.numpy as jnp
-    >>> from lib.lr_schedule import create_cosine_learning_rate_schedule
+    >>> from gintrain.lib.lr_schedule import create_cosine_learning_rate_schedule
     >>> f = create_cosine_learning_rate_schedule(1.0, 10, halfcos_epochs=2)
     >>> f(jnp.array([0, 10, 20, 30, 40])).round(6).tolist()
     [1.0, 0.5, 0.0, 0.5, 1.0]

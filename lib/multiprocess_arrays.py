@@ -30,8 +30,8 @@ from typing import Any
 
 import jax
 
-from lib import errors
-from lib import serialization
+from gintrain.lib import errors
+from gintrain.lib import serialization
 
 __all__ = [
     'MP_ARRAY_POSTFIX',
@@ -265,12 +265,12 @@ def restore_multiprocess_arrays(state_dict: Any, target: Any, ckpt_path: str,
       suitable target leaf instead of raising; they stay placeholder strings.
 
   Raises:
-    lib.errors.MPACheckpointingRequiredError: placeholders but no
+    gintrain.lib.errors.MPACheckpointingRequiredError: placeholders but no
       ``gda_manager``.
-    lib.errors.MPARestoreTargetRequiredError: a placeholder without a
+    gintrain.lib.errors.MPARestoreTargetRequiredError: a placeholder without a
       multi-process array at its place in ``target`` (and not
       ``allow_partial``).
-    lib.errors.MPARestoreDataCorruptedError: the array data is missing, or on
+    gintrain.lib.errors.MPARestoreDataCorruptedError: the array data is missing, or on
       an object store was never committed.
   """
   flat = _flatten(state_dict)

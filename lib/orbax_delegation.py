@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lib import serialization
+from gintrain.lib import serialization
 
 __all__ = [
     'ORBAX_CKPT_FILENAME',

@@ -10,7 +10,7 @@ Two layers, as in ``flax.serialization``:
   bytes that are identical to flax's, and decodes them again.
 
   >>> import numpy as np
-  >>> from lib import serialization
+  >>> from gintrain.lib import serialization
   >>> b = serialization.to_bytes({'w': np.ones(2, np.float32), 'step': 3})
   >>> serialization.from_bytes({'w': np.zeros(2, np.float32), 'step': 0}, b)
   {'w': array([1., 1.], dtype=float32), 'step': 3}
@@ -33,7 +33,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from lib import errors
+from gintrain.lib import errors
 
 __all__ = [
     'MAX_CHUNK_SIZE',
@@ -421,7 +421,7 @@ def needs_chunking(arr: np.ndarray) -> bool:
 def chunk(arr: np.ndarray) -> dict[str, Any]:
   """The chunked-array dict of ``arr``; chunks are views where possible.
 
-    >>> import lib.serialization as s
+    >>> import gintrain.lib.serialization as s
     >>> old, s.MAX_CHUNK_SIZE = s.MAX_CHUNK_SIZE, 16
     >>> c = s.chunk(np.arange(5.))
     >>> s.MAX_CHUNK_SIZE = old
@@ -623,7 +623,7 @@ def msgpack_restore(encoded_pytree: bytes):
     {'a': [1, 2.5], 'b': 1j}
 
   Raises:
-    lib.errors.MsgpackDecodeError: the bytes are truncated or not a valid
+    gintrain.lib.errors.MsgpackDecodeError: the bytes are truncated or not a valid
       encoding (it is also a ``ValueError``); the message names the path of
       a corrupt array where there is one.
     TypeError: ``encoded_pytree`` is not a bytes-like object.

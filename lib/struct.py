@@ -2,7 +2,7 @@
 
 A drop-in for ``flax.struct``::
 
-    >>> from lib import struct
+    >>> from gintrain.lib import struct
     >>> import jax
     >>> class Model(struct.PyTreeNode):
     ...   params: dict
@@ -29,7 +29,7 @@ except ImportError:  # Python < 3.11: only type checkers miss it
   def dataclass_transform(**unused_kwargs):
     return lambda x: x
 
-from lib import serialization
+from gintrain.lib import serialization
 
 __all__ = ['dataclass', 'field', 'PyTreeNode']
 

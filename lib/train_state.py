@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from lib import struct
+from gintrain.lib import struct
 
 __all__ = ['TrainState', 'OVERWRITE_WITH_GRADIENT']
 
@@ -32,7 +32,7 @@ class TrainState(struct.PyTreeNode):
 
     >>> import jax, jax.numpy as jnp
     >>> import optax
-    >>> from lib.train_state import TrainState
+    >>> from gintrain.lib.train_state import TrainState
 
     >>> x = jnp.ones((1, 2))
     >>> y = jnp.ones((1, 2))

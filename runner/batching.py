@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 
-from runner.validation import check_int
+from gintrain.runner.validation import check_int
 
 __all__ = ['steps_per_epoch', 'global_batch_indices', 'process_slice',
            'epoch_permutation']

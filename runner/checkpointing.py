@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from lib import checkpoints
-from lib import serialization
-from runner import distributed
-from runner.errors import RunnerError
+from gintrain.lib import checkpoints
+from gintrain.lib import serialization
+from gintrain.runner import distributed
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['CheckpointPolicy', 'Checkpointer', 'Restored', 'check_tree',
            'load_params', 'CHECKPOINT_DIR', 'BEST_DIR']
@@ -115,7 +115,7 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
     >>> check_tree({'w': np.zeros(2)}, {'w': np.zeros(3)}, 'ckpt')
     Traceback (most recent call last):
     ...
-    runner.errors.RunnerError: ckpt does not match the model: w: float64[3] in the checkpoint, float64[2] expected.
+    gintrain.runner.errors.RunnerError: ckpt does not match the model: w: float64[3] in the checkpoint, float64[2] expected.
 
   Raises:
     RunnerError: ``<what> does not match <against>: <leaf>: ...; ...``

@@ -12,15 +12,16 @@ message names the place (``file:line`` or the ``--gin_bindings`` entry) and,
 for unknown names, the closest known one.
 """
 
+import importlib.resources
+import importlib.util
 import inspect
 import os
 import re
-import sys
 import tokenize
 
 import gin
 
-from runner.errors import RunnerError, did_you_mean
+from gintrain.runner.errors import RunnerError, did_you_mean
 
 __all__ = ['REPO_GIN_DIR', 'DEFAULT_GIN_FILE', 'parse', 'unset_required',
            'check_required', 'finalize', 'bound_parameters', 'config_str',
@@ -29,17 +30,33 @@ __all__ = ['REPO_GIN_DIR', 'DEFAULT_GIN_FILE', 'parse', 'unset_required',
 
 
 def _gin_dir() -> str:
-  """The repo's ``gin/`` (source checkout or editable install), else the copy
-  a regular ``pip install`` puts in ``<prefix>/share/gintrain/gin``."""
-  repo = os.path.abspath(
+  """The folder of the shipped configs: package data of ``gintrain.gin``.
+
+  A regular install holds them in ``site-packages/gintrain/gin``; an editable
+  one maps the package to the repository's ``gin/``. ``gintrain.gin`` is a
+  namespace package (``gin/`` has no ``__init__.py``, so running from the
+  repository never shadows gin-config's ``gin``), which
+  ``importlib.resources`` reads unless setuptools' editable finder put a
+  non-directory entry on its path; then the directories on that path are
+  taken directly.
+  """
+  try:
+    default = importlib.resources.files('gintrain.gin') / DEFAULT_GIN_FILE
+    if isinstance(default, os.PathLike) and os.path.isfile(default):
+      return os.path.dirname(os.fspath(default))
+  except (NotADirectoryError, TypeError, ModuleNotFoundError):
+    pass
+  spec = importlib.util.find_spec('gintrain.gin')
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.isfile(os.path.join(folder, DEFAULT_GIN_FILE)):
+      return folder
+  # Not installed (run from a source tree on PYTHONPATH): the sibling gin/.
+  return os.path.abspath(
       os.path.join(os.path.dirname(__file__), os.pardir, 'gin'))
-  if os.path.isdir(repo):
-    return repo
-  return os.path.join(sys.prefix, 'share', 'gintrain', 'gin')
 
 
-REPO_GIN_DIR = _gin_dir()
 DEFAULT_GIN_FILE = 'default.gin'
+REPO_GIN_DIR = _gin_dir()
 _REQUIRED = '%gin.REQUIRED'
 
 _FILE_LOCATION_RE = re.compile(r'In file "([^"]*)", line (\d+)')

@@ -36,14 +36,14 @@ import the module from gin (``import my_module`` in a gin file, or
 import gin
 import optax
 
-from runner import checkpointing
-from runner import datasets
-from runner import loop
-from runner import losses
-from runner import models
-from runner import optimizers
-from runner import schedules
-from runner import state
+from gintrain.runner import checkpointing
+from gintrain.runner import datasets
+from gintrain.runner import loop
+from gintrain.runner import losses
+from gintrain.runner import models
+from gintrain.runner import optimizers
+from gintrain.runner import schedules
+from gintrain.runner import state
 
 __all__ = ['train', 'OPTAX_SCHEDULES', 'OPTAX_OPTIMIZERS']
 

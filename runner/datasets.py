@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from runner.validation import check_int
+from gintrain.runner.validation import check_int
 
 __all__ = ['Dataset', 'digits', 'synthetic']
 

@@ -334,7 +334,7 @@ def initialize(multiprocess: Optional[str] = None,
   # before the training loop installs its handler would be swallowed. Take
   # over now, so that it is honoured at the first preemption check.
   if threading.current_thread() is threading.main_thread():
-    from runner import preemption  # pylint: disable=g-import-not-at-top
+    from gintrain.runner import preemption  # pylint: disable=g-import-not-at-top
     preemption.install()
   logging.info('Process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),

@@ -22,7 +22,7 @@ defined too.
 import jax
 from absl import flags
 
-from runner.errors import RunnerError
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['GIN_FILE', 'GIN_BINDINGS', 'GIN_SEARCH_PATHS', 'WORKDIR', 'RESUME',
            'INIT_FROM', 'DRY_RUN', 'RESUME_MODES', 'expand_gin_shorthand',
@@ -61,7 +61,7 @@ DRY_RUN = flags.DEFINE_bool(
     ' and every unset %gin.REQUIRED, then exit without training.')
 
 # Modules whose flags are recorded with the run (aliases left out).
-FLAG_MODULES = ('runner.flags', 'runner.distributed', 'runner.preemption')
+FLAG_MODULES = ('gintrain.runner.flags', 'gintrain.runner.distributed', 'gintrain.runner.preemption')
 ALIASES = ('gin_param',)
 
 if 'jax_platforms' not in flags.FLAGS:

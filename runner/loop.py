@@ -30,17 +30,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from runner import batching
-from runner import checkpointing
-from runner import distributed
-from runner import losses
-from runner import metric_writers
-from runner import parallel
-from runner import plots
-from runner import preemption
-from runner import settings as settings_lib
-from runner import state as state_lib
-from runner.errors import RunnerError
+from gintrain.runner import batching
+from gintrain.runner import checkpointing
+from gintrain.runner import distributed
+from gintrain.runner import losses
+from gintrain.runner import metric_writers
+from gintrain.runner import parallel
+from gintrain.runner import plots
+from gintrain.runner import preemption
+from gintrain.runner import settings as settings_lib
+from gintrain.runner import state as state_lib
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['train', 'TrainResult', 'Preempted', 'METRICS_PLOT']
 

@@ -29,8 +29,8 @@ import warnings
 
 import optax
 
-from runner import schedules
-from runner.errors import RunnerError, did_you_mean
+from gintrain.runner import schedules
+from gintrain.runner.errors import RunnerError, did_you_mean
 
 __all__ = ['OptimizerSpec', 'optimizer', 'optax_optimizer_names']
 

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lib import common_utils
-from runner import steps
-from runner.errors import RunnerError
+from gintrain.lib import common_utils
+from gintrain.runner import steps
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['MODES', 'resolve_mode', 'make', 'Backend']
 

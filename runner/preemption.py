@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 
 from absl import flags
 
-from runner import distributed
+from gintrain.runner import distributed
 
 __all__ = ['PREEMPTED_EXIT_CODE', 'SIGNALS', 'install', 'uninstall',
            'requested', 'request', 'should_stop', 'reset', 'check_interval']

@@ -23,8 +23,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from lib import lr_schedule
-from runner.errors import RunnerError
+from gintrain.lib import lr_schedule
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['EpochSchedule', 'constant', 'stepped', 'cosine', 'resolve']
 

@@ -1,7 +1,7 @@
 """Factories for the restorable state of a run: train state, early stopping.
 
     >>> import jax, numpy as np, optax
-    >>> from runner import models
+    >>> from gintrain.runner import models
     >>> state = create_train_state(models.mlp(features=(4,)), optax.sgd(0.1),
     ...                            jax.random.key(0), np.zeros((1, 3)))
     >>> int(state.step), state.params['Dense_0']['kernel'].shape
@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lib.early_stopping import EarlyStopping
-from lib.train_state import TrainState
-from runner.errors import RunnerError
+from gintrain.lib.early_stopping import EarlyStopping
+from gintrain.lib.train_state import TrainState
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['create_train_state', 'EarlyStopper', 'early_stopping']
 

@@ -1,16 +1,16 @@
 r"""gintrain: train a JAX model from gin config files.
 
-Usage (``python -m runner.train`` or the ``gintrain`` console script)::
+Usage (``python -m gintrain.runner.train`` or the ``gintrain`` console script)::
 
     # The default experiment (gin/default.gin: an MLP on the digits data).
-    python -m runner.train --workdir=/tmp/digits
+    python -m gintrain.runner.train --workdir=/tmp/digits
     # Files by role, later ones win; bindings on the command line win last.
-    python -m runner.train --workdir=/tmp/cnn --gin_file=default.gin \
+    python -m gintrain.runner.train --workdir=/tmp/cnn --gin_file=default.gin \
         --gin_file=models/cnn.gin --gin_file=datasets/digits_image.gin \
         --gin.train.num_epochs=20 --gin.optimizer.learning_rate=0.003
     # Check a config without training: prints it, every unset
     # %gin.REQUIRED, and what it builds (model size, steps, devices).
-    python -m runner.train --dry_run --gin_file=run.gin --gin_file=models/cnn.gin
+    python -m gintrain.runner.train --dry_run --gin_file=run.gin --gin_file=models/cnn.gin
 
 Flags: --gin_file (repeatable), --gin_bindings (repeatable; alias
 --gin_param; shorthand --gin.NAME=VALUE), --gin_search_paths, --workdir,
@@ -26,13 +26,13 @@ import its module from gin::
 
     # my_module.py (in the working directory or on PYTHONPATH)
     import gin
-    from runner import models
+    from gintrain.runner import models
 
     @gin.configurable
     def my_model(width=256):
       return models.mlp(features=(width, width), num_classes=10)
 
-    python -m runner.train --workdir=/tmp/mine \
+    python -m gintrain.runner.train --workdir=/tmp/mine \
         --gin_bindings='import my_module' \
         --gin.train.model=@my_module.my_model --gin.my_model.width=512
 
@@ -64,14 +64,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from runner import config
-from runner import configurables
-from runner import distributed
-from runner import flags as runner_flags
-from runner import loop
-from runner import preemption
-from runner import settings as settings_lib
-from runner.errors import RunnerError
+from gintrain.runner import config
+from gintrain.runner import configurables
+from gintrain.runner import distributed
+from gintrain.runner import flags as runner_flags
+from gintrain.runner import loop
+from gintrain.runner import preemption
+from gintrain.runner import settings as settings_lib
+from gintrain.runner.errors import RunnerError
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
            'FLAGS_FILE']

@@ -20,11 +20,11 @@ from jax.experimental import multihost_utils
 from jax.experimental.array_serialization import serialization as jax_ser
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lib import checkpoint_io
-from lib import checkpoints
-from lib import errors
-from lib import serialization
-from lib.multiprocess_arrays import MP_ARRAY_PH
+from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoints
+from gintrain.lib import errors
+from gintrain.lib import serialization
+from gintrain.lib.multiprocess_arrays import MP_ARRAY_PH
 
 PID = None  # this process's id, set by main()
 MESH = None  # the 2x2 global mesh, set by main()

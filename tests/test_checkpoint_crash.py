@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from lib import checkpoints
+from gintrain.lib import checkpoints
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -38,7 +38,7 @@ _STATE = textwrap.dedent('''
 _ZYGOTE = _STATE + textwrap.dedent('''
     import logging, os, random, sys, warnings
     import numpy as np
-    from lib import checkpoints, serialization
+    from gintrain.lib import checkpoints, serialization
     warnings.simplefilter('ignore')
     logging.disable(logging.WARNING)  # "waiting for the previous save" 
     serialization.MAX_CHUNK_SIZE = 2**19

@@ -18,10 +18,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from lib import checkpoint_io
-from lib import checkpoints
-from lib import errors
-from lib import serialization
+from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoints
+from gintrain.lib import errors
+from gintrain.lib import serialization
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -372,7 +372,7 @@ def test_restore_checkpoint_reports_corrupt_file(tmp_path):
 _MEMORY_SCRIPT = textwrap.dedent('''
     import os, resource, sys
     import numpy as np
-    from lib import checkpoint_io, serialization
+    from gintrain.lib import checkpoint_io, serialization
     serialization.MAX_CHUNK_SIZE = 2**24  # the 64 MiB leaf is chunked
     def peak():
       return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

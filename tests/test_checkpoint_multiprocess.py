@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import checkpoint_io
-from lib import checkpoints
-from lib import errors
-from lib import multiprocess_arrays
-from lib import serialization
-from lib.checkpoints_multiprocess import save_checkpoint_multiprocess
+from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoints
+from gintrain.lib import errors
+from gintrain.lib import multiprocess_arrays
+from gintrain.lib import serialization
+from gintrain.lib.checkpoints_multiprocess import save_checkpoint_multiprocess
 from jax.experimental.array_serialization import serialization as jax_ser
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))

@@ -21,12 +21,12 @@ from flax import errors as flax_errors
 from flax import serialization as flax_serialization
 from flax.training import checkpoints as flax_ckpt
 
-from lib import async_manager
-from lib import checkpoint_naming
-from lib import checkpoints
-from lib import errors
-from lib import serialization
-from lib import struct
+from gintrain.lib import async_manager
+from gintrain.lib import checkpoint_naming
+from gintrain.lib import checkpoints
+from gintrain.lib import errors
+from gintrain.lib import serialization
+from gintrain.lib import struct
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -681,7 +681,7 @@ def test_orbax_and_legacy_checkpoints_in_one_directory(tmp_path):
 
 
 def test_save_checkpoint_multiprocess_is_exported():
-  from lib import checkpoints_multiprocess  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoints_multiprocess  # pylint: disable=g-import-not-at-top
   assert (checkpoints.save_checkpoint_multiprocess is
           checkpoints_multiprocess.save_checkpoint_multiprocess)
   assert set(checkpoints.__all__) <= set(dir(checkpoints))

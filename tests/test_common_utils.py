@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax.training import common_utils as flax_cu
 
-from lib import common_utils
-from lib.common_utils import (get_metrics, onehot, shard, shard_prng_key,
+from gintrain.lib import common_utils
+from gintrain.lib.common_utils import (get_metrics, onehot, shard, shard_prng_key,
                               stack_forest)
 
 N = 8

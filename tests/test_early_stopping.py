@@ -13,8 +13,8 @@ import pytest
 from flax import serialization as flax_serialization
 from flax.training import early_stopping as flax_early_stopping
 
-from lib import early_stopping, serialization
-from lib.early_stopping import EarlyStopping
+from gintrain.lib import early_stopping, serialization
+from gintrain.lib.early_stopping import EarlyStopping
 
 FlaxEarlyStopping = flax_early_stopping.EarlyStopping
 FIELDS = ('min_delta', 'patience', 'best_metric', 'patience_count',

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax.training import lr_schedule as flax_lr
 
-from lib import lr_schedule
+from gintrain.lib import lr_schedule
 
 STEPS = [0, 1, 2, 7, 99, 100, 101, 149, 150, 151, 299, 300, 301, 1000, 3000,
          3001, 6000, 6001, 8000, 8001, 10**6, -1, -50, 2.5, 300.0, 300.5,

@@ -13,8 +13,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto import plugin_hparams_pb2
 
-from runner import metric_writers
-from runner import plots
+from gintrain.runner import metric_writers
+from gintrain.runner import plots
 
 # --- A minimal, independent TFRecord reader for event files. ---------------
 

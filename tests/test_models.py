@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runner import losses
-from runner import models
+from gintrain.runner import losses
+from gintrain.runner import models
 
 
 class FlaxMLP(nn.Module):

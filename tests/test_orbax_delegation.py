@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import checkpoints
-from lib import orbax_delegation
-from lib import struct
-from lib.checkpoints_multiprocess import save_checkpoint_multiprocess
+from gintrain.lib import checkpoints
+from gintrain.lib import orbax_delegation
+from gintrain.lib import struct
+from gintrain.lib.checkpoints_multiprocess import save_checkpoint_multiprocess
 
 ocp = pytest.importorskip('orbax.checkpoint')
 

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from lib import checkpoints
-from runner import checkpointing
-from runner import preemption
-from runner import train
+from gintrain.lib import checkpoints
+from gintrain.runner import checkpointing
+from gintrain.runner import preemption
+from gintrain.runner import train
 
 # A tiny experiment: a 16-unit MLP on the 4-class synthetic task.
 TINY = [
@@ -238,7 +238,7 @@ def test_user_model_and_dataset_through_gin(tmp_path, monkeypatch):
   (tmp_path / 'my_experiment.py').write_text(
       'import gin\n'
       'import numpy as np\n'
-      'from runner import datasets, models\n'
+      'from gintrain.runner import datasets, models\n'
       '@gin.configurable\n'
       'def my_model(width=8):\n'
       '  return models.mlp(features=(width,), num_classes=3)\n'

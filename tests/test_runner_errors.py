@@ -7,17 +7,17 @@ import sys
 
 import pytest
 
-from runner import train
+from gintrain.runner import train
 
 TINY = ['--gin.train.num_epochs=None', '--gin.train.num_steps=2',
         '--gin.train.log_every=1', '--gin.checkpoint_policy.async_save=False']
 
 
 def cli(tmp_path, *args):
-  """Runs ``python -m runner.train`` in a fresh process from ``tmp_path``."""
+  """Runs ``python -m gintrain.runner.train`` in a fresh process from ``tmp_path``."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'runner.train', *args],
+  proc = subprocess.run([sys.executable, '-m', 'gintrain.runner.train', *args],
                         cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=120, check=False)
   errors = [l for l in proc.stderr.splitlines()

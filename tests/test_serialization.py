@@ -24,9 +24,9 @@ import numpy as np
 import optax
 import pytest
 
-from lib import errors
-from lib import serialization as ser
-from lib import struct
+from gintrain.lib import errors
+from gintrain.lib import serialization as ser
+from gintrain.lib import struct
 
 CHUNK_LIMIT = 91 * 8  # flax's tests' value: 91 float64 per chunk
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import serialization
-from lib import struct
+from gintrain.lib import serialization
+from gintrain.lib import struct
 
 T = TypeVar('T')
 

@@ -12,8 +12,8 @@ import pytest
 from flax import serialization as flax_serialization
 from flax.training import train_state as flax_train_state
 
-from lib import serialization, struct, train_state
-from lib.train_state import TrainState
+from gintrain.lib import serialization, struct, train_state
+from gintrain.lib.train_state import TrainState
 
 FlaxTrainState = flax_train_state.TrainState
 

@@ -89,8 +89,8 @@ def env(cache_dir=None, devices=None, **extra) -> dict:
 
 
 def train_command(workdir, *args) -> list:
-  """``python -m runner.train`` on the tests' tiny experiment."""
-  return [sys.executable, '-m', 'runner.train', f'--workdir={workdir}',
+  """``python -m gintrain.runner.train`` on the tests' tiny experiment."""
+  return [sys.executable, '-m', 'gintrain.runner.train', f'--workdir={workdir}',
           f'--gin_file={GIN_FILE}', *args]
 
 
@@ -201,7 +201,7 @@ def checkpoint_entries(workdir) -> list:
 
 def final_state(workdir, step):
   """The ``state`` dict (numpy leaves) of ``checkpoint_<step>``."""
-  from lib import checkpoints  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoints  # pylint: disable=g-import-not-at-top
   path = os.path.join(str(workdir), 'checkpoints', f'checkpoint_{step}')
   restored = checkpoints.restore_checkpoint(path, target=None)
   assert restored is not None, f'no checkpoint at {path}'

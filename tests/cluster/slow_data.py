@@ -15,7 +15,7 @@ import time
 import gin
 import numpy as np
 
-from runner import datasets
+from gintrain.runner import datasets
 
 _delay = [0.0]
 
