@@ -6,6 +6,7 @@ working. Every message ends with what to do about it.
 
 __all__ = [
     'GintrainError',
+    'FlaxError',
     'InvalidCheckpointError',
     'AlreadyExistsError',
     'CheckpointReadError',
@@ -42,6 +43,17 @@ class GintrainError(Exception):
 
   def __reduce__(self):
     return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+FlaxError = GintrainError
+"""flax's name for :class:`GintrainError` (the same class, not a subclass).
+
+``except errors.FlaxError`` catches every error of the library, as
+``except flax.errors.FlaxError`` does for flax's:
+
+  >>> issubclass(InvalidCheckpointError, FlaxError), FlaxError is GintrainError
+  (True, True)
+"""
 
 
 class InvalidCheckpointError(GintrainError):

@@ -3,9 +3,10 @@
 Two layers, as in ``flax.serialization``:
 
 * the **state-dict registry** turns objects (dicts, lists, tuples, namedtuples,
-  ``jax.tree_util.Partial``, :mod:`lib.struct` dataclasses, and whatever is
-  registered with :func:`register_serialization_state`) into nested dicts with
-  string keys, and back into the shape of a *target* object;
+  ``jax.tree_util.Partial``, :mod:`lib.struct` dataclasses, flax's
+  ``FrozenDict`` when flax is in use, and whatever is registered with
+  :func:`register_serialization_state`) into nested dicts with string keys,
+  and back into the shape of a *target* object;
 * the **msgpack layer** encodes such nested dicts of arrays and scalars into
   bytes that are identical to flax's, and decodes them again.
 
@@ -25,6 +26,7 @@ Decoding never executes code.
 import contextlib
 import enum
 import re
+import sys
 import threading
 from typing import Any, Callable
 
@@ -113,19 +115,39 @@ def register_serialization_state(
   _STATE_DICT_REGISTRY[ty] = (ty_to_state_dict, ty_from_state_dict)
 
 
+_FROZEN_DICT_MODULE = 'flax.core.frozen_dict'
+
+
+def _handlers(ty) -> tuple[Callable, Callable] | None:
+  """The ``(to, from)`` state-dict handlers of the registry key ``ty``.
+
+  flax's ``FrozenDict`` is registered here on first sight (only a program that
+  imported flax can hand us one; this module never imports flax), with
+  handlers that behave as flax's own: it saves as a dict, and restores into a
+  ``FrozenDict``. A handler the user registered for it first is kept.
+  """
+  handlers = _STATE_DICT_REGISTRY.get(ty)
+  if (handlers is None and
+      getattr(ty, '__module__', None) == _FROZEN_DICT_MODULE and
+      ty is getattr(sys.modules.get(ty.__module__), 'FrozenDict', None)):
+    handlers = _STATE_DICT_REGISTRY.setdefault(
+        ty, (_dict_state_dict, _restore_frozen_dict))
+  return handlers
+
+
 def is_serializable(target) -> bool:
   """Whether ``target`` (an object or a type) has state-dict handlers."""
   if not isinstance(target, type):
     target = type(target)
-  return target in _STATE_DICT_REGISTRY
+  return _handlers(target) is not None
 
 
 def to_state_dict(target) -> Any:
   """Returns the state dict of ``target``; unregistered objects are leaves."""
-  ty = _registry_key(target)
-  if ty not in _STATE_DICT_REGISTRY:
+  handlers = _handlers(_registry_key(target))
+  if handlers is None:
     return target
-  state = _STATE_DICT_REGISTRY[ty][0](target)
+  state = handlers[0](target)
   if isinstance(state, dict):
     for key in state:
       assert isinstance(key, str), 'A state dict must only have string keys.'
@@ -138,11 +160,11 @@ def from_state_dict(target, state, name: str = '.'):
   Unregistered targets are leaves: ``state`` is returned as it is (no shape or
   dtype check). Mismatches raise ``ValueError`` naming the path, e.g. ``./a/0``.
   """
-  ty = _registry_key(target)
-  if ty not in _STATE_DICT_REGISTRY:
+  handlers = _handlers(_registry_key(target))
+  if handlers is None:
     return state
   with _record_path(name):
-    return _STATE_DICT_REGISTRY[ty][1](target, state)
+    return handlers[1](target, state)
 
 
 def expect_state_dict(state, target) -> None:
@@ -158,7 +180,7 @@ def expect_state_dict(state, target) -> None:
         ' checkpoint has a leaf where the target has a container.')
 
 
-def _dict_state_dict(xs: dict) -> dict[str, Any]:
+def _dict_state_dict(xs) -> dict[str, Any]:
   str_keys = {str(k) for k in xs}
   if len(str_keys) != len(xs):
     raise ValueError(
@@ -167,7 +189,7 @@ def _dict_state_dict(xs: dict) -> dict[str, Any]:
   return {str(k): to_state_dict(v) for k, v in xs.items()}
 
 
-def _restore_dict(xs: dict, states: dict) -> dict:
+def _restore_dict(xs, states: dict) -> dict:
   expect_state_dict(states, xs)
   missing = {str(k) for k in xs}.difference(states.keys())
   if missing:
@@ -178,6 +200,11 @@ def _restore_dict(xs: dict, states: dict) -> dict:
   return {
       k: from_state_dict(v, states[str(k)], name=str(k)) for k, v in xs.items()
   }
+
+
+def _restore_frozen_dict(xs, states: dict):
+  """Restores a flax ``FrozenDict`` (of the target's own class)."""
+  return type(xs)(_restore_dict(xs, states))
 
 
 def _list_state_dict(xs) -> dict[str, Any]:
@@ -357,13 +384,37 @@ def dtype_from_name(name: str | bytes) -> np.dtype:
 
 
 def _ndarray_from_bytes(data: bytes) -> np.ndarray:
-  """Decodes an ExtType-1/3 payload; ValueError (with the cause) if corrupt."""
+  """Decodes an ExtType-1/3 payload; ValueError (with the cause) if corrupt.
+
+  The array is read-only and C-ordered, and is a view of the payload's data
+  bytes. An array of the usual layout (non-negative int dims, a plain dtype,
+  data of the exact size) is one ndarray object on those bytes; other payloads
+  are decoded as flax does (``frombuffer(...).reshape(shape)``, e.g. a ``-1``
+  dim is inferred), which builds a second ndarray object.
+  """
   try:
     shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
     dtype = dtype_from_name(dtype_name)
+    if (_is_plain_shape(shape) and dtype.subdtype is None and
+        dtype.itemsize and isinstance(buffer, bytes) and
+        len(buffer) == _prod(shape) * dtype.itemsize):
+      return np.ndarray(shape, dtype, buffer=buffer)
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order='C')
   except (ValueError, TypeError, msgpack.UnpackException) as e:
     raise ValueError(f'invalid array payload: {_describe(e)}') from e
+
+
+def _is_plain_shape(shape) -> bool:
+  """A list of non-negative ints (not bools), as to_bytes writes shapes."""
+  # pylint: disable-next=unidiomatic-typecheck
+  return type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
+
+
+def _prod(shape) -> int:
+  n = 1
+  for d in shape:
+    n *= d
+  return n
 
 
 def _msgpack_ext_pack(x):
@@ -613,41 +664,125 @@ def _describe(e: BaseException) -> str:
   return f'{name}: {text}' if text else name
 
 
+# The memory msgpack_restore may spend on Python objects beyond the file's own
+# bytes: max(DECODE_OVERHEAD_MIN, DECODE_OVERHEAD_FACTOR * file size). Read at
+# call time; DECODE_OVERHEAD_FACTOR = None turns the check off.
+DECODE_OVERHEAD_FACTOR = 4
+DECODE_OVERHEAD_MIN = 64 * 2**20
+
+# An ndarray object and the bytes object holding its data, without the data.
+_ARRAY_OVERHEAD = sys.getsizeof(np.ndarray((), np.uint8)) + sys.getsizeof(b'')
+# Payloads of at most this many bytes are looked up among the empty arrays
+# already decoded (an empty array's payload is its shape and dtype name); at
+# most _MAX_SHARED_EMPTIES distinct ones are kept per decode.
+_MAX_EMPTY_PAYLOAD = 256
+_MAX_SHARED_EMPTIES = 4096
+
+
+class _TooManyObjects(Exception):
+  """Raised by the decoding hooks when the overhead budget is spent."""
+
+
+class _DecodeBudget:
+  """Counts the memory of the objects a decode builds, as msgpack's hooks.
+
+  Each dict, list, array and other ext value is charged its size without the
+  data it holds (an array's data is part of the file's size already). Equal
+  empty arrays (the first ``_MAX_SHARED_EMPTIES`` distinct ones) are decoded
+  once and shared: they hold no data, and are read-only (as all decoded
+  arrays), so only identity tells them apart. Scalars (str, int, float, ...)
+  are not counted.
+  """
+
+  def __init__(self, nbytes: int):
+    factor = DECODE_OVERHEAD_FACTOR
+    self.limit = (None if factor is None else
+                  max(DECODE_OVERHEAD_MIN, int(factor * nbytes)))
+    self.used = 0
+    self.nbytes = nbytes
+    self.counts = {'arrays': 0, 'dicts': 0, 'lists': 0, 'other values': 0}
+    self.empties = {}  # ext payload -> the shared empty array
+    self.failed = False
+
+  def _charge(self, kind: str, size: int):
+    self.counts[kind] += 1
+    self.used += size
+    if self.limit is not None and self.used > self.limit:
+      counts = ', '.join(f'{n} {kind}' for kind, n in self.counts.items())
+      raise _TooManyObjects(
+          f'{self.nbytes} bytes of input would take more than {self.limit}'
+          f' bytes of memory for Python objects ({counts} so far), more than'
+          f' DECODE_OVERHEAD_FACTOR={DECODE_OVERHEAD_FACTOR} times the input'
+          ' or DECODE_OVERHEAD_MIN: a crafted or corrupt file (raise'
+          ' lib.serialization.DECODE_OVERHEAD_FACTOR to load it anyway)')
+
+  def dict_hook(self, d: dict) -> dict:
+    self._charge('dicts', sys.getsizeof(d))
+    return d
+
+  def list_hook(self, xs: list) -> list:
+    self._charge('lists', sys.getsizeof(xs))
+    return xs
+
+  def ext_hook(self, code: int, data: bytes):
+    key = (code, data) if len(data) <= _MAX_EMPTY_PAYLOAD else None
+    if key is not None and key in self.empties:
+      return self.empties[key]
+    try:
+      value = _msgpack_ext_unpack(code, data)
+    except ValueError as e:
+      self.failed = True
+      return _Undecodable(str(e))
+    if isinstance(value, np.ndarray):
+      self._charge('arrays', _ARRAY_OVERHEAD + 16 * value.ndim)
+      if (key is not None and value.size == 0 and
+          len(self.empties) < _MAX_SHARED_EMPTIES):
+        self.empties[key] = value
+    else:
+      self._charge('other values', sys.getsizeof(value))
+    return value
+
+
 def msgpack_restore(encoded_pytree: bytes):
   """Decodes msgpack bytes into nested dicts of numpy arrays and scalars.
 
   Never executes code: only msgpack values, arrays of non-object dtypes,
-  numpy scalars and complex numbers are built.
+  numpy scalars and complex numbers are built. Arrays are read-only views of
+  their data (except chunked ones); equal empty arrays are one shared object.
 
     >>> msgpack_restore(msgpack_serialize({'a': [1, 2.5], 'b': 1j}))
     {'a': [1, 2.5], 'b': 1j}
 
+  Memory is bounded: the arrays, dicts, lists and ext values built may take
+  at most ``max(DECODE_OVERHEAD_MIN, DECODE_OVERHEAD_FACTOR * len(bytes))``
+  bytes beyond their data (64 MiB or 4x the input by default), so a small
+  crafted file of millions of tiny arrays or empty dicts cannot take
+  gigabytes. Real checkpoints stay far below it (a few hundred bytes per
+  array).
+
   Raises:
-    gintrain.lib.errors.MsgpackDecodeError: the bytes are truncated or not a valid
-      encoding (it is also a ``ValueError``); the message names the path of
-      a corrupt array where there is one.
+    gintrain.lib.errors.MsgpackDecodeError: the bytes are truncated or not a
+      valid encoding, or would exceed the memory bound (it is also a
+      ``ValueError``); the message names the path of a corrupt array where
+      there is one.
     TypeError: ``encoded_pytree`` is not a bytes-like object.
   """
   try:
-    memoryview(encoded_pytree)
+    nbytes = memoryview(encoded_pytree).nbytes
   except TypeError:
     raise TypeError(
         'msgpack_restore needs bytes, got a'
         f' {type(encoded_pytree).__name__}') from None
-  failed = []
-
-  def ext_hook(code, data):
-    try:
-      return _msgpack_ext_unpack(code, data)
-    except ValueError as e:
-      failed.append(True)
-      return _Undecodable(str(e))
-
+  budget = _DecodeBudget(nbytes)
   try:
     state = msgpack.unpackb(
-        encoded_pytree, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        encoded_pytree, ext_hook=budget.ext_hook, object_hook=budget.dict_hook,
+        list_hook=budget.list_hook, raw=False, strict_map_key=False)
+  except _TooManyObjects as e:
+    raise errors.MsgpackDecodeError(str(e)) from None
   except (msgpack.UnpackException, ValueError, TypeError) as e:
     raise errors.MsgpackDecodeError(_describe(e)) from e
+  failed = budget.failed
   if failed:
     raise errors.MsgpackDecodeError(_find_undecodable(state))
   try:

@@ -932,3 +932,192 @@ def test_public_names():
     assert hasattr(ser, name), name
   assert ser.MAX_CHUNK_SIZE == fser.MAX_CHUNK_SIZE == 2**30
   assert typing.get_type_hints(ser.to_bytes) is not None
+
+
+# ---------------------------------------------------------------------------
+# flax's FrozenDict, without lib importing flax.
+
+
+def _frozen_trees():
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+  fd = frozen_dict.FrozenDict
+  params = fd({'dense': fd({'kernel': np.arange(6.).reshape(2, 3),
+                            'bias': np.zeros(3, np.float32)}),
+               'scale': np.float32(2.)})
+  return [
+      params,
+      {'params': params, 'step': 3},
+      [fd({'a': 1, 'b': [1.5, fd()]}), np.ones(2)],
+      Pair(fd({2: 'two', 1: 'one'}), None),
+      optax.adam(1e-3).init(params),
+  ]
+
+
+@pytest.mark.parametrize('index', range(5))
+def test_frozen_dict_bytes_and_restore_match_flax(index):
+  tree = _frozen_trees()[index]
+  encoded = fser.to_bytes(tree)
+  assert ser.to_bytes(tree) == encoded
+  assert_same(ser.to_state_dict(tree), fser.to_state_dict(tree))
+  zeros = jax.tree_util.tree_map(np.zeros_like, tree)
+  ours, theirs = ser.from_bytes(zeros, encoded), fser.from_bytes(zeros, encoded)
+  assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(
+      theirs) == jax.tree_util.tree_structure(tree)
+  for a, b in zip(jax.tree_util.tree_leaves(ours),
+                  jax.tree_util.tree_leaves(theirs)):
+    assert_same(a, b)
+
+
+def test_frozen_dict_in_struct_dataclass():
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+
+  @struct.dataclass
+  class State:
+    params: Any
+    step: int
+
+  @fstruct.dataclass
+  class FState:
+    params: Any
+    step: int
+
+  params = frozen_dict.FrozenDict({'w': np.ones(3)})
+  encoded = ser.to_bytes(State(params, 2))
+  assert encoded == fser.to_bytes(FState(params, 2))
+  restored = ser.from_bytes(
+      State(frozen_dict.FrozenDict({'w': np.zeros(3)}), 0), encoded)
+  assert type(restored.params) is frozen_dict.FrozenDict
+  assert restored.step == 2 and restored.params['w'].tolist() == [1., 1., 1.]
+
+
+def test_frozen_dict_state_dict_rules():
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+  fd = frozen_dict.FrozenDict
+  assert ser.is_serializable(fd) and ser.is_serializable(fd({}))
+  assert ser.to_state_dict(fd({1: 2})) == {'1': 2}
+  restored = ser.from_state_dict(fd({1: 0, 'b': 0}), {'1': 5, 'b': 6, 'x': 7})
+  assert type(restored) is fd and dict(restored) == {1: 5, 'b': 6}
+  with pytest.raises(ValueError, match=r"keys \{'b'\} which are not present"):
+    ser.from_state_dict(fd({'a': 0, 'b': 0}), {'a': 1})
+  with pytest.raises(ValueError, match=r'unique string representation'):
+    ser.to_state_dict(fd({1: 0, '1': 0}))
+  with pytest.raises(ValueError, match=r'Expected a state dict'):
+    ser.from_state_dict(fd({'a': 0}), 3)
+  with pytest.raises(TypeError, match='FrozenDict'):  # as flax: not a dict
+    ser.msgpack_serialize({'a': fd({'b': 1})})
+
+
+def test_frozen_dict_handler_registered_by_user_is_kept(registry, monkeypatch):
+  from flax.core import frozen_dict  # pylint: disable=g-import-not-at-top
+  fd = frozen_dict.FrozenDict
+  monkeypatch.delitem(
+      ser._STATE_DICT_REGISTRY, fd, raising=False)  # pylint: disable=protected-access
+  registry(fd, lambda x: {'custom': dict(x)}, lambda x, s: 'restored')
+  assert ser.to_state_dict(fd({'a': 1})) == {'custom': {'a': 1}}
+  assert ser.from_state_dict(fd({'a': 1}), {}) == 'restored'
+
+
+def test_lib_does_not_import_flax():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (
+      'import sys, numpy as np\n'
+      'from gintrain.lib import (serialization, struct, errors, dynamic_scale,'
+      ' prefetch_iterator)\n'
+      'serialization.from_bytes({"a": [np.ones(2)]},'
+      ' serialization.to_bytes({"a": [np.ones(2)]}))\n'
+      'assert not [m for m in sys.modules if m.split(".")[0] == "flax"]\n')
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 env={**__import__('os').environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+# ---------------------------------------------------------------------------
+# Arrays are decoded compactly, and decoding memory is bounded.
+
+
+def test_array_is_one_object_on_its_bytes():
+  arr = np.arange(6, dtype=np.int16).reshape(2, 3)
+  out = ser.msgpack_restore(ser.msgpack_serialize({'a': arr}))['a']
+  assert_same(out, arr)
+  assert type(out.base) is bytes and not out.flags.writeable
+  assert out.flags.c_contiguous and out.flags.aligned
+  # flax's layout quirks still decode as flax does: a -1 dim is inferred.
+  odd = msgpack.packb({'a': msgpack.ExtType(1, msgpack.packb(
+      ([-1, 2], 'int16', arr.tobytes()), use_bin_type=True))})
+  assert_same(ser.msgpack_restore(odd), fser.msgpack_restore(odd))
+
+
+def test_equal_empty_arrays_are_shared():
+  tree = {'a': np.zeros((0, 3), np.float32), 'b': np.zeros((0, 3), np.float32),
+          'c': np.zeros((3, 0), np.float32), 'd': np.zeros(0, np.int8),
+          'e': [np.zeros((0, 3), np.float32)]}
+  encoded = fser.to_bytes(tree)
+  out = ser.msgpack_restore(encoded)
+  assert_same(out, fser.msgpack_restore(encoded))
+  assert out['a'] is out['b'] is out['e']['0']
+  assert out['c'] is not out['a'] and out['d'] is not out['a']
+  assert not out['a'].flags.writeable
+  with pytest.raises(ValueError):
+    out['a'].flags.writeable = True
+
+
+def test_overhead_limit(monkeypatch):
+  tree = {'layer': [np.float32(i) * np.ones(1) for i in range(100)]}
+  encoded = ser.msgpack_serialize(tree)
+  assert_same(ser.msgpack_restore(encoded), fser.msgpack_restore(encoded))
+  monkeypatch.setattr(ser, 'DECODE_OVERHEAD_MIN', 0)
+  monkeypatch.setattr(ser, 'DECODE_OVERHEAD_FACTOR', 1)
+  with pytest.raises(errors.MsgpackDecodeError) as e:
+    ser.msgpack_restore(encoded)
+  assert 'bytes of memory for Python objects' in str(e.value)
+  assert 'arrays' in str(e.value) and 'DECODE_OVERHEAD_FACTOR' in str(e.value)
+  assert '\n' not in str(e.value)
+  monkeypatch.setattr(ser, 'DECODE_OVERHEAD_FACTOR', None)  # no limit
+  assert_same(ser.msgpack_restore(encoded), fser.msgpack_restore(encoded))
+
+
+_MEASURE = '''
+import resource, sys
+from gintrain.lib import errors, serialization
+data = open(sys.argv[1], 'rb').read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+  out = serialization.msgpack_restore(data)
+  outcome = 'ok'
+except errors.MsgpackDecodeError as e:
+  outcome = 'rejected' if 'for Python objects' in str(e) else str(e)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(outcome, (after - before) * 1024 / len(data))
+'''
+
+
+def _crafted(kind: str, size: int) -> bytes:
+  if kind == 'empty arrays':
+    ext = msgpack.ExtType(1, msgpack.packb(((0,), 'float32', b'')))
+  elif kind == 'tiny arrays':
+    ext = msgpack.ExtType(1, msgpack.packb(((), 'float32', b'abcd'),
+                                           use_bin_type=True))
+  else:  # empty dicts
+    return msgpack.packb([{}] * (size - 5))
+  return msgpack.packb([ext] * (size // len(msgpack.packb(ext))))
+
+
+@pytest.mark.parametrize('kind,outcome', [
+    ('empty arrays', 'ok'),           # flax/before: about 16x the file size
+    ('tiny arrays', 'rejected'),      # about 16x
+    ('empty dicts', 'rejected'),      # about 70x
+])
+def test_crafted_file_memory_is_bounded(tmp_path, kind, outcome):
+  """Peak memory of decoding a 40 MB crafted file, in a fresh process."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'crafted.msgpack'
+  path.write_bytes(_crafted(kind, 40_000_000))
+  result = subprocess.run(
+      [sys.executable, '-c', _MEASURE, str(path)], check=True,
+      capture_output=True, text=True,
+      env={**__import__('os').environ, 'JAX_PLATFORMS': 'cpu'})
+  got, ratio = result.stdout.split()
+  assert got == outcome
+  # Measured: 0.5x (empty arrays), 4.5-4.7x (rejected ones).
+  assert float(ratio) < 8, f'{kind}: peak extra memory {ratio} x file size'
