@@ -1,13 +1,16 @@
 """gintrain: flax.training without flax, plus a gin-configured runner."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # One namespace, mapped from the top-level folders: `gintrain.lib` is lib/,
-# `gintrain.runner` is runner/, and the shipped configs in gin/ are package
-# data of `gintrain.gin` (read through importlib.resources), so installing
-# never claims the top-level names `lib`, `runner` or `gin`.
+# `gintrain.runner` is runner/ (with its subpackages), and the shipped
+# configs in gin/ are package data of `gintrain.gin` (read through
+# importlib.resources), so installing never claims the top-level names
+# `lib`, `runner` or `gin`.
 _PACKAGE_DIRS = {'gintrain.lib': 'lib', 'gintrain.runner': 'runner',
                  'gintrain.gin': 'gin'}
+_PACKAGES = sorted(_PACKAGE_DIRS) + [
+    f'gintrain.runner.{sub}' for sub in find_packages('runner')]
 
 
 setup(
@@ -18,12 +21,12 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=sorted(_PACKAGE_DIRS),
+    packages=_PACKAGES,
     package_dir=_PACKAGE_DIRS,
     package_data={'gintrain.gin': ['*.gin', '*/*.gin', 'README.md']},
     install_requires=[
         'jax>=0.6,<0.11',
-        'optax>=0.2.4,<0.3',
+        'optax>=0.2.5,<0.3',
         'gin-config>=0.5,<0.6',
         'msgpack>=1.0,<2',
         'absl-py>=2.0,<3',
@@ -36,8 +39,9 @@ setup(
         'matplotlib>=3.8',
     ],
     extras_require={
-        'test': ['pytest>=8', 'flax==0.12.8'],
+        'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10'],
+        'wandb': ['wandb>=0.19.10'],
         'orbax': ['orbax-checkpoint>=0.11'],
     },
-    entry_points={'console_scripts': ['gintrain=gintrain.runner.train:run']},
+    entry_points={'console_scripts': ['gintrain=gintrain.runner.cli.main:run']},
 )

@@ -39,11 +39,11 @@ import jax
 import optax
 from absl import logging
 
-from gintrain.runner import batching
-from gintrain.runner import datasets
-from gintrain.runner import losses
-from gintrain.runner import models
-from gintrain.runner import state as state_lib
+from gintrain.runner.data import batching
+from gintrain.runner.data import datasets
+from gintrain.runner.tasks import losses
+from gintrain.runner.models import plain as models
+from gintrain.runner.training import state as state_lib
 from gintrain.runner import train as runner_train
 
 # (name, mlp features, batch size, window = log_every, windows). The first
@@ -63,9 +63,9 @@ class BareLoop:
   def __init__(self, features, batch_size, seed=0):
     self.data = datasets.digits()
     model = models.mlp(features=features, num_classes=10)
-    self.state = state_lib.create_train_state(
-        model, optax.adam(LEARNING_RATE), jax.random.key(seed),
-        self.data.x_train[:1])
+    variables = model.init(jax.random.key(seed), self.data.x_train[:1])
+    self.state = state_lib.create_train_state(variables, model.apply,
+                                              optax.adam(LEARNING_RATE))
     self.batch_size, self.seed, self.step = batch_size, seed, 0
 
     @jax.jit

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gintrain.runner import batching
+from gintrain.runner.data import batching
 
 
 def test_each_epoch_is_a_permutation_without_repeats():
@@ -49,7 +49,7 @@ def test_resumed_run_sees_the_same_batches():
 def test_batches_are_stable_across_interpreters():
   # The permutation comes from numpy's default_rng([seed, epoch]) only:
   # another interpreter (another host) computes the same batch.
-  code = ('from gintrain.runner import batching;'
+  code = ('from gintrain.runner.data import batching;'
           'print(batching.global_batch_indices(1000, 16, 5, 123).tolist())')
   out = subprocess.run([sys.executable, '-c', code], check=True,
                        capture_output=True, text=True).stdout

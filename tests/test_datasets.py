@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from gintrain.runner import datasets
+from gintrain.runner.data import datasets
 
 
 def test_digits_is_a_stratified_disjoint_cover_fixed_by_seed():

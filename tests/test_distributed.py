@@ -17,8 +17,8 @@ from absl import flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gintrain.runner import distributed  # pylint: disable=wrong-import-position
-from gintrain.runner.distributed import DistributedConfigError, Plan, resolve  # pylint: disable=wrong-import-position
+from gintrain.runner.parallel import distributed# pylint: disable=wrong-import-position
+from gintrain.runner.parallel.distributed import DistributedConfigError, Plan, resolve  # pylint: disable=wrong-import-position
 
 SRUN_ENV = {'SLURM_JOB_ID': '17', 'SLURM_STEP_NODELIST': 'node[001-002]',
             'SLURM_NTASKS': '4', 'SLURM_PROCID': '3', 'SLURM_LOCALID': '1'}
@@ -133,7 +133,7 @@ def test_missing_peer_fails_within_initialization_timeout():
   # Process 1 of 2 whose coordinator (process 0) never starts: it must give
   # up after --initialization_timeout, not hang.
   port = harness.free_port()
-  code = ('from gintrain.runner import distributed\n'
+  code = ('from gintrain.runner.parallel import distributed\n'
           f'distributed.initialize("auto", "127.0.0.1:{port}", 2, 1,'
           ' initialization_timeout=2)\n'
           'import jax; jax.devices()\n')

@@ -9,6 +9,7 @@ configs must come from the installed package, and the top-level names
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -43,8 +44,12 @@ def venv(tmp_path_factory):
           if os.path.isdir(p)]
   with open(os.path.join(purelib, '_gintrain_test_deps.pth'), 'w') as f:
     f.write('\n'.join(deps) + '\n')
+  # Built from a copy, so the build leaves nothing in the checkout.
+  src = root / 'src'
+  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+      '.git', 'build', '*.egg-info', '__pycache__', 'workdir*'))
   _run([str(py), '-m', 'pip', 'install', '-q', '--no-deps',
-        '--no-cache-dir', REPO],
+        '--no-cache-dir', str(src)],
        env=dict(os.environ, TMPDIR=str(root), PIP_DISABLE_PIP_VERSION_CHECK='1'),
        cwd=str(root))
   return env_dir
@@ -54,7 +59,7 @@ def test_installed_package_is_a_copy_under_one_namespace(venv, tmp_path):
   py = str(venv / 'bin' / 'python')
   proc = _run([py, '-c',
                'import importlib.util as u, gintrain.lib.checkpoints as c,'
-               ' gintrain.runner.config as g;'
+               ' gintrain.runner.cli.config as g;'
                ' print(c.__file__); print(g.REPO_GIN_DIR);'
                ' print([n for n in ("lib", "runner") if u.find_spec(n)])'],
               cwd=str(tmp_path), env=dict(os.environ, JAX_PLATFORMS='cpu'))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gintrain.runner import losses
-from gintrain.runner import models
+from gintrain.runner.tasks import losses
+from gintrain.runner.models import plain as models
 
 
 class FlaxMLP(nn.Module):

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gintrain.runner import preemption  # pylint: disable=wrong-import-position
+from gintrain.runner.parallel import preemption# pylint: disable=wrong-import-position
 
 
 @pytest.fixture

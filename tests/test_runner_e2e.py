@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gintrain.lib import checkpoints
-from gintrain.runner import checkpointing
-from gintrain.runner import preemption
+from gintrain.runner.outputs import checkpoints as checkpointing
+from gintrain.runner.parallel import preemption
 from gintrain.runner import train
 
 # A tiny experiment: a 16-unit MLP on the 4-class synthetic task.
@@ -238,7 +238,8 @@ def test_user_model_and_dataset_through_gin(tmp_path, monkeypatch):
   (tmp_path / 'my_experiment.py').write_text(
       'import gin\n'
       'import numpy as np\n'
-      'from gintrain.runner import datasets, models\n'
+      'from gintrain.runner.data import datasets\n'
+      'from gintrain.runner.models import plain as models\n'
       '@gin.configurable\n'
       'def my_model(width=8):\n'
       '  return models.mlp(features=(width,), num_classes=3)\n'

@@ -14,16 +14,16 @@ import pytest
 
 import gintrain.runner
 from gintrain.lib import lr_schedule
-from gintrain.runner import checkpointing
-from gintrain.runner import config
-from gintrain.runner import configurables  # pylint: disable=unused-import
+from gintrain.runner.outputs import checkpoints as checkpointing
+from gintrain.runner.cli import config
+from gintrain.runner.cli import configurables# pylint: disable=unused-import
 from gintrain.runner import errors
-from gintrain.runner import flags as runner_flags
-from gintrain.runner import optimizers
-from gintrain.runner import parallel
-from gintrain.runner import schedules
-from gintrain.runner import settings
-from gintrain.runner import state
+from gintrain.runner.cli import flags as runner_flags
+from gintrain.runner.training import optimizers
+from gintrain.runner.parallel import partitioners as parallel
+from gintrain.runner.training import schedules
+from gintrain.runner.outputs import settings
+from gintrain.runner.training import state
 from gintrain.runner.errors import RunnerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +236,7 @@ def test_lib_stays_free_of_gin_and_flax():
 def test_repo_gin_folder_does_not_shadow_gin_package():
   assert not os.path.exists(os.path.join(REPO, 'gin', '__init__.py'))
   proc = subprocess.run(
-      [sys.executable, '-c', 'import gin, gintrain.runner.config as c;'
+      [sys.executable, '-c', 'import gin, gintrain.runner.cli.config as c;'
        ' print(gin.__file__); print(c.REPO_GIN_DIR)'],
       cwd=REPO, capture_output=True, text=True, check=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))

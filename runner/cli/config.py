@@ -2,10 +2,12 @@
 
 Files given with ``--gin_file`` are looked up as given (relative to the
 working directory), then in each ``--gin_search_paths`` entry, then in the
-repository's ``gin/`` folder, which is always searched (so
-``--gin_file=models/cnn.gin`` works from anywhere). ``include`` statements
-inside gin files search ``--gin_search_paths``, then ``gin/``, then the
-working directory.
+shipped ``gin/`` folder (package data of ``gintrain.gin``), which is always
+searched (so ``--gin_file=models/cnn.gin`` works from anywhere).
+``include`` statements inside gin files look in the working directory (gin's
+own rule), then ``--gin_search_paths``, then ``gin/``. Only gin's public API
+is used: a registered file reader for the search paths, and gin's own
+parser to read the bindings back from ``gin.config_str()``.
 
 Every gin fault becomes a :class:`runner.errors.RunnerError` whose one-line
 message names the place (``file:line`` or the ``--gin_bindings`` entry) and,
@@ -15,11 +17,13 @@ for unknown names, the closest known one.
 import importlib.resources
 import importlib.util
 import inspect
+import logging
 import os
 import re
 import tokenize
 
 import gin
+import gin.config_parser
 
 from gintrain.runner.errors import RunnerError, did_you_mean
 
@@ -68,30 +72,52 @@ _UNKNOWN_PARAMETER_RE = re.compile(
     r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
 
 
-def add_search_paths(paths) -> None:
-  """Makes gin's ``include`` look in ``paths``, then ``gin/``, then ``.``.
+# The directories searched for gin files, in order (see add_search_paths).
+_SEARCH: list[str] = []
 
-  Idempotent. The working directory comes last (gin's default puts it
-  first): a name not found there is also tried as a Python package resource,
-  which imports the package named by its directory and logs an error, so the
-  known directories go first.
-  """
-  # gin keeps its search path in a module list; adding is public, but to
-  # keep this order across repeated runs in one process the list is
-  # rewritten here.
-  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
-  wanted = [os.path.abspath(p) for p in paths] + [REPO_GIN_DIR]
-  prefixes[:] = wanted + [p for p in prefixes if p not in wanted]
+
+def _in_search_paths(path: str) -> str | None:
+  if os.path.isabs(path):
+    return None
+  for folder in _SEARCH:
+    candidate = os.path.join(folder, path)
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def _open_in_search_paths(path: str):
+  return open(_in_search_paths(path), encoding='utf-8')
+
+
+class _QuietGinProbe(logging.Filter):
+  """Drops gin's resource-reader probe lines ("Path not found: run.gin"),
+  which it logs for every include it tries as a Python package first."""
+
+  def filter(self, record):
+    return not record.pathname.endswith(
+        os.path.join('gin', 'resource_reader.py'))
+
+
+# gin's public hooks: a file reader that looks in _SEARCH (tried after the
+# working directory), and a filter for the probe noise.
+gin.config.register_file_reader(_open_in_search_paths,
+                                lambda p: _in_search_paths(p) is not None)
+logging.getLogger().addFilter(_QuietGinProbe())
+
+
+def add_search_paths(paths) -> None:
+  """Makes gin's ``include`` look in the working directory, then ``paths``,
+  then the shipped ``gin/`` folder (replacing earlier search paths)."""
+  _SEARCH[:] = list(dict.fromkeys(
+      [os.path.abspath(p) for p in paths] + [REPO_GIN_DIR]))
 
 
 def _registered_selectors() -> list[str]:
-  registry = gin.config._REGISTRY  # pylint: disable=protected-access
-  names = set()
-  for selector, _ in registry.items():
-    if selector.startswith('gin.'):
-      continue
-    names.add(selector)
-    names.add(registry.minimal_selector(selector))
+  """The runner's configurable names, full and without the module."""
+  from gintrain.runner.cli import configurables  # pylint: disable=g-import-not-at-top
+  names = set(configurables.REGISTERED)
+  names |= {n.split('.', 1)[1] for n in configurables.REGISTERED}
   return sorted(names)
 
 
@@ -204,18 +230,40 @@ def _find(name: str, search_paths) -> str:
   raise RunnerError(f'--gin_file={name}: no such file (searched {searched}).')
 
 
+class _Ref:
+  """A configurable reference or macro, kept as its gin source text."""
+
+  def __init__(self, text):
+    self.text = text
+
+  def __repr__(self):
+    return self.text
+
+
+class _AsText(gin.config_parser.ParserDelegate):
+  """Parses references and macros into their source text (no lookups)."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return _Ref(f'@{scoped_configurable_name}{"()" if evaluate else ""}')
+
+  def macro(self, macro_name):
+    return _Ref(f'%{macro_name}')
+
+
 def _bindings():
-  """``[(binding key, value)]`` of the parsed config, macros included."""
-  registry = gin.config._REGISTRY  # pylint: disable=protected-access
+  """``[(binding key, value)]`` of the parsed config, macros included,
+  read back from ``gin.config_str()`` with gin's own parser."""
   out = []
-  for (scope, selector), params in gin.config._CONFIG.items():  # pylint: disable=protected-access
-    if selector == 'gin.macro':
-      out.append((f'%{scope}', params.get('value')))
+  parser = gin.config_parser.ConfigParser(gin.config_str(), _AsText())
+  for statement in parser:
+    if not isinstance(statement, gin.config_parser.BindingStatement):
       continue
-    name = registry.minimal_selector(selector)
-    prefix = f'{scope}/' if scope else ''
-    for param, value in params.items():
-      out.append((f'{prefix}{name}.{param}', value))
+    prefix = f'{statement.scope}/' if statement.scope else ''
+    if not statement.arg_name:  # a macro: NAME = value
+      out.append((f'%{prefix}{statement.selector}', statement.value))
+      continue
+    out.append((f'{prefix}{statement.selector}.{statement.arg_name}',
+                statement.value))
   return out
 
 
@@ -246,7 +294,7 @@ def finalize() -> None:
 def _plain(value):
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
-  return gin.config._format_value(value)  # pylint: disable=protected-access
+  return repr(value)
 
 
 def bound_parameters() -> dict:

@@ -2,54 +2,62 @@
 
 ``lib/`` and the runner's modules stay free of gin: each function is wrapped
 here, at registration time, with ``gin.external_configurable``. The wrapped
-versions are what gin's ``@name`` references resolve to; the module
-attributes below (``configurables.train`` ...) are those wrappers, so calling
-them applies the bindings.
+versions are what gin's ``@name`` references resolve to;
+``configurables.train()`` builds the checked ``TrainConfig`` from the
+bindings.
 
 Names (the module part may be dropped where the name is unique, e.g.
 ``@mlp()`` for ``@models.mlp()``):
 
 ==========================  ===============================================
-``runner.train``            the loop (``runner.loop.train``)
-``runner.checkpoint_policy``  ``runner.checkpointing.CheckpointPolicy``
-``runner.early_stopping``   ``runner.state.early_stopping``
-``runner.create_train_state``  ``runner.state.create_train_state``
-``models.mlp/cnn``          ``runner.models``
-``datasets.digits/synthetic``  ``runner.datasets``
-``losses.cross_entropy_loss/accuracy``  ``runner.losses``
-``optimizers.optimizer``    ``runner.optimizers.optimizer`` (any optax
+``runner.train``            the run's settings (``training.config.TrainConfig``)
+``runner.checkpoint_policy``  ``outputs.checkpoints.CheckpointPolicy``
+``runner.early_stopping``   ``training.state.early_stopping``
+``runner.create_train_state``  ``training.state.create_train_state``
+``models.mlp/cnn``          ``models.plain`` (plain JAX, flax names)
+``models.nnx_model``        ``models.nnx`` (adapter for flax nnx modules)
+``datasets.digits/synthetic/diabetes``  ``data.datasets`` (in memory)
+``data.iterable_source``    ``data.iterable`` (any iterable of batches)
+``tasks.classification/regression``  ``tasks`` (``train.task``)
+``losses.cross_entropy_loss/accuracy``  ``tasks.losses``
+``writers.jsonl/tensorboard/wandb``  ``outputs.writers`` (``train.writers``)
+``actions.callback``        ``actions.base.Callback`` (``train.actions``)
+``optimizers.optimizer``    ``training.optimizers.optimizer`` (any optax
                             optimizer by name, clipping, weight decay)
 ``schedules.constant/stepped/cosine``  ``lib.lr_schedule`` (epochs)
 ``optax.<schedule>``        optax schedules (steps)
 ``optax.<optimizer>``       optax optimizers, e.g. ``@optax.sgd()``
 ==========================  ===============================================
 
-A user's own model or dataset: any function returning an object with
-``init``/``apply`` (a model) or ``x_train``/``y_train``/``x_test``/``y_test``
-(a dataset). Decorate it with ``@gin.configurable`` in your module and
-import the module from gin (``import my_module`` in a gin file, or
-``--gin_bindings='import my_module'``); then
-``--gin.train.model=@my_module.my_model`` (a factory, called by the loop) or
-``=@my_module.my_model()`` (called by gin).
+Your own model, data source, task, action or metric writer: decorate it
+with ``@gin.configurable`` in your module, import the module from gin
+(``import my_module`` in a gin file, or ``--gin_bindings='import
+my_module'``), and bind it: ``train.model``, ``train.dataset``,
+``train.task`` (a factory called with ``model=``), ``train.actions`` (a
+list), ``train.writers`` (a list of factories called with the workdir).
+``@my_module.f`` (no parentheses) hands the factory to the runner, which
+calls it; ``@my_module.f()`` has gin call it.
 """
 
 import gin
 import optax
 
-from gintrain.runner import checkpointing
-from gintrain.runner import datasets
-from gintrain.runner import loop
-from gintrain.runner import losses
-from gintrain.runner import models
-from gintrain.runner import optimizers
-from gintrain.runner import schedules
-from gintrain.runner import state
+from gintrain.runner.actions import base as actions_base
+from gintrain.runner.data import datasets
+from gintrain.runner.data import iterable
+from gintrain.runner.models import nnx
+from gintrain.runner.models import plain as models
+from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import writers
+from gintrain.runner.tasks import classification
+from gintrain.runner.tasks import losses
+from gintrain.runner.tasks import regression
+from gintrain.runner.training import config
+from gintrain.runner.training import optimizers
+from gintrain.runner.training import schedules
+from gintrain.runner.training import state
 
-__all__ = ['train', 'OPTAX_SCHEDULES', 'OPTAX_OPTIMIZERS']
-
-# Arguments the runner itself passes (from flags); not bindable.
-_TRAIN_CALLER_ARGS = ['workdir', 'resume', 'init_from', 'settings', 'hooks',
-                      'dry_run']
+__all__ = ['train', 'REGISTERED', 'OPTAX_SCHEDULES', 'OPTAX_OPTIMIZERS']
 
 OPTAX_SCHEDULES = ('constant_schedule', 'linear_schedule',
                    'cosine_decay_schedule', 'warmup_cosine_decay_schedule',
@@ -61,24 +69,38 @@ OPTAX_SCHEDULES = ('constant_schedule', 'linear_schedule',
 OPTAX_OPTIMIZERS = ('sgd', 'adam', 'adamw', 'nadam', 'rmsprop', 'adagrad',
                     'adafactor', 'lamb', 'lion', 'adabelief')
 
+# 'module.name' of everything registered here (for did-you-mean hints).
+REGISTERED: list[str] = []
+
 
 def _register(fn, name, module, denylist=None):
+  REGISTERED.append(f'{module}.{name}')
   return gin.external_configurable(fn, name=name, module=module,
                                    denylist=denylist)
 
 
-train = _register(loop.train, 'train', 'runner', denylist=_TRAIN_CALLER_ARGS)
-_register(checkpointing.CheckpointPolicy, 'checkpoint_policy', 'runner')
+train = _register(config.TrainConfig, 'train', 'runner')
+_register(checkpoints.CheckpointPolicy, 'checkpoint_policy', 'runner')
 _register(state.early_stopping, 'early_stopping', 'runner')
 _register(state.create_train_state, 'create_train_state', 'runner',
-          denylist=['model', 'tx', 'rng', 'sample_input'])
+          denylist=['variables', 'apply_fn', 'tx'])
 
 for _name in ('mlp', 'cnn'):
   _register(getattr(models, _name), _name, 'models')
-for _name in ('digits', 'synthetic'):
+_register(nnx.nnx_model, 'nnx_model', 'models')
+for _name in ('digits', 'synthetic', 'diabetes'):
   _register(getattr(datasets, _name), _name, 'datasets')
+_register(iterable.iterable_source, 'iterable_source', 'data')
+_register(classification.classification, 'classification', 'tasks',
+          denylist=['model'])
+_register(regression.regression, 'regression', 'tasks', denylist=['model'])
 for _name in ('cross_entropy_loss', 'accuracy'):
   _register(getattr(losses, _name), _name, 'losses')
+for _name, _cls in (('jsonl', writers.JsonlWriter),
+                    ('tensorboard', writers.TensorBoardWriter),
+                    ('wandb', writers.WandbWriter)):
+  _register(_cls, _name, 'writers', denylist=['workdir'])
+_register(actions_base.Callback, 'callback', 'actions')
 
 _register(optimizers.optimizer, 'optimizer', 'optimizers')
 for _name in ('constant', 'stepped', 'cosine'):

@@ -1,4 +1,4 @@
-r"""gintrain: train a JAX model from gin config files.
+r"""gintrain's command line: flags -> gin -> checked config -> trainer.
 
 Usage (``python -m gintrain.runner.train`` or the ``gintrain`` console script)::
 
@@ -26,7 +26,7 @@ import its module from gin::
 
     # my_module.py (in the working directory or on PYTHONPATH)
     import gin
-    from gintrain.runner import models
+    from gintrain.runner.models import plain as models
 
     @gin.configurable
     def my_model(width=256):
@@ -64,14 +64,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from gintrain.runner import config
-from gintrain.runner import configurables
-from gintrain.runner import distributed
-from gintrain.runner import flags as runner_flags
-from gintrain.runner import loop
-from gintrain.runner import preemption
-from gintrain.runner import settings as settings_lib
+from gintrain.runner.cli import config
+from gintrain.runner.cli import configurables
+from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import settings as settings_lib
+from gintrain.runner.parallel import distributed
+from gintrain.runner.parallel import preemption
+from gintrain.runner.training import trainer
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
            'FLAGS_FILE']
@@ -143,7 +143,15 @@ def _write(path: str, text: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def _dry_run() -> int:
+def _build_config():
+  """Parses gin and builds the checked TrainConfig (no JAX work)."""
+  files = runner_flags.GIN_FILE.value or [config.DEFAULT_GIN_FILE]
+  config.parse(files, runner_flags.GIN_BINDINGS.value or [],
+               runner_flags.GIN_SEARCH_PATHS.value or [])
+
+
+def dry_run() -> int:
+  """Prints the parsed config, unset REQUIRED bindings, and what it builds."""
   print('# Parsed gin config', config.config_str(), sep='\n')
   missing = config.unset_required()
   if missing:
@@ -153,20 +161,17 @@ def _dry_run() -> int:
     config.check_required()  # raises with the full list
   print('# All %gin.REQUIRED bindings are set.')
   config.finalize()
-  summary = configurables.train(workdir=None, dry_run=True)
+  summary = trainer.dry_run(configurables.train())
   print('# Built:')
   for key, value in summary.items():
     print(f'#   {key}: {value}')
   return 0
 
 
-def _train(hooks=()) -> int:
-  files = runner_flags.GIN_FILE.value or [config.DEFAULT_GIN_FILE]
-  config.parse(files, runner_flags.GIN_BINDINGS.value or [],
-               runner_flags.GIN_SEARCH_PATHS.value or [])
-  if runner_flags.DRY_RUN.value:
-    return _dry_run()
+def train(hooks=()) -> int:
+  """Trains as the flags and gin files say; returns the exit status."""
   config.finalize()
+  cfg = configurables.train()  # every bad value fails here, before JAX work
   workdir = _prepare_workdir(runner_flags.WORKDIR.value)
   main = distributed.is_main_process()
   if main:
@@ -181,8 +186,8 @@ def _train(hooks=()) -> int:
              config.operative_config_str())
       written.append(step)
 
-  result = configurables.train(
-      workdir=workdir, resume=runner_flags.RESUME.value,
+  result = trainer.train(
+      cfg, workdir=workdir, resume=runner_flags.RESUME.value,
       init_from=runner_flags.INIT_FROM.value, settings=settings,
       hooks=[write_operative_config, *hooks])
   if main:
@@ -218,8 +223,9 @@ def _run_guarded(rest: list[str], hooks=()) -> int:
       raise RunnerError(f'unexpected arguments: {" ".join(rest[1:])}'
                         ' (flags look like --name=value).')
     distributed.initialize()
-    return _train(hooks)
-  except loop.Preempted as e:
+    _build_config()
+    return dry_run() if runner_flags.DRY_RUN.value else train(hooks)
+  except trainer.Preempted as e:
     logging.warning('%s; exiting with status %d.', e,
                     preemption.PREEMPTED_EXIT_CODE)
     return preemption.PREEMPTED_EXIT_CODE

@@ -1,4 +1,4 @@
-"""In-memory classification datasets that need no download.
+"""In-memory datasets that need no download (classification and regression).
 
     >>> ds = digits(test_fraction=0.25, seed=0)
     >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
@@ -7,8 +7,11 @@
     (8, 8, 1)
     >>> synthetic(num_train=64, num_test=16, num_features=5).x_train.shape
     (64, 5)
+    >>> diabetes().y_train.dtype, diabetes().num_classes
+    (dtype('float32'), None)
 
-Inputs are float32, labels int32 in ``[0, num_classes)``. Splits depend only
+Inputs are float32; classification labels are int32 in
+``[0, num_classes)``, regression targets float32 (``num_classes=None``). Splits depend only
 on the arguments (``seed`` included), so runs are reproducible.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from gintrain.runner.validation import check_int
 
-__all__ = ['Dataset', 'digits', 'synthetic']
+__all__ = ['Dataset', 'digits', 'synthetic', 'diabetes']
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -27,26 +30,28 @@ class Dataset:
   """A train/test split held in host memory as numpy arrays.
 
   Attributes:
-    x_train, y_train: training inputs (N, ...) float32 and labels (N,) int32.
+    x_train, y_train: training inputs (N, ...) and labels/targets (N, ...).
     x_test, y_test: the held-out split, same layout.
-    num_classes: labels lie in ``[0, num_classes)``.
+    num_classes: labels lie in ``[0, num_classes)``; ``None`` for
+      regression targets (any real values).
     name: a short description, for logs.
   """
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
-  num_classes: int
+  num_classes: int | None
   name: str = 'dataset'
 
   def __post_init__(self):
     for split in ('train', 'test'):
       x, y = getattr(self, f'x_{split}'), getattr(self, f'y_{split}')
-      if x.ndim < 2 or y.shape != x.shape[:1]:
+      if x.ndim < 2 or y.shape[:1] != x.shape[:1]:
         raise ValueError(
             f'{self.name}: x_{split} {x.shape} and y_{split} {y.shape} must'
             ' have the same number of rows, with x at least 2-D.')
-      if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+      if self.num_classes is not None and y.size and (
+          y.min() < 0 or y.max() >= self.num_classes):
         raise ValueError(f'{self.name}: y_{split} has labels outside'
                          f' [0, {self.num_classes}).')
     if self.x_train.shape[1:] != self.x_test.shape[1:]:
@@ -60,6 +65,14 @@ class Dataset:
   @property
   def num_test(self) -> int:
     return int(self.x_test.shape[0])
+
+  @property
+  def info(self) -> dict:
+    """What tasks check against: ``num_classes`` or ``target_dim``."""
+    if self.num_classes is None:
+      return {'target_dim': 1 if self.y_train.ndim == 1 else
+              int(self.y_train.shape[-1])}
+    return {'num_classes': self.num_classes}
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -140,3 +153,35 @@ def synthetic(num_train: int = 512, num_test: int = 128,
                  name=(f'synthetic(num_train={num_train}, num_test={num_test},'
                        f' num_features={num_features},'
                        f' num_classes={num_classes}, seed={seed})'))
+
+
+def diabetes(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+  """scikit-learn's bundled diabetes regression data (442 patients, 10
+  standardised features, a disease-progression target), for regression.
+
+  The target is standardised with the training split's mean and standard
+  deviation, so a constant predictor has a mean squared error of about 1.
+
+  Args:
+    test_fraction: the share held out for test, in (0, 1).
+    seed: fixes the shuffle-split (numpy ``default_rng(seed)``).
+  """
+  if (isinstance(test_fraction, bool)
+      or not isinstance(test_fraction, numbers.Real)
+      or not 0 < test_fraction < 1):
+    raise ValueError(
+        f'test_fraction must be a number in (0, 1), got {test_fraction!r}.')
+  seed = check_int('seed', seed, 0)
+  from sklearn.datasets import load_diabetes  # pylint: disable=g-import-not-at-top
+  raw = load_diabetes()
+  x = np.asarray(raw.data, np.float64)
+  y = np.asarray(raw.target, np.float64)
+  order = np.random.default_rng(seed).permutation(len(y))
+  n_test = max(1, int(round(len(y) * test_fraction)))
+  test, train = order[:n_test], order[n_test:]
+  mean, std = x[train].mean(0), x[train].std(0)
+  x = (x - mean) / std
+  y = (y - y[train].mean()) / y[train].std()
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  return Dataset(x[train], y[train], x[test], y[test], num_classes=None,
+                 name=f'diabetes(test_fraction={test_fraction}, seed={seed})')

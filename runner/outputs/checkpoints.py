@@ -2,12 +2,13 @@
 
 A run's checkpoints live in ``<workdir>/checkpoints/<prefix><step>`` (the
 flax msgpack format of ``lib.checkpoints``); with keep-best on, the best ones
-(by an eval metric) live in ``<workdir>/best_checkpoints/``. Each holds::
+(by an eval metric) live in ``<workdir>/best_checkpoints/``. The trainer's
+tree in each::
 
-    {'state': TrainState,                 # step, params, opt_state
-     'early_stopping': EarlyStopping,     # or {} when off
-     'best': {'steps': int64[k], 'values': float64[k]},   # kept-best record
-     'data': {'seed': int, 'step': int}}  # data position (see runner.batching)
+    {'state': TrainState,          # step, params, opt_state, model_state
+     'data': {...},                # the data source's position (get_state)
+     'early_stopping': ...,        # each checkpointed action's state, under
+     'best': {'steps', 'values'}}  # its checkpoint_key
 
 Restored trees are checked against the model before use: a missing or extra
 leaf, or a shape or dtype mismatch, is a :class:`RunnerError` naming the
@@ -19,17 +20,18 @@ import dataclasses
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from gintrain.lib import checkpoints
 from gintrain.lib import serialization
-from gintrain.runner import distributed
+from gintrain.runner.parallel import distributed
 from gintrain.runner.errors import RunnerError
 
-__all__ = ['CheckpointPolicy', 'Checkpointer', 'Restored', 'check_tree',
-           'load_params', 'CHECKPOINT_DIR', 'BEST_DIR']
+__all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'load_params',
+           'CHECKPOINT_DIR', 'BEST_DIR']
 
 CHECKPOINT_DIR = 'checkpoints'
 BEST_DIR = 'best_checkpoints'
@@ -179,27 +181,18 @@ def load_params(path: str, params: Any) -> Any:
   return serialization.from_state_dict(params, raw)
 
 
-@dataclasses.dataclass
-class Restored:
-  """What a resume brings back (host values)."""
-  state: Any
-  early_stopping: Any
-  step: int
-  path: str
-
-
 class Checkpointer:
-  """Saves and restores a run's checkpoints as ``policy`` says.
+  """Saves and reads a run's checkpoints as ``policy`` says.
 
   All processes call every method in the same order (multi-process saves
-  synchronise); only process 0 writes files.
+  synchronise); only process 0 writes files. What a checkpoint holds is the
+  caller's tree (see the module doc); this class owns where and when.
   """
 
   def __init__(self, workdir: str, policy: CheckpointPolicy):
     self.policy = policy
     self.dir = os.path.join(workdir, CHECKPOINT_DIR)
     self.best_dir = os.path.join(workdir, BEST_DIR)
-    self.best: list = []  # [(step, value)], best first
     self._saved_steps: set = set()
     self._async = checkpoints.AsyncManager() if policy.async_save else None
     self._multiprocess = _process_count() > 1
@@ -220,44 +213,40 @@ class Checkpointer:
             ' integer); move it out of the checkpoint directory.') from None
     return distributed.agree_on_step('resume_step', step)
 
-  def restore(self, step: int, state, early_stopping) -> Restored:
-    """Restores ``step`` into the structure of ``state``/``early_stopping``,
-    and the kept-best record into ``self.best``.
+  def path(self, step: int) -> str:
+    return os.path.join(self.dir, f'{self.policy.prefix}{step}')
+
+  def read(self, step: int) -> dict:
+    """The raw tree saved at ``step`` (state dicts of numpy arrays).
 
     Raises:
-      RunnerError: the checkpoint does not fit the model (naming leaves).
+      RunnerError: unreadable, or not a runner checkpoint.
     """
-    path = os.path.join(self.dir, f'{self.policy.prefix}{step}')
+    path = self.path(step)
     raw = _read(path)
     if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
       raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
                         ' entry).')
+    self._saved_steps.add(step)
+    return raw
+
+  def restore_state(self, step: int, raw: dict, state: Any) -> Any:
+    """``raw['state']`` restored into the structure of ``state``.
+
+    Raises:
+      RunnerError: the checkpoint does not fit the model (naming leaves).
+    """
     check_tree(serialization.to_state_dict(state), raw['state'],
-               f'checkpoint {path}', against='the model and optimizer',
+               f'checkpoint {self.path(step)}',
+               against='the model and optimizer',
                hint='To start a different model or optimizer, use a new'
                ' --workdir (with --init_from to reuse matching weights).')
-    state = serialization.from_state_dict(state, raw['state'])
-    if early_stopping is not None and raw.get('early_stopping'):
-      restored = serialization.from_state_dict(early_stopping,
-                                               raw['early_stopping'])
-      early_stopping = restored.replace(min_delta=early_stopping.min_delta,
-                                        patience=early_stopping.patience)
-    best = raw.get('best') or {}
-    self.best = [(int(s), float(v)) for s, v in zip(
-        np.asarray(best.get('steps', [])), np.asarray(best.get('values', [])))]
-    data_step = int((raw.get('data') or {}).get('step', step))
-    if data_step != int(np.asarray(state.step)):
-      raise RunnerError(f'{path}: data position {data_step} differs from the'
-                        f' train state step {int(state.step)}.')
-    self._saved_steps.add(step)
-    self._prune_best_after(step)
-    return Restored(state, early_stopping, data_step, path)
+    return serialization.from_state_dict(state, raw['state'])
 
-  def _prune_best_after(self, step):
-    """Drops best checkpoints newer than the resume point (they will be
-    recomputed, identically, and were not in the restored record)."""
+  def prune_best_after(self, step: int, kept) -> None:
+    """Drops best checkpoints newer than the resume point that are not in
+    ``kept`` (they will be recomputed, identically)."""
     if distributed.is_main_process() and os.path.isdir(self.best_dir):
-      kept = {s for s, _ in self.best}
       for name in os.listdir(self.best_dir):
         if not name.startswith(self.policy.prefix):
           continue
@@ -269,14 +258,6 @@ class Checkpointer:
           _remove(os.path.join(self.best_dir, name))
 
   # -- save ---------------------------------------------------------------
-
-  def _tree(self, step, state, early_stopping, seed):
-    steps = np.array([s for s, _ in self.best], np.int64)
-    values = np.array([v for _, v in self.best], np.float64)
-    return {'state': state,
-            'early_stopping': {} if early_stopping is None else early_stopping,
-            'best': {'steps': steps, 'values': values},
-            'data': {'seed': int(seed), 'step': int(step)}}
 
   def _save(self, directory, tree, step, keep, overwrite):
     kwargs = dict(target=tree, step=step, prefix=self.policy.prefix,
@@ -296,40 +277,21 @@ class Checkpointer:
     every = self.policy.every_steps
     return bool(every) and step % every == 0
 
-  def save(self, step: int, state, early_stopping, seed: int) -> bool:
-    """Saves ``state`` (host values) at ``step`` unless already saved."""
+  def save(self, step: int, tree: Callable[[], Any]) -> bool:
+    """Saves ``tree()`` at ``step`` unless that step is already saved."""
     if step in self._saved_steps:
       return False
-    self._save(self.dir, self._tree(step, state, early_stopping, seed), step,
-               keep=self.policy.keep, overwrite=False)
+    self._save(self.dir, tree(), step, keep=self.policy.keep,
+               overwrite=False)
     self._saved_steps.add(step)
     return True
 
-  def update_best(self, step, metrics, get_state, early_stopping,
-                  seed) -> bool:
-    """Saves a best checkpoint if ``metrics`` ranks in the top ``keep_best``.
-
-    ``get_state()`` returns the host train state; it is called only when a
-    checkpoint is written. Returns whether one was.
-    """
-    name = self.policy.best_metric
-    if name is None:
-      return False
-    value = float(metrics[name])
-    ranked = self.best + [(step, value)]
-    ranked.sort(key=lambda sv: sv[1], reverse=self.policy.best_mode == 'max')
-    ranked = ranked[:self.policy.keep_best]
-    if (step, value) not in ranked or not np.isfinite(value):
-      return False
-    evicted = [s for s, v in self.best if (s, v) not in ranked]
-    self.best = ranked
-    self._save(self.best_dir,
-               self._tree(step, get_state(), early_stopping, seed),
-               step, keep=0, overwrite=True)
+  def save_best(self, step: int, tree: Any, evicted=()) -> None:
+    """Saves ``tree`` into ``best_checkpoints/`` and removes ``evicted``."""
+    self._save(self.best_dir, tree, step, keep=0, overwrite=True)
     if distributed.is_main_process():
       for s in evicted:
         _remove(os.path.join(self.best_dir, f'{self.policy.prefix}{s}'))
-    return True
 
   def wait(self) -> None:
     """Blocks until a background save is done (re-raising its error)."""

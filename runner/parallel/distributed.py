@@ -45,6 +45,8 @@ from typing import Mapping, Optional, Sequence
 
 from absl import flags
 
+from gintrain.runner.parallel import signals
+
 __all__ = [
     'DistributedConfigError', 'Plan', 'detect_environment', 'resolve',
     'initialize', 'is_initialized', 'is_main_process', 'barrier',
@@ -331,11 +333,10 @@ def initialize(multiprocess: Optional[str] = None,
           ' launch with srun/mpirun.') from e
     raise
   # jax.distributed installs a SIGTERM notifier that only logs: a SIGTERM
-  # before the training loop installs its handler would be swallowed. Take
-  # over now, so that it is honoured at the first preemption check.
+  # before the training loop's first preemption check would be swallowed.
+  # Take over now, so that it is honoured at that check.
   if threading.current_thread() is threading.main_thread():
-    from gintrain.runner import preemption  # pylint: disable=g-import-not-at-top
-    preemption.install()
+    signals.install()
   logging.info('Process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

@@ -1,36 +1,39 @@
 """Where the steps run: one device, ``pmap``, or ``jit`` over a device mesh.
 
+A :class:`Partitioner` owns the devices: it places the train state and each
+batch, compiles the train and eval steps, and brings values back to the
+host. Provided:
+
 * ``single``: ``jax.jit`` on the default device.
 * ``pmap``: data parallel over the local devices (``lib.common_utils.shard``
   splits each process's batch; the state is replicated with a leading device
-  axis; gradients are ``pmean``-ed).
+  axis; the step functions reduce over ``axis_name``).
 * ``sharded``: ``jax.jit`` over a 1-D ``jax.sharding.Mesh`` of all devices
   with ``NamedSharding``: the batch is split along ``'data'``, the state is
   replicated. ``pmap``'s successor in JAX; works across processes.
 * ``auto``: ``single`` on one device, else ``sharded``.
 
-Every backend takes host values in (:meth:`Backend.put_state`, each
-process's share of a batch in :meth:`Backend.put_batch`) and gives host
-values back (:meth:`Backend.get`), so the loop does not care which one runs::
+``train.parallelism`` takes one of these names or a :class:`Partitioner`
+instance of your own::
 
     >>> import jax
-    >>> backend = make('auto')
-    >>> backend.mode in ('single', 'sharded')
+    >>> make('auto').name in ('single', 'sharded')
     True
 """
 
-import dataclasses
-from typing import Any, Callable
+import abc
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gintrain.lib import common_utils
-from gintrain.runner import steps
 from gintrain.runner.errors import RunnerError
 
-__all__ = ['MODES', 'resolve_mode', 'make', 'Backend']
+__all__ = ['MODES', 'resolve_mode', 'make', 'Partitioner', 'Single', 'Pmap',
+           'DataParallel']
 
 MODES = ('auto', 'single', 'pmap', 'sharded')
 _AXIS = 'data'
@@ -53,115 +56,141 @@ def resolve_mode(mode: str) -> str:
   return mode
 
 
-def _first_replica(x):
-  return np.asarray(x.addressable_shards[0].data)[0]
+class Partitioner(abc.ABC):
+  """Places values and compiles steps for one layout of the devices.
 
-
-def _first_local(x):
-  return np.asarray(x.addressable_data(0))
-
-
-@dataclasses.dataclass
-class Backend:
-  """Compiled steps plus the host <-> device moves of one mode.
+  Step functions are built by the trainer as
+  ``train_step(state, sums, batch) -> (state, sums)`` and
+  ``eval_step(state, batch) -> sums``; inside them, ``axis_name`` (when not
+  None) names the device axis to reduce over (``pmap``).
 
   Attributes:
-    mode: ``'single'``, ``'pmap'`` or ``'sharded'``.
+    name: for logs and records.
+    axis_name: the collective axis the step functions reduce over, or None.
     batch_divisor: the global batch size must be a multiple of this.
-    train_step: ``(state, metric_sums, batch) -> (state, metric_sums)`` on
-      placed values (see ``runner.steps``); the state is donated, the sums
-      are not (a placed zero can be passed again and again).
-    eval_step: ``(state, batch) -> sums`` on placed values.
-    in_shardings: the shardings of the steps' (state, batch) inputs and
-    out_sharding: of their outputs (``sharded`` only).
   """
-  mode: str
-  batch_divisor: int
-  put_state: Callable[[Any], Any]
-  put_batch: Callable[[dict], Any]
-  get: Callable[[Any], Any]
-  in_shardings: Any = None
-  out_sharding: Any = None
-  train_step: Callable = None
-  eval_step: Callable = None
+  name: str = 'partitioner'
+  axis_name: str | None = None
 
-  def compile(self, loss_fn, metric_fns):
-    """Sets ``train_step``/``eval_step`` for this loss and metrics."""
-    axis = _AXIS if self.mode == 'pmap' else None
-    train = steps.make_train_step(loss_fn, metric_fns, axis)
-    evaluate = steps.make_eval_step(loss_fn, metric_fns, axis)
-    if self.mode == 'single':
-      self.train_step = jax.jit(train, donate_argnums=0)
-      self.eval_step = jax.jit(evaluate)
-    elif self.mode == 'pmap':
-      self.train_step = jax.pmap(train, axis_name=_AXIS, donate_argnums=0)
-      self.eval_step = jax.pmap(evaluate, axis_name=_AXIS)
-    else:
-      state_in, batch_in = self.in_shardings
-      self.train_step = jax.jit(
-          train, in_shardings=(state_in, state_in, batch_in),
-          out_shardings=self.out_sharding, donate_argnums=0)
-      self.eval_step = jax.jit(evaluate, in_shardings=self.in_shardings,
-                               out_shardings=self.out_sharding)
-    return self
+  @property
+  def batch_divisor(self) -> int:
+    return 1
+
+  @abc.abstractmethod
+  def put_state(self, tree: Any) -> Any:
+    """Host values (the same on every process) -> placed values."""
+
+  @abc.abstractmethod
+  def put_batch(self, batch: dict) -> Any:
+    """This process's share of a global batch -> placed values."""
+
+  @abc.abstractmethod
+  def get(self, tree: Any) -> Any:
+    """Placed values -> host numpy values (one copy of replicated ones)."""
+
+  @abc.abstractmethod
+  def compile(self, train_step: Callable, eval_step: Callable
+              ) -> tuple[Callable, Callable]:
+    """The compiled steps; the train step donates the state."""
 
 
-def _single() -> Backend:
-  device = jax.local_devices()[0]
-  # Host batches go to jit as numpy: its C++ dispatch path copies them far
-  # faster than an explicit jax.device_put.
-  return Backend('single', 1,
-                 put_state=lambda tree: jax.device_put(tree, device),
-                 put_batch=lambda batch: batch,
-                 get=jax.device_get)
+class Single(Partitioner):
+  """``jax.jit`` on one device."""
+  name = 'single'
+
+  def __init__(self):
+    self.device = jax.local_devices()[0]
+
+  def put_state(self, tree):
+    return jax.device_put(tree, self.device)
+
+  def put_batch(self, batch):
+    # Host batches go to jit as numpy: its C++ dispatch path copies them far
+    # faster than an explicit jax.device_put.
+    return batch
+
+  def get(self, tree):
+    return jax.device_get(tree)
+
+  def compile(self, train_step, eval_step):
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
 
-def _pmap() -> Backend:
-  n = jax.local_device_count()
-  replicate = jax.pmap(lambda tree: tree, axis_name=_AXIS)
+class Pmap(Partitioner):
+  """Data parallel over the local devices with ``jax.pmap``."""
+  name = 'pmap'
+  axis_name = _AXIS
 
-  def put_state(tree):
-    return replicate(jax.tree_util.tree_map(
+  def __init__(self):
+    self._n = jax.local_device_count()
+    self._replicate = jax.pmap(lambda tree: tree, axis_name=_AXIS)
+
+  @property
+  def batch_divisor(self):
+    return jax.device_count()
+
+  def put_state(self, tree):
+    n = self._n
+    return self._replicate(jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
 
-  def put_batch(batch):
+  def put_batch(self, batch):
     return common_utils.shard(batch)
 
-  def get(tree):
-    return jax.tree_util.tree_map(_first_replica, tree)
+  def get(self, tree):
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
-  return Backend('pmap', jax.device_count(), put_state, put_batch, get)
+  def compile(self, train_step, eval_step):
+    return (jax.pmap(train_step, axis_name=_AXIS, donate_argnums=0),
+            jax.pmap(eval_step, axis_name=_AXIS))
 
 
-def _sharded() -> Backend:
-  mesh = Mesh(np.asarray(jax.devices()), (_AXIS,))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  split = NamedSharding(mesh, PartitionSpec(_AXIS))
+class DataParallel(Partitioner):
+  """``jax.jit`` over a 1-D mesh of all devices: batch split, state
+  replicated (``'sharded'``)."""
+  name = 'sharded'
 
-  def put_state(tree):
+  def __init__(self):
+    self.mesh = Mesh(np.asarray(jax.devices()), (_AXIS,))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.split = NamedSharding(self.mesh, PartitionSpec(_AXIS))
+
+  @property
+  def batch_divisor(self):
+    return jax.device_count()
+
+  def put_state(self, tree):
     def put(x):
       x = np.asarray(x)
-      return jax.make_array_from_callback(x.shape, replicated,
+      return jax.make_array_from_callback(x.shape, self.replicated,
                                           lambda index: x[index])
     return jax.tree_util.tree_map(put, tree)
 
-  def put_batch(batch):
+  def put_batch(self, batch):
     # Explicitly placed: with numpy batches split by jit's in_shardings,
     # jax 0.10 on CPU can deadlock in the gradient all-reduce (a collective
     # rendezvous times out) when devices outnumber cores.
     if jax.process_count() == 1:
-      return jax.device_put(batch, split)
+      return jax.device_put(batch, self.split)
     return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(split, x), batch)
+        lambda x: jax.make_array_from_process_local_data(self.split, x), batch)
 
-  def get(tree):
-    return jax.tree_util.tree_map(_first_local, tree)
+  def get(self, tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
+                                  tree)
 
-  return Backend('sharded', jax.device_count(), put_state, put_batch, get,
-                 in_shardings=(replicated, split), out_sharding=replicated)
+  def compile(self, train_step, eval_step):
+    rep, split = self.replicated, self.split
+    return (jax.jit(train_step, in_shardings=(rep, rep, split),
+                    out_shardings=rep, donate_argnums=0),
+            jax.jit(eval_step, in_shardings=(rep, split), out_shardings=rep))
 
 
-def make(mode: str) -> Backend:
-  """The backend for ``mode`` (see :func:`resolve_mode`), not yet compiled."""
-  return {'single': _single, 'pmap': _pmap,
-          'sharded': _sharded}[resolve_mode(mode)]()
+def make(mode: str | Partitioner) -> Partitioner:
+  """The partitioner for ``mode`` (see :func:`resolve_mode`), or ``mode``
+  itself when it is a :class:`Partitioner`."""
+  if isinstance(mode, Partitioner):
+    return mode
+  return {'single': Single, 'pmap': Pmap,
+          'sharded': DataParallel}[resolve_mode(mode)]()

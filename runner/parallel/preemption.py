@@ -34,10 +34,10 @@ happens::
     (True, True)
     >>> uninstall(); reset()
 
-``runner.distributed.initialize`` already installs the handler when it
-starts a multi-process run (JAX's own SIGTERM notifier would swallow the
-signal otherwise), so a signal during start-up is acted on at the first
-check.
+``runner.parallel.distributed.initialize`` already installs the handler
+(:mod:`.signals`) when it starts a multi-process run (JAX's own SIGTERM
+notifier would swallow the signal otherwise), so a signal during start-up is
+acted on at the first check.
 """
 
 import logging
@@ -47,13 +47,14 @@ from typing import Optional, Sequence
 
 from absl import flags
 
-from gintrain.runner import distributed
+from gintrain.runner.parallel import distributed
+from gintrain.runner.parallel import signals
 
 __all__ = ['PREEMPTED_EXIT_CODE', 'SIGNALS', 'install', 'uninstall',
            'requested', 'request', 'should_stop', 'reset', 'check_interval']
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL: "preempted, requeue me"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = signals.SIGNALS
 
 _CHECK_INTERVAL = flags.DEFINE_integer(
     'preemption_check_interval', 1,
@@ -61,51 +62,11 @@ _CHECK_INTERVAL = flags.DEFINE_integer(
     ' process must use the same value). 1 stops at the very next step.',
     lower_bound=1)
 
-_flag = threading.Event()
-_received: list = []
-_previous: dict = {}
-
-
-def _handler(signum, frame):  # pylint: disable=unused-argument
-  # Only set a flag: anything more (I/O, locks, JAX) is unsafe in a handler.
-  _received.append(signum)
-  _flag.set()
-
-
-def install(signals: Sequence[int] = SIGNALS) -> None:
-  """Installs the flag-setting handler for ``signals`` (main thread only).
-
-  Idempotent; :func:`uninstall` restores the handlers found here. Call it
-  after ``jax.distributed`` is initialized (JAX installs its own SIGTERM
-  notifier there, which this replaces).
-  """
-  for signum in signals:
-    previous = signal.signal(signum, _handler)
-    if previous is not _handler:
-      _previous[signum] = previous
-
-
-def uninstall() -> None:
-  """Restores the signal handlers :func:`install` replaced."""
-  while _previous:
-    signum, previous = _previous.popitem()
-    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-
-
-def request() -> None:
-  """Marks this process as preempted, as a signal would."""
-  _flag.set()
-
-
-def requested() -> bool:
-  """Whether *this* process received a preemption signal (no agreement)."""
-  return _flag.is_set()
-
-
-def reset() -> None:
-  """Clears the local flag (tests, or after a handled preemption)."""
-  _flag.clear()
-  _received.clear()
+install = signals.install
+uninstall = signals.uninstall
+request = signals.request
+requested = signals.requested
+reset = signals.reset
 
 
 def _interval_flag() -> int:
@@ -116,9 +77,6 @@ def _interval_flag() -> int:
 def check_interval() -> int:
   """``--preemption_check_interval`` (its default if flags are not parsed)."""
   return _interval_flag()
-
-
-_check_interval = _interval_flag  # the name runner/loop.py used first
 
 
 def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
@@ -135,7 +93,7 @@ def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
     raise ValueError(f'check_interval must be >= 1, got {interval}')
   if step % interval:
     return False
-  local = _flag.is_set()
+  local = signals.requested()
   if not distributed.is_initialized():
     return local
   flagged = distributed.processes_with_flag('preempt', local)

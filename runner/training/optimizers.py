@@ -29,7 +29,7 @@ import warnings
 
 import optax
 
-from gintrain.runner import schedules
+from gintrain.runner.training import schedules
 from gintrain.runner.errors import RunnerError, did_you_mean
 
 __all__ = ['OptimizerSpec', 'optimizer', 'optax_optimizer_names']

@@ -1,11 +1,13 @@
-"""Factories for the restorable state of a run: train state, early stopping.
+"""The restorable state of a run: train state (with the model's mutable
+collections) and early stopping.
 
     >>> import jax, numpy as np, optax
-    >>> from gintrain.runner import models
-    >>> state = create_train_state(models.mlp(features=(4,)), optax.sgd(0.1),
-    ...                            jax.random.key(0), np.zeros((1, 3)))
-    >>> int(state.step), state.params['Dense_0']['kernel'].shape
-    (0, (3, 4))
+    >>> from gintrain.runner.models import plain
+    >>> model = plain.mlp(features=(4,))
+    >>> variables = model.init(jax.random.key(0), np.zeros((1, 3)))
+    >>> state = create_train_state(variables, model.apply, optax.sgd(0.1))
+    >>> int(state.step), state.params['Dense_0']['kernel'].shape, state.model_state
+    (0, (3, 4), {})
     >>> early_stopping('accuracy', mode='max', patience=2).state.best_metric
     -inf
 """
@@ -16,33 +18,45 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gintrain.lib import struct
+from gintrain.lib import train_state
 from gintrain.lib.early_stopping import EarlyStopping
-from gintrain.lib.train_state import TrainState
 from gintrain.runner.errors import RunnerError
 
-__all__ = ['create_train_state', 'EarlyStopper', 'early_stopping']
+__all__ = ['TrainState', 'create_train_state', 'EarlyStopper',
+           'early_stopping']
 
 
-def create_train_state(model, tx, rng, sample_input, *,
+class TrainState(train_state.TrainState):
+  """``lib.train_state.TrainState`` plus the model's mutable collections.
+
+  Attributes:
+    model_state: the variables besides ``params`` (e.g. ``{'batch_stats':
+      ...}``), updated by each training step and checkpointed with the
+      rest; ``{}`` for models without any.
+  """
+  model_state: Any = struct.field(default_factory=dict)
+
+
+def create_train_state(variables, apply_fn, tx, *,
                        state_class: type = TrainState) -> TrainState:
-  """``state_class.create`` with fresh parameters of ``model``.
+  """``state_class.create`` from a model's fresh ``variables``.
 
   Args:
-    model: has ``init(rng, x) -> {'params': ...}`` and ``apply``.
+    variables: ``{'params': ..., <collection>: ...}`` from the model's init.
+    apply_fn: the model's apply function (kept as a static field).
     tx: the optax transformation.
-    rng: a JAX PRNG key for the initialisation.
-    sample_input: a batch shaped like the inputs (only the shape is used).
-    state_class: ``lib.train_state.TrainState`` or a subclass.
+    state_class: :class:`TrainState` or a subclass.
 
   The step counter is an int32 array (not a Python int), so the state has
   the same leaf types before and after a checkpoint round trip.
   """
-  variables = model.init(rng, sample_input)
   if not isinstance(variables, dict) or 'params' not in variables:
     raise RunnerError(
         f'model.init must return {{"params": ...}}, got {type(variables)}.')
-  state = state_class.create(apply_fn=model.apply,
-                             params=variables['params'], tx=tx)
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  state = state_class.create(apply_fn=apply_fn, params=variables['params'],
+                             tx=tx, model_state=model_state)
   return state.replace(step=np.asarray(0, np.int32))
 
 

@@ -1,67 +1,77 @@
-"""The math of one train step and one eval step (classification).
+"""One train step and one eval step, built from a Task.
 
-Both are pure functions of a ``TrainState`` and a batch
-``{'x': inputs, 'y': int labels}`` (eval batches add ``'mask'``: 1 for real
-rows, 0 for padding). With ``axis_name`` set they average (train) or sum
-(eval) across the devices of a ``pmap``; under ``jit`` over a mesh the
-global reductions are implicit, so the same numbers come out.
+Both are pure functions of a :class:`~.state.TrainState` and a batch dict.
+With ``axis_name`` set (``pmap``) they average (train) or sum (eval) across
+the devices; under ``jit`` over a mesh the global reductions are implicit,
+so the same numbers come out.
+
+The training step's random key is ``fold_in(key(seed + 1), step)`` (and,
+under ``pmap``, the device index): a pure function of the step, so a
+resumed run draws exactly the numbers an uninterrupted one draws. Under
+``jit`` one key covers the global batch, whatever the process count.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ['make_train_step', 'make_eval_step']
+__all__ = ['make_train_step', 'make_eval_step', 'step_key', 'TRAIN_EXTRAS']
 
-MetricFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Metrics every train step adds to the task's.
+TRAIN_EXTRAS = ('grad_norm', 'param_norm')
 
 
-def make_train_step(loss_fn: MetricFn, metric_fns: Mapping[str, MetricFn],
-                    axis_name: str | None = None):
+def step_key(seed: int, step) -> jax.Array:
+  """The training key of ``step`` (distinct from the init key ``key(seed)``)."""
+  return jax.random.fold_in(jax.random.key(seed + 1), step)
+
+
+def make_train_step(task, seed: int, axis_name: str | None = None
+                    ) -> Callable:
   """``train_step(state, sums, batch) -> (state, sums + metrics)``.
 
-  ``loss_fn(logits, labels)`` and each metric return a batch mean; the
-  step adds them to ``sums`` (``{'loss': .., **metrics}``, float32 scalars),
-  so the host fetches one small dict per log line instead of one per step.
+  ``sums`` holds float32 running sums of ``loss``, the task's metrics,
+  ``grad_norm`` and ``param_norm``, so the host fetches one small dict per
+  log line instead of one per step. The model's mutable collections are
+  updated (averaged over devices under ``pmap``).
   """
 
   def train_step(state, sums, batch):
-    def objective(params):
-      logits = state.apply_fn({'params': params}, batch['x'])
-      return loss_fn(logits, batch['y']), logits
+    rng = step_key(seed, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
-    (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    metrics = {'loss': loss}
-    for name, fn in metric_fns.items():
-      metrics[name] = fn(logits, batch['y'])
+    def objective(params):
+      loss, metrics, new_mutable = task.loss(params, state.model_state, batch,
+                                             rng)
+      return loss, (metrics, new_mutable)
+
+    (loss, (metrics, new_mutable)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    metrics = {'loss': loss, **metrics}
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
+      new_mutable = jax.lax.pmean(new_mutable, axis_name)
+    state = state.apply_gradients(grads=grads).replace(
+        model_state=new_mutable)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(state.params)
     sums = {k: sums[k] + metrics[k].astype(jnp.float32) for k in sums}
-    return state.apply_gradients(grads=grads), sums
+    return state, sums
 
   return train_step
 
 
-def make_eval_step(loss_fn: MetricFn, metric_fns: Mapping[str, MetricFn],
-                   axis_name: str | None = None):
-  """``eval_step(state, batch) -> {'count': n, 'loss': sum, **sums}``.
-
-  Each batch-mean function is applied per example (so padding rows, with
-  ``mask`` 0, drop out exactly); the host divides the sums by ``count``.
-  """
-  fns = {'loss': loss_fn, **metric_fns}
+def make_eval_step(task, axis_name: str | None = None) -> Callable:
+  """``eval_step(state, batch) -> {'count': n, 'loss': sum, ...}`` (sums over
+  the batch's real rows; the host adds them up and divides by ``count``)."""
 
   def eval_step(state, batch):
-    logits = state.apply_fn({'params': state.params}, batch['x'])
-    mask = batch['mask'].astype(jnp.float32)
-    sums = {'count': jnp.sum(mask)}
-    for name, fn in fns.items():
-      per_example = jax.vmap(lambda lg, y, fn=fn: fn(lg[None], y[None]))(
-          logits, batch['y'])
-      sums[name] = jnp.sum(per_example.astype(jnp.float32) * mask)
+    sums = task.eval(state.params, state.model_state, batch)
+    sums = {k: jnp.asarray(v, jnp.float32) for k, v in sums.items()}
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums

@@ -1,17 +1,21 @@
-"""The training loop: a flat sequence of steps, evals and checkpoints.
+"""The trainer: builds a run from its config, then steps and runs actions.
 
-One run of :func:`train`:
+:func:`build` turns a checked :class:`~.config.TrainConfig` into a
+:class:`Run` (model, task, data source, partitioner, optimizer, step count)
+and checks that they fit together, using only shapes (``jax.eval_shape``):
+a model whose output does not fit the data, or an early-stopping metric the
+task does not report, fails here with one line. :func:`dry_run` describes a
+run; :func:`train` trains it:
 
-1. build the model, dataset and optimizer; create the train state;
-2. resume from ``<workdir>/checkpoints`` (train state, early-stopping state,
-   kept-best record, data position) or start fresh (optionally from
-   ``init_from`` weights);
-3. for each step: the batch is a pure function of ``(seed, step)``
-   (``runner.batching``), so a resumed run sees exactly the batches an
-   uninterrupted one would; log every ``log_every`` steps, evaluate every
-   ``eval_every`` steps (early stopping, keep-best), save as the checkpoint
-   policy says, stop everywhere at once on preemption;
-4. save a final checkpoint, plot the metrics.
+1. create the train state, or resume it from ``<workdir>/checkpoints`` (train
+   state, data position, each checkpointed action's state);
+2. for each step: this process's batch from the data source, the compiled
+   step on the partitioner's devices; at log steps the metric sums are
+   fetched (``metrics['train']``); then the actions that are due
+   (``runner.actions``: report, eval, early stopping, keep-best, user
+   actions, profiler, checkpoint, preemption);
+3. after the last step: the final eval and checkpoint (actions due at the
+   end), a plot of the metrics.
 
 Multi-process: every process loads only its share of each global batch;
 process 0 alone writes logs, metrics and files; all processes make the same
@@ -19,10 +23,9 @@ checkpoint and preemption calls in the same order.
 """
 
 import dataclasses
-import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,29 +33,35 @@ import numpy as np
 import optax
 from absl import logging
 
-from gintrain.runner import batching
-from gintrain.runner import checkpointing
-from gintrain.runner import distributed
-from gintrain.runner import losses
-from gintrain.runner import metric_writers
-from gintrain.runner import parallel
-from gintrain.runner import plots
-from gintrain.runner import preemption
-from gintrain.runner import settings as settings_lib
-from gintrain.runner import state as state_lib
+from gintrain.runner.actions import base as actions_base
+from gintrain.runner.actions import checkpoint as checkpoint_action
+from gintrain.runner.actions import early_stop
+from gintrain.runner.actions import evaluation
+from gintrain.runner.actions import keep_best
+from gintrain.runner.actions import preempt
+from gintrain.runner.actions import profiler
+from gintrain.runner.actions import report
+from gintrain.runner.data import arrays
+from gintrain.runner.data import base as data_base
+from gintrain.runner.data import datasets
 from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import plots
+from gintrain.runner.outputs import settings as settings_lib
+from gintrain.runner.outputs import writers as writers_lib
+from gintrain.runner.parallel import distributed
+from gintrain.runner.parallel import partitioners
+from gintrain.runner.tasks import base as task_base
+from gintrain.runner.tasks import classification
+from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import schedules
+from gintrain.runner.training import steps
 
-__all__ = ['train', 'TrainResult', 'Preempted', 'METRICS_PLOT']
+__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'train', 'Preempted',
+           'METRICS_PLOT']
 
 METRICS_PLOT = 'metrics.png'
-
-
-class Preempted(Exception):
-  """Raised after the preemption checkpoint is written; exit and requeue."""
-
-  def __init__(self, step):
-    self.step = step
-    super().__init__(f'preempted at step {step}; checkpoint saved')
+Preempted = preempt.Preempted
 
 
 @dataclasses.dataclass
@@ -62,7 +71,7 @@ class TrainResult:
   Attributes:
     state: the final train state (numpy leaves).
     step: the number of steps done (resumed ones included).
-    train_metrics: the last logged train metrics.
+    train_metrics: the last train record.
     eval_metrics: the last eval metrics.
     stopped_early: whether early stopping ended the run.
     best: ``[(step, value)]`` of the kept-best checkpoints, best first.
@@ -75,382 +84,433 @@ class TrainResult:
   best: list = dataclasses.field(default_factory=list)
 
 
-def _resolve(obj, what, attrs):
-  """``obj``, or ``obj()`` if it is a factory lacking ``attrs``."""
-  if not all(hasattr(obj, a) for a in attrs) and callable(obj):
+@dataclasses.dataclass
+class Run:
+  """The built, mutually checked pieces of a run (see :func:`build`)."""
+  config: config_lib.TrainConfig
+  model: Any
+  task: task_base.Task
+  source: data_base.DataSource
+  partitioner: partitioners.Partitioner
+  tx: optax.GradientTransformation
+  learning_rate: Callable[[int], float] | None
+  total: int
+  steps_per_epoch: int | None
+  eval_every: int
+  policy: checkpoints.CheckpointPolicy
+  variables: Any          # shapes of the model's variables
+  train_metrics: list[str]
+  eval_metrics: list[str]
+
+
+def _resolve(obj, what, check, want):
+  """``obj``, or ``obj()`` if it is a factory failing ``check``."""
+  if not check(obj) and callable(obj) and not isinstance(obj, type):
     obj = obj()
-  missing = [a for a in attrs if not hasattr(obj, a)]
-  if missing:
-    raise RunnerError(
-        f'train.{what} must provide {", ".join(attrs)} (or be a factory'
-        f' returning such an object); {obj!r} lacks {", ".join(missing)}.')
+  if not check(obj):
+    raise RunnerError(f'train.{what} must be {want} (or a factory returning'
+                      f' one); got {obj!r}.')
   return obj
 
 
-def _positive(name, value, allow_none=False):
-  if value is None and allow_none:
-    return None
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise RunnerError(f'train.{name} must be a positive integer, got'
-                      f' {value!r}.')
-  return value
+def _source(dataset) -> data_base.DataSource:
+  is_data = lambda d: isinstance(d, (data_base.DataSource, datasets.Dataset))  # pylint: disable=unnecessary-lambda-assignment
+  dataset = _resolve(dataset, 'dataset', is_data,
+                     'a Dataset or a runner.data.base.DataSource')
+  if isinstance(dataset, datasets.Dataset):
+    return arrays.ArraySource(dataset)
+  return dataset
 
 
-def _num_steps(num_steps, num_epochs, spe):
-  if (num_steps is None) == (num_epochs is None):
-    raise RunnerError('set exactly one of train.num_steps and'
-                      f' train.num_epochs (got {num_steps!r} and'
-                      f' {num_epochs!r}).')
-  if num_steps is not None:
-    return _positive('num_steps', num_steps)
-  return _positive('num_epochs', num_epochs) * spe
+def _task(task, model) -> task_base.Task:
+  if task is None:
+    return classification.Classification(model)
+  if isinstance(task, task_base.Task):
+    return task
+  if callable(task):
+    task = task(model=model)
+  if not isinstance(task, task_base.Task):
+    raise RunnerError('train.task must be a Task factory called as'
+                      f' task(model=...) or a Task; got {task!r}.')
+  return task
 
 
-def _eval_batches(dataset, global_size, backend):
-  """The padded test set as placed batches ``{'x', 'y', 'mask'}``."""
-  n = dataset.num_test
-  count = jax.process_count()
-  index = jax.process_index()
-  batches = []
-  for start in range(0, n, global_size):
-    idx = np.arange(start, start + global_size)
-    mask = idx < n
-    idx = np.where(mask, idx, 0)
-    idx, mask = (batching.process_slice(a, index, count) for a in (idx, mask))
-    batches.append(backend.put_batch({'x': dataset.x_test[idx],
-                                      'y': dataset.y_test[idx],
-                                      'mask': mask.astype(np.float32)}))
-  return batches
+def _optimizer(optimizer, spe):
+  if isinstance(optimizer, optax.GradientTransformation):
+    return optimizer, None
+  if hasattr(optimizer, 'build'):
+    if spe is None and isinstance(optimizer.learning_rate,
+                                  schedules.EpochSchedule):
+      raise RunnerError('an epoch-based learning-rate schedule needs a data'
+                        ' source with epochs; use an optax schedule (steps).')
+    spe = spe or 1
+    lr = schedules.resolve(optimizer.learning_rate, spe)
+    lr_fn = lr if callable(lr) else (lambda step, lr=lr: lr)
+    return optimizer.build(spe), lr_fn
+  raise RunnerError('train.optimizer must be @optimizers.optimizer() or an'
+                    f' optax GradientTransformation, got {optimizer!r}.')
 
 
-def _evaluate(backend, dstate, batches):
-  totals = None
-  for batch in batches:
-    sums = backend.get(backend.eval_step(dstate, batch))
-    totals = sums if totals is None else {k: totals[k] + sums[k]
-                                          for k in totals}
-  count = float(totals.pop('count'))
-  return {k: float(v) / count for k, v in totals.items()}
+def _with_mask(batch):
+  rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  return {**batch, 'mask': jax.ShapeDtypeStruct((rows,), np.float32)}
 
 
-
-
-class _TrainLog:
-  """Train-metric records and log lines, written shortly after their sync.
-
-  At a log step the loop fetches the metric sums (which waits for that
-  step); the record and the log line (about a millisecond of host work) are
-  written once ``WRITE_DELAY`` more steps are dispatched, so the device
-  computes meanwhile instead of idling.
-  """
-  WRITE_DELAY = 8
-
-  def __init__(self, writer, total, start, main):
-    self.writer, self.total, self.main = writer, total, main
-    self.tick, self.tick_step = time.perf_counter(), start
-    self.pending = None
-    self.last = {}
-
-  def fetch(self, step, host_sums):
-    """Turns the sums since the last fetch into means and a rate."""
-    now = time.perf_counter()
-    steps = step - self.tick_step
-    self.last = {k: float(v) / steps for k, v in host_sums.items()}
-    rate = steps / max(now - self.tick, 1e-9)
-    self.tick, self.tick_step = now, step
-    self.pending = (step, self.last, rate)
-
-  def maybe_write(self, step):
-    if self.pending is not None and step >= (
-        self.pending[0] + self.WRITE_DELAY):
-      self.write()
-
-  def write(self):
-    """Writes the pending record, if any."""
-    if self.pending is None:
-      return
-    step, metrics, rate = self.pending
-    self.pending = None
-    self.writer.write_scalars(step, {**metrics, 'steps_per_sec': rate})
-    if self.main:
-      logging.info('step %d/%d: %s | %.1f steps/s | ETA %s', step,
-                   self.total, _format_metrics(metrics), rate,
-                   _format_eta((self.total - step) / rate))
-
-
-def _format_eta(seconds):
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(round(seconds))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-def _format_metrics(metrics):
-  return ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
-
-
-def train(*, model=None, dataset=None, optimizer=None,
-          loss: Callable = losses.cross_entropy_loss,
-          metrics: Mapping[str, Callable] | None = None,
-          batch_size: int = 128, num_steps: int | None = None,
-          num_epochs: int | None = None, eval_every: int | None = None,
-          eval_batch_size: int = 1024, log_every: int = 100, seed: int = 0,
-          parallelism: str = 'auto',
-          early_stopping: state_lib.EarlyStopper | None = None,
-          checkpoint: checkpointing.CheckpointPolicy | None = None,
-          state_factory: Callable = state_lib.create_train_state,
-          workdir: str | None = None, resume: str = 'auto',
-          init_from: str | None = None, settings=None,
-          hooks: Sequence[Callable[[int], None]] = (),
-          dry_run: bool = False) -> TrainResult | dict:
-  """Trains ``model`` on ``dataset``; see the module doc.
-
-  Args:
-    model: a ``runner.models.Model`` (anything with ``init(rng, x)`` and
-      ``apply(variables, x)``), or a factory returning one.
-    dataset: a ``runner.datasets.Dataset``, or a factory returning one.
-    optimizer: a ``runner.optimizers.OptimizerSpec`` or an optax
-      ``GradientTransformation``.
-    loss: ``loss(logits, labels) -> batch mean``, minimised.
-    metrics: more ``name -> fn(logits, labels) -> batch mean`` to report
-      (default: accuracy).
-    batch_size: global batch size (a multiple of the device count).
-    num_steps: steps to train (or give ``num_epochs``).
-    num_epochs: epochs to train (full batches; the remainder is dropped).
-    eval_every: steps between evaluations on the test split (default: one
-      epoch). There is always one at the end.
-    eval_batch_size: global eval batch size (rounded up to a multiple of the
-      device count; the test split is padded and masked).
-    log_every: steps between train-metric log lines and records.
-    seed: seeds the initialisation and the data order.
-    parallelism: ``'auto'``, ``'single'``, ``'pmap'`` or ``'sharded'``.
-    early_stopping: from ``runner.state.early_stopping`` (None: off).
-    checkpoint: the checkpoint policy (None: the default policy).
-    state_factory: ``(model, tx, rng, sample_input) -> TrainState``.
-    workdir: the run directory (from ``--workdir``).
-    resume: ``'auto'``, ``'never'`` or ``'require'`` (from ``--resume``).
-    init_from: a checkpoint whose params start a fresh run.
-    settings: the run's FrozenConfigDict (``runner.settings``).
-    hooks: called as ``hook(step)`` after every step (``step`` counts
-      completed steps; at a log step, after the metrics fetch, so the device
-      has no work pending then).
-    dry_run: build everything, then return a summary instead of training.
-
-  Returns:
-    A :class:`TrainResult`, or with ``dry_run`` a dict describing the run.
+def build(config: config_lib.TrainConfig) -> Run:
+  """Builds and cross-checks the pieces of a run (no device work).
 
   Raises:
-    RunnerError: a bad setting, or a checkpoint that does not fit.
-    Preempted: after saving, when a preemption signal arrived.
+    RunnerError: pieces that do not fit together, naming the binding.
   """
-  unset = [f'train.{name}' for name, value in (
-      ('model', model), ('dataset', dataset), ('optimizer', optimizer))
-             if value is None]
-  if unset:
+  model = _resolve(config.model, 'model',
+                   lambda m: callable(getattr(m, 'init', None)) and
+                   callable(getattr(m, 'apply', None)),
+                   'a model with init and apply')
+  source = _source(config.dataset)
+  task = _task(config.task, model)
+  partitioner = partitioners.make(config.parallelism)
+  divisor = partitioner.batch_divisor
+  if config.batch_size % divisor:
     raise RunnerError(
-        f'{", ".join(unset)} not set: bind them in a gin file (e.g. include'
-        ' default.gin, or run.gin with files from models/, datasets/ and'
-        f' optimizers/) or with --gin.{unset[0]}=...')
-  model = _resolve(model, 'model', ('init', 'apply'))
-  dataset = _resolve(dataset, 'dataset', ('x_train', 'y_train', 'x_test',
-                                          'y_test'))
-  metric_fns = {'accuracy': losses.accuracy} if metrics is None else dict(
-      metrics)
-  batch_size = _positive('batch_size', batch_size)
-  spe = batching.steps_per_epoch(len(dataset.x_train), batch_size)
-  total = _num_steps(num_steps, num_epochs, spe)
-  eval_every = _positive('eval_every', eval_every, allow_none=True) or spe
-  log_every = _positive('log_every', log_every)
-  if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-    raise RunnerError(f'train.seed must be an integer >= 0, got {seed!r}.')
-  policy = checkpoint or checkpointing.CheckpointPolicy()
-  eval_names = ['loss', *metric_fns]
-  for what, name in (('early_stopping.metric', early_stopping and
-                      early_stopping.metric),
+        f'train.batch_size={config.batch_size} must be a multiple of'
+        f' {divisor} (devices) for parallelism={partitioner.name!r}.')
+  eval_size = config.eval_batch_size
+  cap = getattr(source, 'num_eval_examples', None)
+  if cap:
+    eval_size = min(eval_size, cap)
+  eval_size = -(-eval_size // divisor) * divisor
+  spec = data_base.Spec(config.batch_size, eval_size, config.seed,
+                        jax.process_index(), jax.process_count())
+  try:
+    source.bind(spec)
+  except ValueError as e:
+    raise RunnerError(f'train.dataset ({source.name}): {e}') from e
+  spe = source.steps_per_epoch
+  if config.num_epochs is not None and not spe:
+    raise RunnerError(f'train.num_epochs needs a data source with epochs;'
+                      f' {source.name} has none: set train.num_steps.')
+  total = config.num_steps or config.num_epochs * spe
+  tx, lr_fn = _optimizer(config.optimizer, spe)
+  policy = config.checkpoint or checkpoints.CheckpointPolicy()
+
+  sample = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+      source.sample())
+  rng = jax.random.key(config.seed)
+  try:
+    variables = jax.eval_shape(task.init, rng, sample)
+  except (KeyError, TypeError, ValueError) as e:
+    raise RunnerError(f'{task.name}: cannot initialise {task.caller.name}'
+                      f' on the batch {_shapes(sample)}: {e}') from e
+  task.check(variables, sample, source.info)
+  params = variables['params']
+  mutable = {k: v for k, v in variables.items() if k != 'params'}
+  train_out = jax.eval_shape(task.loss, params, mutable, sample, rng)
+  eval_out = jax.eval_shape(task.eval, params, mutable, _with_mask(sample))
+  train_names = ['loss', *train_out[1], *steps.TRAIN_EXTRAS]
+  eval_names = sorted((k for k in eval_out if k != 'count'),
+                      key=lambda k: (k != 'loss', k))
+  if 'count' not in eval_out:
+    raise RunnerError(f'{task.name}.eval must return a "count" with the'
+                      f' metric sums; it returned {sorted(eval_out)}.')
+  for what, name in (('early_stopping.metric', config.early_stopping and
+                      config.early_stopping.metric),
                      ('checkpoint_policy.best_metric', policy.best_metric)):
     if name and name not in eval_names:
       raise RunnerError(f'{what}={name!r} is not an eval metric; choose one'
                         f' of {", ".join(eval_names)}.')
+  return Run(config, model, task, source, partitioner, tx, lr_fn, total, spe,
+             config.eval_every or spe or config.log_every, policy, variables,
+             train_names, eval_names)
 
-  backend = parallel.make(parallelism)
-  divisor = backend.batch_divisor
-  if batch_size % divisor:
-    raise RunnerError(
-        f'train.batch_size={batch_size} must be a multiple of'
-        f' {divisor} (devices) for parallelism={backend.mode!r}.')
-  eval_size = -(-min(eval_batch_size, len(dataset.x_test)) // divisor) * (
-      divisor)
 
-  if isinstance(optimizer, optax.GradientTransformation):
-    tx = optimizer
-  elif hasattr(optimizer, 'build'):
-    tx = optimizer.build(spe)
-  else:
-    raise RunnerError('train.optimizer must be @optimizers.optimizer() or an'
-                      f' optax GradientTransformation, got {optimizer!r}.')
-  rng = jax.random.key(seed)
-  sample = dataset.x_train[:1]
-  if dry_run:
-    shapes = jax.eval_shape(
-        lambda: state_factory(model=model, tx=tx, rng=rng,
-                              sample_input=sample).params)
-    sizes = [int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)]
-    return {'model': getattr(model, 'name', repr(model)),
-            'dataset': getattr(dataset, 'name', repr(dataset)),
-            'parallelism': backend.mode, 'devices': jax.device_count(),
-            'steps': total, 'steps_per_epoch': spe,
-            'parameters': sum(sizes),
-            'param_shapes': jax.tree_util.tree_map(lambda x: x.shape, shapes)}
+def _shapes(tree):
+  return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
 
-  if not workdir:
-    raise RunnerError('train needs a workdir (--workdir).')
-  main = distributed.is_main_process()
-  state = jax.device_get(state_factory(model=model, tx=tx, rng=rng,
-                                       sample_input=sample))
-  ckpt = checkpointing.Checkpointer(workdir, policy)
-  state, stopper, start, resumed = _resume_or_start(
-      ckpt, state, early_stopping, resume, init_from, main)
-  writer = metric_writers.MetricWriter(workdir, enabled=main)
-  if settings is not None and main:
-    _record_settings(workdir, settings, writer, resumed)
 
-  backend.compile(loss, metric_fns)
-  eval_batches = _eval_batches(dataset, eval_size, backend)
-  dstate = backend.put_state(state)
-  num_train = len(dataset.x_train)
-  index, count = jax.process_index(), jax.process_count()
+def describe(run: Run) -> dict:
+  """What a dry run prints: the pieces, step counts and parameter shapes."""
+  sizes = [int(np.prod(x.shape))
+           for x in jax.tree_util.tree_leaves(run.variables['params'])]
+  return {'model': run.task.caller.name, 'task': run.task.name,
+          'dataset': run.source.name, 'parallelism': run.partitioner.name,
+          'devices': jax.device_count(), 'steps': run.total,
+          'steps_per_epoch': run.steps_per_epoch, 'parameters': sum(sizes),
+          'train_metrics': run.train_metrics,
+          'eval_metrics': run.eval_metrics,
+          'param_shapes': _shapes(run.variables['params'])}
 
-  def batch_at(step):
-    idx = batching.global_batch_indices(num_train, batch_size, seed, step)
-    if count > 1:
-      idx = batching.process_slice(idx, index, count)
-    return backend.put_batch({'x': dataset.x_train[idx],
-                              'y': dataset.y_train[idx]})
 
-  def save(step):
-    ckpt.save(step, backend.get(dstate), stopper and stopper.state, seed)
+def dry_run(config: config_lib.TrainConfig) -> dict:
+  """:func:`describe` of :func:`build`: everything checked, nothing run."""
+  return describe(build(config))
 
-  def evaluate(step):
-    metrics = _evaluate(backend, dstate, eval_batches)
-    writer.write_scalars(step, metrics, split='eval')
-    if main:
-      logging.info('eval at step %d: %s', step, _format_metrics(metrics))
-    return metrics
 
-  if main:
-    logging.info('Training %s on %s: steps %d..%d of %d (%d per epoch),'
-                 ' batch %d, parallelism %s on %d device(s).',
-                 getattr(model, 'name', 'model'),
-                 getattr(dataset, 'name', 'dataset'), start + 1, total, total,
-                 spe, batch_size, backend.mode, jax.device_count())
-  zero_sums = backend.put_state(
-      {k: np.zeros((), np.float32) for k in ['loss', *metric_fns]})
-  sums = zero_sums
-  log = _TrainLog(writer, total, start, main)
-  eval_metrics = {}
-  stopped_early = bool(stopper and stopper.state.should_stop)
-  step = start
-  last_eval = None
-  preemption.install()
-  check_every = preemption.check_interval()
-  # In one process should_stop() only reads the local flag: skip the call
-  # (a microsecond a step) unless it is set.
-  agree = jax.process_count() > 1
-  try:
-    while step < total and not stopped_early:
-      if (agree or preemption.requested()) and preemption.should_stop(
-          step, check_every):
-        save(step)
-        ckpt.wait()
-        raise Preempted(step)
-      dstate, sums = backend.train_step(dstate, sums, batch_at(step))
-      step += 1
-      log.maybe_write(step)
-      if step % log_every == 0 or step == total:
-        log.fetch(step, backend.get(sums))  # waits for this step
-        sums = zero_sums
-      for hook in hooks:
-        hook(step)
-      if step % eval_every == 0 or step == total:
-        log.write()
-        eval_metrics = evaluate(step)
-        last_eval = step
-        if stopper:
-          stopper = stopper.update(eval_metrics)
-          stopped_early = bool(stopper.state.should_stop)
-        if ckpt.update_best(step, eval_metrics, lambda: backend.get(dstate),
-                            stopper and stopper.state, seed) and main:
-          logging.info('new best %s=%.4f at step %d', policy.best_metric,
-                       eval_metrics[policy.best_metric], step)
-      if ckpt.due(step):
-        save(step)
-      if stopped_early and main:
-        logging.info('Early stopping at step %d: %s has not improved for %d'
-                     ' evaluations (best %.4f).', step, stopper.metric,
-                     stopper.state.patience_count,
-                     stopper.state.best_metric)
-    log.write()
-    if last_eval != step:
-      eval_metrics = evaluate(step)
-    save(step)
-    ckpt.wait()
-  finally:
-    preemption.uninstall()
+class _Rates:
+  """Steps/s and examples/s between fetches, compilation excluded."""
+
+  def __init__(self, start: int, batch_size: int):
+    self.batch_size = batch_size
+    self.tick, self.tick_step = time.perf_counter(), start
+    self.started = False
+
+  def after_first_step(self, step, sums):
+    """Waits for the first (compiling) step and restarts the clock."""
+    jax.block_until_ready(sums)
+    self.tick, self.tick_step = time.perf_counter(), step
+    self.started = True
+
+  def means(self, step, host_sums, since):
+    now = time.perf_counter()
+    out = {k: float(v) / max(step - since, 1) for k, v in host_sums.items()}
+    steps_done = step - self.tick_step
+    if steps_done > 0:
+      rate = steps_done / max(now - self.tick, 1e-9)
+      out['steps_per_sec'] = rate
+      out['examples_per_sec'] = rate * self.batch_size
+    self.tick, self.tick_step = now, step
+    return out
+
+
+class Trainer:
+  """Runs a built :class:`Run` in ``workdir`` (see the module doc)."""
+
+  def __init__(self, run: Run, workdir: str, resume: str = 'auto',
+               init_from: str | None = None, settings=None,
+               hooks: Sequence[Callable[[int], None]] = ()):
+    self.run, self.workdir = run, workdir
+    self.resume_mode, self.init_from = resume, init_from
+    self.settings, self.hooks = settings, hooks
+    self.main = distributed.is_main_process()
+    self.dstate = None
+
+  # -- pieces -------------------------------------------------------------
+
+  def _writer(self):
+    if not self.main:
+      return writers_lib.NullWriter()
+    factories = self.run.config.writers
+    if factories is None:
+      factories = (writers_lib.JsonlWriter, writers_lib.TensorBoardWriter)
+    return writers_lib.MultiWriter([f(self.workdir) for f in factories])
+
+  def snapshot(self, step: int) -> dict:
+    """The checkpoint tree at ``step`` (host values)."""
+    del step
+    tree = {'state': self.run.partitioner.get(self.dstate),
+            'data': self.run.source.get_state()}
+    for action in self.actions:
+      if actions_base.is_stateful(action):
+        tree[action.checkpoint_key] = action.get_state()
+    return tree
+
+  def evaluate(self, dstate) -> dict:
+    """Means of the task's eval metrics over the source's eval batches."""
+    p = self.run.partitioner
+    totals = None
+    for batch in self.run.source.eval_batches():
+      sums = p.get(self.eval_step(dstate, p.put_batch(batch)))
+      totals = sums if totals is None else {k: totals[k] + sums[k]
+                                            for k in totals}
+    if totals is None:
+      return {}
+    count = float(totals.pop('count'))
+    return {k: float(v) / count for k, v in totals.items()}
+
+  def _actions(self, writer, ckpt):
+    cfg, run = self.run.config, self.run
+    self.report = report.ReportTrain(writer, run.total, self.main)
+    self.eval_action = evaluation.Evaluate(self.evaluate, writer,
+                                           run.eval_every, self.main)
+    actions = [self.report]
+    actions += [actions_base.Callback(lambda s, _st, _m, h=h: h(s))
+                for h in self.hooks]
+    actions.append(self.eval_action)
+    self.early = (early_stop.EarlyStop(cfg.early_stopping, self.main)
+                  if cfg.early_stopping else None)
+    if self.early:
+      actions.append(self.early)
+    self.best = None
+    if run.policy.best_metric:
+      self.best = keep_best.KeepBest(ckpt, self.snapshot,
+                                     run.policy.best_metric,
+                                     run.policy.best_mode,
+                                     run.policy.keep_best, self.main)
+      actions.append(self.best)
+    actions += [actions_base.as_action(a) for a in cfg.actions]
+    if cfg.profile_steps:
+      actions.append(profiler.Profile(self.workdir, *cfg.profile_steps))
+    self.save = checkpoint_action.SaveCheckpoint(ckpt, self.snapshot,
+                                                 run.policy.every_steps)
+    actions.append(self.save)
+    actions.append(preempt.CheckPreemption(self.save.save, ckpt.wait))
+    return actions
+
+  # -- resume -------------------------------------------------------------
+
+  def _resume_or_start(self, ckpt, state):
+    """``(state, start step, resumed)`` as ``--resume`` says."""
+    latest = ckpt.latest_step()
+    if self.resume_mode == 'require' and latest is None:
+      raise RunnerError(f'--resume=require but {ckpt.dir} holds no'
+                        f' checkpoint ({ckpt.policy.prefix}<step>).')
+    if self.resume_mode == 'never' and latest is not None:
+      raise RunnerError(
+          f'--resume=never but {ckpt.dir} already holds checkpoints (latest'
+          f' step {latest}); use --resume=auto to continue that run, or a new'
+          ' --workdir.')
+    if latest is None:
+      if self.init_from:
+        state = state.replace(params=checkpoints.load_params(
+            self.init_from, state.params))
+        if self.main:
+          logging.info('Initialised params from %s.', self.init_from)
+      return state, 0, False
+    raw = ckpt.read(latest)
+    state = ckpt.restore_state(latest, raw, state)
+    step = int(np.asarray(state.step))
+    data = raw.get('data') or {}
+    if 'step' in data and int(data['step']) != step:
+      raise RunnerError(f'{ckpt.path(latest)}: data position {data["step"]}'
+                        f' differs from the train state step {step}.')
     try:
-      ckpt.close()
+      self.run.source.set_state(data)
+    except (KeyError, ValueError) as e:
+      raise RunnerError(f'{ckpt.path(latest)}: cannot restore the data'
+                        f' position of {self.run.source.name}: {e}') from e
+    for action in self.actions:
+      if actions_base.is_stateful(action):
+        action.set_state(raw.get(action.checkpoint_key))
+    if self.best:
+      self.best.after_restore(step)
+    if self.main:
+      logging.info('Resumed from %s (step %d).', ckpt.path(latest), step)
+      if self.init_from:
+        logging.info('--init_from=%s ignored: the run resumes.',
+                     self.init_from)
+    return state, step, True
+
+  def _record_settings(self, writer, resumed):
+    """Saves the settings, writes them as hparams, warns on resume changes."""
+    flat = settings_lib.flatten(self.settings)
+    if resumed:
+      try:
+        previous = settings_lib.load(self.workdir)
+      except (OSError, ValueError) as e:
+        logging.warning('Cannot read the previous %s: %s',
+                        settings_lib.SETTINGS_FILE, e)
+        previous = None
+      diff = settings_lib.changes(previous, flat) if previous else []
+      if diff:
+        logging.warning('Resuming with changed settings (%d): %s', len(diff),
+                        '; '.join(diff))
+    settings_lib.save(self.workdir, self.settings)
+    writer.write_hparams(flat, [f'eval/{m}' for m in self.run.eval_metrics])
+
+  # -- the loop -----------------------------------------------------------
+
+  def fit(self) -> TrainResult:
+    """Trains to the last step; see the module doc.
+
+    Raises:
+      RunnerError: a checkpoint that does not fit, a bad resume mode.
+      Preempted: after saving, when a preemption signal arrived.
+    """
+    run, cfg = self.run, self.run.config
+    variables = jax.jit(run.task.init)(jax.random.key(cfg.seed),
+                                       run.source.sample())
+    state = jax.device_get(cfg.state_factory(variables, run.model.apply,
+                                             run.tx))
+    ckpt = checkpoints.Checkpointer(self.workdir, run.policy)
+    writer = self._writer()
+    self.actions = []
+    try:
+      self.actions = self._actions(writer, ckpt)
+      state, start, resumed = self._resume_or_start(ckpt, state)
+      if self.settings is not None and self.main:
+        self._record_settings(writer, resumed)
+      result = self._loop(state, start)
     finally:
       try:
-        log.write()
+        for action in self.actions:
+          action.close()
+        ckpt.close()
       finally:
         writer.close()
-  if main:
-    plots.plot_metrics(writer.metrics_path,
-                       os.path.join(workdir, METRICS_PLOT))
-  return TrainResult(backend.get(dstate), step, log.last, eval_metrics,
-                     stopped_early, list(ckpt.best))
+    if self.main:
+      plots.plot_metrics(os.path.join(self.workdir, writers_lib.METRICS_FILE),
+                         os.path.join(self.workdir, METRICS_PLOT))
+    return result
+
+  def _loop(self, state, start) -> TrainResult:
+    run, cfg = self.run, self.run.config
+    p = run.partitioner
+    self.train_step, self.eval_step = p.compile(
+        steps.make_train_step(run.task, cfg.seed, p.axis_name),
+        steps.make_eval_step(run.task, p.axis_name))
+    self.dstate = p.put_state(state)
+    zero = p.put_state({k: np.zeros((), np.float32)
+                        for k in run.train_metrics})
+    sums, since = zero, start
+    rates = _Rates(start, cfg.batch_size)
+    if self.main:
+      logging.info('Training %s (%s) on %s: steps %d..%d of %d, batch %d,'
+                   ' parallelism %s on %d device(s).', run.task.caller.name,
+                   run.task.name, run.source.name, start + 1, run.total,
+                   run.total, cfg.batch_size, p.name, jax.device_count())
+    for action in self.actions:
+      action.on_start(start)
+    step = start
+    stop = bool(self.early and self.early.should_stop)
+    if step >= run.total or stop:
+      self._run_actions(step, {}, last=True)
+    while step < run.total and not stop:
+      batch = p.put_batch(run.source.next_batch())
+      self.dstate, sums = self.train_step(self.dstate, sums, batch)
+      step += 1
+      if not rates.started:
+        rates.after_first_step(step, sums)
+      last = step == run.total
+      metrics = {}
+      if step % cfg.log_every == 0 or last:
+        record = rates.means(step, p.get(sums), since)  # waits for the step
+        if run.learning_rate is not None:
+          record['learning_rate'] = float(run.learning_rate(step - 1))
+        metrics['train'] = record
+        sums, since = zero, step
+      stop = self._run_actions(step, metrics, last)
+    self.report.write()
+    self.save.save(step)
+    self.save.checkpointer.wait()
+    return TrainResult(p.get(self.dstate), step, self.report.last,
+                       self.eval_action.last, bool(self.early and
+                                                   self.early.should_stop),
+                       list(self.best.best) if self.best else [])
+
+  def _run_actions(self, step, metrics, last) -> bool:
+    stop = False
+    for action in self.actions:
+      if action.due(step, last or stop):
+        stop = bool(action(step, self.dstate, metrics)) or stop
+    return stop
 
 
-def _resume_or_start(ckpt, state, stopper, resume, init_from, main):
-  """``(state, stopper, start step, resumed)`` as ``--resume`` says."""
-  latest = ckpt.latest_step()
-  if resume == 'require' and latest is None:
-    raise RunnerError(f'--resume=require but {ckpt.dir} holds no checkpoint'
-                      f' ({ckpt.policy.prefix}<step>).')
-  if resume == 'never' and latest is not None:
-    raise RunnerError(
-        f'--resume=never but {ckpt.dir} already holds checkpoints (latest'
-        f' step {latest}); use --resume=auto to continue that run, or a new'
-        ' --workdir.')
-  if latest is None:
-    if init_from:
-      state = state.replace(params=checkpointing.load_params(init_from,
-                                                             state.params))
-      if main:
-        logging.info('Initialised params from %s.', init_from)
-    return state, stopper, 0, False
-  restored = ckpt.restore(latest, state, stopper and stopper.state)
-  if stopper:
-    stopper = stopper._replace(state=restored.early_stopping)
-  if main:
-    logging.info('Resumed from %s (step %d).', restored.path, restored.step)
-    if init_from:
-      logging.info('--init_from=%s ignored: the run resumes.', init_from)
-  return restored.state, stopper, restored.step, True
+def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
+          init_from: str | None = None, settings=None,
+          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+  """Builds the run of ``config`` and trains it in ``workdir``.
 
-
-def _record_settings(workdir, settings, writer, resumed):
-  """Saves the settings, writes them as hparams, warns on resume changes."""
-  flat = settings_lib.flatten(settings)
-  if resumed:
-    try:
-      previous = settings_lib.load(workdir)
-    except (OSError, ValueError) as e:
-      logging.warning('Cannot read the previous %s: %s',
-                      settings_lib.SETTINGS_FILE, e)
-      previous = None
-    diff = settings_lib.changes(previous, flat) if previous else []
-    if diff:
-      logging.warning('Resuming with changed settings (%d): %s', len(diff),
-                      '; '.join(diff))
-  settings_lib.save(workdir, settings)
-  writer.write_hparams(flat)
+  Args:
+    config: the checked settings (gin's ``train``).
+    workdir: the run directory (from ``--workdir``).
+    resume: ``'auto'``, ``'never'`` or ``'require'`` (from ``--resume``).
+    init_from: a checkpoint whose params start a fresh run.
+    settings: the run's FrozenConfigDict (``runner.outputs.settings``),
+      saved and written as hparams.
+    hooks: called as ``hook(step)`` after every step (at a log step, after
+      the metrics fetch, so the device has no work pending then).
+  """
+  if not workdir:
+    raise RunnerError('train needs a workdir (--workdir).')
+  return Trainer(build(config), workdir, resume, init_from, settings,
+                 hooks).fit()

@@ -19,8 +19,8 @@ import time
 from absl import app
 from absl import flags
 
-from gintrain.runner import distributed
-from gintrain.runner import preemption
+from gintrain.runner.parallel import distributed
+from gintrain.runner.parallel import preemption
 
 _STEPS = flags.DEFINE_integer('steps', 30, 'Steps to run.')
 _SLEEP = flags.DEFINE_float('step_sleep', 0.0, 'Seconds to sleep per step.')

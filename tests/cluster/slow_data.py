@@ -15,7 +15,7 @@ import time
 import gin
 import numpy as np
 
-from gintrain.runner import datasets
+from gintrain.runner.data import datasets
 
 _delay = [0.0]
 

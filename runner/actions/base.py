@@ -1,0 +1,111 @@
+"""The Action interface: periodic side effects of the training loop.
+
+After every step the loop calls each action that is due, in order::
+
+    for action in actions:
+      if action.due(step, last):
+        stop = action(step, state, metrics) or stop
+
+* ``step``: steps completed so far (the state's step counter);
+* ``state``: the train state as placed on the devices (read it; fetch what
+  you need with ``jax.device_get``);
+* ``metrics``: a dict shared by the actions of this step. At a log step it
+  holds ``metrics['train']`` (the means since the last log step, the
+  learning rate and the rates); after an evaluation ``metrics['eval']``.
+  Actions may add entries for the ones after them.
+* ``last``: whether this is the run's final step (or training stops after
+  it); a true return value from an action asks the loop to stop after this
+  step (``last`` is then true for the actions after it).
+
+An action that must survive a restart also has ``checkpoint_key`` (a
+string), ``get_state()`` and ``set_state(state)``: its state is saved in
+every checkpoint under that key and restored on resume.
+
+A new action in a few lines (bound with ``train.actions = [@my_module.PrintLoss()]``)::
+
+    import gin
+    from gintrain.runner.actions import base
+
+    @gin.configurable
+    class PrintLoss(base.PeriodicAction):
+      def __init__(self, every_steps=100):
+        super().__init__(every_steps)
+      def __call__(self, step, state, metrics):
+        if 'train' in metrics:
+          print(step, metrics['train']['loss'])
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ['Action', 'PeriodicAction', 'Callback', 'as_action', 'is_stateful']
+
+
+class Action(abc.ABC):
+  """Something the loop does after a step (see the module doc)."""
+
+  def due(self, step: int, last: bool) -> bool:
+    """Whether to run after ``step``; every step by default."""
+    del step, last
+    return True
+
+  def on_start(self, step: int) -> None:
+    """Called once before the first step (``step``: where the run starts)."""
+
+  @abc.abstractmethod
+  def __call__(self, step: int, state: Any, metrics: dict) -> bool | None:
+    """Does the work; a true result stops training after this step."""
+
+  def close(self) -> None:
+    """Called once when the run ends, also after an error."""
+
+
+class PeriodicAction(Action):
+  """An action due every ``every_steps`` steps and (``at_end``) at the end.
+
+  Args:
+    every_steps: the period in steps (None or 0: only at the end).
+    at_end: also run after the final step.
+  """
+
+  def __init__(self, every_steps: int | None = None, at_end: bool = True):
+    if every_steps is not None and (
+        not isinstance(every_steps, int) or isinstance(every_steps, bool)
+        or every_steps < 0):
+      raise ValueError(f'{type(self).__name__}: every_steps must be an'
+                       f' integer >= 0 or None, got {every_steps!r}.')
+    self.every_steps = every_steps
+    self.at_end = at_end
+
+  def due(self, step: int, last: bool) -> bool:
+    every = self.every_steps
+    return bool(every and step % every == 0) or (last and self.at_end)
+
+
+class Callback(Action):
+  """Calls ``fn(step, state, metrics)`` after every step."""
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.fn = fn
+
+  def __call__(self, step, state, metrics):
+    return self.fn(step, state, metrics)
+
+
+def as_action(obj: Any) -> Action:
+  """``obj`` if it is an :class:`Action`, else a :class:`Callback` of it."""
+  if isinstance(obj, Action):
+    return obj
+  if not callable(obj):
+    raise TypeError(f'an action must be callable as (step, state, metrics),'
+                    f' got {obj!r}.')
+  return Callback(obj)
+
+
+def is_stateful(action: Any) -> bool:
+  """Whether ``action`` is checkpointed (``checkpoint_key``, ``get_state``,
+  ``set_state``)."""
+  return (isinstance(getattr(action, 'checkpoint_key', None), str) and
+          callable(getattr(action, 'get_state', None)) and
+          callable(getattr(action, 'set_state', None)))

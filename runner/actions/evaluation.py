@@ -1,0 +1,36 @@
+"""Evaluation on the held-out batches, every N steps and at the end."""
+
+from collections.abc import Callable
+
+from absl import logging
+
+from gintrain.runner.actions import base
+from gintrain.runner.actions import report
+
+__all__ = ['Evaluate']
+
+
+class Evaluate(base.PeriodicAction):
+  """Runs ``evaluate(state)`` and records its metrics as ``metrics['eval']``.
+
+  Args:
+    evaluate: ``state -> {name: mean}`` over the eval batches.
+    writer: receives the ``eval`` record.
+    every_steps: the period.
+    log: whether to write log lines (process 0).
+  """
+
+  def __init__(self, evaluate: Callable, writer, every_steps: int,
+               log: bool = True):
+    super().__init__(every_steps)
+    self.evaluate, self.writer, self.log = evaluate, writer, log
+    self.last: dict = {}
+    self.last_step: int | None = None
+
+  def __call__(self, step, state, metrics):
+    result = self.evaluate(state)
+    self.last, self.last_step = result, step
+    metrics['eval'] = result
+    self.writer.write_scalars(step, result, split='eval')
+    if self.log:
+      logging.info('eval at step %d: %s', step, report.format_metrics(result))

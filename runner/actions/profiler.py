@@ -1,0 +1,54 @@
+"""A ``jax.profiler`` trace of a range of steps, written into the workdir."""
+
+import os
+
+import jax
+from absl import logging
+
+from gintrain.runner.actions import base
+
+__all__ = ['Profile', 'PROFILE_DIR']
+
+PROFILE_DIR = 'profile'
+
+
+class Profile(base.Action):
+  """Traces steps ``first..last`` (inclusive) into ``<workdir>/profile``
+  (TensorBoard's profile plugin or Perfetto read it).
+
+  The trace starts after step ``first - 1`` and stops after step ``last``
+  once its work is done (the state is waited for).
+  """
+
+  def __init__(self, workdir: str, first: int, last: int):
+    self.logdir = os.path.join(workdir, PROFILE_DIR)
+    self.first, self.last = first, last
+    self.active = False
+
+  def on_start(self, step):
+    if self.first - 1 <= step < self.last:
+      self.start()
+
+  def due(self, step, last):
+    return step in (self.first - 1, self.last) or (last and self.active)
+
+  def start(self):
+    jax.profiler.start_trace(self.logdir)
+    self.active = True
+
+  def __call__(self, step, state, metrics):
+    if step == self.first - 1 and not self.active:
+      self.start()
+    elif self.active:
+      jax.block_until_ready(state)
+      self.stop()
+      logging.info('profile of steps %d..%d written to %s', self.first,
+                   step, self.logdir)
+
+  def stop(self):
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+  def close(self):
+    self.stop()

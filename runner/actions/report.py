@@ -1,0 +1,74 @@
+"""Train records and log lines, written shortly after their metric fetch.
+
+At a log step the loop fetches the metric sums (which waits for that step)
+into ``metrics['train']``. Writing the record and the log line (about a
+millisecond of host work) waits until ``delay`` more steps are dispatched,
+so the device computes meanwhile instead of idling.
+"""
+
+import math
+
+from absl import logging
+
+from gintrain.runner.actions import base
+
+__all__ = ['ReportTrain', 'format_metrics', 'format_eta']
+
+_RATE_KEYS = ('steps_per_sec', 'examples_per_sec')
+
+
+def format_metrics(metrics) -> str:
+  return ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+
+
+def format_eta(seconds) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class ReportTrain(base.Action):
+  """Writes ``metrics['train']`` to ``writer`` and logs it (process 0).
+
+  Args:
+    writer: a ``runner.outputs.writers.MetricWriter``.
+    total: the run's last step (for the ETA).
+    log: whether to write log lines (process 0).
+    delay: steps between the fetch and the write.
+  """
+
+  def __init__(self, writer, total: int, log: bool = True, delay: int = 8):
+    self.writer, self.total, self.log, self.delay = writer, total, log, delay
+    self.pending = None
+    self.last: dict = {}
+
+  def due(self, step, last):
+    return True
+
+  def __call__(self, step, state, metrics):
+    if 'train' in metrics:
+      self.write()
+      self.pending = (step, dict(metrics['train']))
+      self.last = self.pending[1]
+    if self.pending is not None and step >= self.pending[0] + self.delay:
+      self.write()
+
+  def write(self) -> None:
+    """Writes the pending record, if any."""
+    if self.pending is None:
+      return
+    step, record = self.pending
+    self.pending = None
+    self.writer.write_scalars(step, record)
+    if self.log:
+      shown = {k: v for k, v in record.items()
+               if k not in _RATE_KEYS and k != 'learning_rate'}
+      rate = record.get('steps_per_sec', float('nan'))
+      logging.info('step %d/%d: %s | %.1f steps/s | ETA %s', step, self.total,
+                   format_metrics(shown), rate,
+                   format_eta((self.total - step) / rate if rate else
+                              float('nan')))
+
+  def close(self):
+    self.write()

@@ -1,0 +1,1 @@
+"""The command line: absl flags, gin parsing and registration, the entry point."""

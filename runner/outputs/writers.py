@@ -1,0 +1,546 @@
+"""Metric writers: one small interface, one class per back end.
+
+    >>> import json, os, tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> with JsonlWriter(workdir) as writer:
+    ...   writer.write_scalars(10, {'loss': np.float32(0.5)})
+    ...   writer.write_scalars(10, {'loss': 0.7, 'accuracy': 0.8}, split='eval')
+    >>> with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    ...   for line in f:
+    ...     record = json.loads(line)
+    ...     print(record.pop('time') > 0, record)
+    True {'step': 10, 'split': 'train', 'loss': 0.5}
+    True {'step': 10, 'split': 'eval', 'loss': 0.7, 'accuracy': 0.8}
+
+:class:`MetricWriter` is the interface. Its public methods check their input
+(see :meth:`MetricWriter.write_scalars`) and then call the protected
+``_write_scalars`` / ``_write_hparams`` / ``_flush`` / ``_close`` that a back
+end implements, so a new back end is a few lines (only the first two are
+required) and every back end rejects the same bad input with the same error::
+
+    class ListWriter(MetricWriter):
+      def __init__(self):
+        self.rows = []
+      def _write_scalars(self, step, scalars, split):
+        self.rows.append((step, split, scalars))
+      def _write_hparams(self, hparams, metrics):
+        pass
+
+Back ends (each takes the run directory ``workdir`` first):
+
+* :class:`JsonlWriter`: ``metrics.jsonl``, one JSON object per
+  ``write_scalars`` call, ``{"step": int, "split": str, "time": float,
+  <name>: number, ...}`` (``time``: Unix wall time); appended to, so a
+  resumed run continues the same file (steps may then repeat; readers keep
+  the last value). Non-finite floats are written as ``NaN`` / ``Infinity``,
+  which Python's ``json`` reads back. ``hparams.json``: the last
+  ``write_hparams`` dict.
+* :class:`TensorBoardWriter`: event files (tensorboardX) in ``tensorboard/``;
+  scalars are tagged ``<split>/<name>``; hparams use the TensorBoard HParams
+  plugin format, with the given metric tags as the table's metric columns.
+* :class:`WandbWriter`: a Weights & Biases run (``wandb/`` under ``workdir``;
+  offline by default); needs ``pip install wandb``.
+
+:class:`MultiWriter` fans calls out to several writers; :class:`NullWriter`
+does nothing and is for processes other than 0, which should not write.
+"""
+
+import abc
+import json
+import numbers
+import os
+import re
+import time
+import uuid
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ['MetricWriter', 'JsonlWriter', 'TensorBoardWriter', 'WandbWriter',
+           'MultiWriter', 'NullWriter', 'to_json_scalar', 'METRICS_FILE',
+           'HPARAMS_FILE', 'TENSORBOARD_DIR']
+
+METRICS_FILE = 'metrics.jsonl'
+HPARAMS_FILE = 'hparams.json'
+TENSORBOARD_DIR = 'tensorboard'
+
+# A Python or numpy number, or a size-1 numpy/JAX array.
+Scalar = Any
+# What write_hparams hands to _write_hparams: JSON-ready values.
+HParam = bool | int | float | str | None
+
+_NAME_RE = re.compile(r'^[A-Za-z0-9_.\-/]+$')
+_RESERVED = ('step', 'split', 'time')
+
+
+def to_json_scalar(value: Any, name: str = 'value') -> bool | int | float:
+  """A Python ``bool``/``int``/``float`` for a number of any numeric type.
+
+  Accepts Python numbers, numpy scalars and size-1 numpy/JAX arrays (the
+  latter are copied to host).
+
+  Raises:
+    ValueError: naming ``name``, when ``value`` is not a single number.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if hasattr(value, 'shape') and hasattr(value, 'dtype'):
+    arr = np.asarray(value)
+    if arr.size == 1 and arr.dtype.kind in 'biuf':
+      return to_json_scalar(arr.reshape(()).item(), name)
+  raise ValueError(f'Metric {name!r} must be a single number, got'
+                   f' {type(value).__name__} {_short_repr(value)}.')
+
+
+def _short_repr(value):
+  text = ' '.join(repr(value).split())  # keeps the error on one line
+  return text if len(text) <= 80 else text[:77] + '...'
+
+
+# --- Input checks, shared by every writer -----------------------------------
+
+
+def _check_scalars(step, scalars, split):
+  """``(step, {name: number}, split)`` checked and converted (see below)."""
+  try:
+    step_value = to_json_scalar(step, 'step')
+  except ValueError:
+    step_value = None
+  if (not isinstance(step_value, int) or isinstance(step_value, bool)
+      or step_value < 0):
+    raise ValueError(f'step must be a non-negative integer, got'
+                     f' {_short_repr(step)}.')
+  if not isinstance(split, str) or not _NAME_RE.match(split):
+    raise ValueError(f'split must be a name like "train" or "eval", got'
+                     f' {_short_repr(split)}.')
+  if not isinstance(scalars, Mapping):
+    raise ValueError('scalars must be a mapping of name -> number, got'
+                     f' {type(scalars).__name__}.')
+  clean = {}
+  for name, value in scalars.items():
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+      raise ValueError(f'Metric name {_short_repr(name)} must be a non-empty'
+                       ' string of letters, digits and _.-/')
+    if name in _RESERVED:
+      raise ValueError(f'Metric name {name!r} is reserved'
+                       f' ({", ".join(_RESERVED)}); rename it.')
+    clean[name] = to_json_scalar(value, name)
+  return step_value, clean, split
+
+
+def _hparam_value(name, value):
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (list, tuple)):
+    return str(tuple(value)) if isinstance(value, tuple) else str(value)
+  if isinstance(value, Mapping):
+    raise ValueError(f'hparam {name!r} is a mapping; flatten it to keys like'
+                     f' "{name}.<key>" first.')
+  if callable(value):
+    return getattr(value, '__name__', repr(value))
+  try:
+    return to_json_scalar(value, name)
+  except ValueError:
+    raise ValueError(
+        f'hparam {name!r} must be a number, bool, string, None, list, tuple'
+        f' or callable, got {type(value).__name__} {_short_repr(value)}.'
+    ) from None
+
+
+def _check_hparams(hparams, metrics):
+  """``({name: HParam}, metric tags)`` checked and converted."""
+  if not isinstance(hparams, Mapping):
+    raise ValueError('hparams must be a mapping of name -> value, got'
+                     f' {type(hparams).__name__}.')
+  clean = {}
+  for name, value in hparams.items():
+    if not isinstance(name, str) or not name:
+      raise ValueError(f'hparam name {_short_repr(name)} must be a non-empty'
+                       ' string.')
+    clean[name] = _hparam_value(name, value)
+  if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence):
+    raise ValueError('metrics must be a sequence of metric tags like'
+                     f' "eval/accuracy", got {_short_repr(metrics)}.')
+  for tag in metrics:
+    if not isinstance(tag, str) or not _NAME_RE.match(tag):
+      raise ValueError(f'Metric tag {_short_repr(tag)} must be a non-empty'
+                       ' string of letters, digits and _.-/, like'
+                       ' "eval/accuracy".')
+  return clean, tuple(dict.fromkeys(metrics))  # no duplicates, same order
+
+
+# --- The interface -----------------------------------------------------------
+
+
+class MetricWriter(abc.ABC):
+  """Writes the scalar metrics and hyperparameters of a run.
+
+  Subclasses implement ``_write_scalars`` and ``_write_hparams`` (and
+  ``_flush`` / ``_close`` when they hold resources); they receive input that
+  the public methods have already checked and converted to plain Python
+  values. ``close()`` is idempotent; writing after it raises
+  ``RuntimeError``; ``flush()`` after it does nothing. Usable as a context
+  manager (closes on exit).
+  """
+
+  _closed = False  # a class default, so subclasses need no super().__init__
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Scalar],
+                    split: str = 'train') -> None:
+    """Records ``scalars`` (name -> number) at ``step`` for ``split``.
+
+    Args:
+      step: the training step, a non-negative integer (any integer type).
+      scalars: metric name -> a single number: a Python or numpy number or
+        a size-1 numpy/JAX array.
+      split: what the metrics are about, e.g. ``'train'`` or ``'eval'``.
+
+    Raises:
+      ValueError: a bad ``step`` or ``split``, a name that is empty, reserved
+        (``step``/``split``/``time``) or has characters outside
+        ``[A-Za-z0-9_.-/]``, or a value that is not a single number. Nothing
+        is written then.
+      RuntimeError: the writer is closed.
+    """
+    self._check_open()
+    self._write_scalars(*_check_scalars(step, scalars, split))
+
+  def write_hparams(self, hparams: Mapping[str, Any],
+                    metrics: Sequence[str] = ()) -> None:
+    """Records the run's hyperparameters (a flat name -> value mapping).
+
+    Args:
+      hparams: values may be numbers (Python, numpy or size-1 arrays),
+        bools, strings or ``None``; lists/tuples and callables (by name) are
+        stored as strings.
+      metrics: the metric tags, ``<split>/<name>`` (e.g.
+        ``'eval/accuracy'``), that a hyperparameter table (TensorBoard's
+        HParams dashboard) should show next to the hyperparameters.
+
+    Raises:
+      ValueError: naming the key, for a nested mapping or another value, or
+        a metric tag that is not a name.
+      RuntimeError: the writer is closed.
+    """
+    self._check_open()
+    self._write_hparams(*_check_hparams(hparams, metrics))
+
+  def flush(self) -> None:
+    """Pushes everything written so far to its destination."""
+    if not self._closed:
+      self._flush()
+
+  def close(self) -> None:
+    """Flushes and releases the writer; later calls do nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    self._close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+  def __repr__(self):
+    workdir = getattr(self, 'workdir', None)
+    return f'{type(self).__name__}({"" if workdir is None else repr(workdir)})'
+
+  def _check_open(self):
+    if self._closed:
+      raise RuntimeError(f'{self!r} is closed; it cannot write any more.')
+
+  # --- What a back end implements. ---
+
+  @abc.abstractmethod
+  def _write_scalars(self, step: int, scalars: dict[str, bool | int | float],
+                     split: str) -> None:
+    """Writes checked scalars (plain Python numbers; names are not reserved)."""
+
+  @abc.abstractmethod
+  def _write_hparams(self, hparams: dict[str, HParam],
+                     metrics: tuple[str, ...]) -> None:
+    """Writes checked hparams (JSON-ready values) and metric tags."""
+
+  def _flush(self) -> None:
+    """Pushes buffered writes out; called only while open."""
+
+  def _close(self) -> None:
+    """Flushes and releases resources; called once, by the first close()."""
+
+
+# --- Back ends ---------------------------------------------------------------
+
+
+class JsonlWriter(MetricWriter):
+  """``metrics.jsonl`` and ``hparams.json`` under ``workdir`` (module doc).
+
+  Args:
+    workdir: the run directory; created if missing.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = os.fspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    # Line-buffered: every record reaches the OS as it is written, so a crash
+    # loses at most a torn last line (which plots.read_metrics skips).
+    self._file = open(self.metrics_path, 'a', buffering=1, encoding='utf-8')
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.workdir, METRICS_FILE)
+
+  def _write_scalars(self, step, scalars, split):
+    record = {'step': step, 'split': split, 'time': time.time(), **scalars}
+    self._file.write(json.dumps(record) + '\n')
+
+  def _write_hparams(self, hparams, metrics):
+    del metrics  # hparams.json holds the hyperparameters only
+    path = os.path.join(self.workdir, HPARAMS_FILE)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(hparams, f, indent=2, sort_keys=True)
+      f.write('\n')
+    os.replace(tmp, path)
+
+  def _flush(self):
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def _close(self):
+    try:
+      self._flush()
+    finally:
+      self._file.close()
+
+
+_HPARAMS_PLUGIN = 'hparams'
+_EXPERIMENT_TAG = '_hparams_/experiment'
+_SESSION_START_TAG = '_hparams_/session_start_info'
+
+
+class TensorBoardWriter(MetricWriter):
+  """TensorBoard event files in ``<workdir>/tensorboard/`` (tensorboardX).
+
+  Scalars are tagged ``<split>/<name>``, one event per ``write_scalars``
+  call. ``write_hparams`` writes the HParams plugin's experiment (listing
+  the hyperparameters and the given metric tags) and session-start
+  summaries; the HParams dashboard then shows each metric's last value.
+  No session-end summary is written, so the session status stays unknown.
+
+  Events are written synchronously and reach the disk on ``flush()``,
+  ``close()`` and, for a live TensorBoard, on the first write after
+  ``FLUSH_SECS`` seconds without a flush.
+
+  Args:
+    workdir: the run directory; created if missing.
+  """
+
+  FLUSH_SECS = 60.0
+
+  def __init__(self, workdir: str | os.PathLike):
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.event_file_writer import EventsWriter
+    self.workdir = os.fspath(workdir)
+    logdir = os.path.join(self.workdir, TENSORBOARD_DIR)
+    os.makedirs(logdir, exist_ok=True)
+    # tensorboardX names files by the second and host only and opens them
+    # with 'wb': a unique suffix keeps a quickly restarted run (or a second
+    # writer) from truncating the previous file.
+    suffix = f'.{os.getpid()}.{uuid.uuid4().hex[:8]}'
+    # Written synchronously (tensorboardX's FileWriter queues events for a
+    # thread, so its flush() does not mean "on disk"); flushed by flush(),
+    # close() and, for live viewing, every FLUSH_SECS on a write.
+    self._events = EventsWriter(os.path.join(logdir, 'events'), suffix)
+    self._last_flush = time.monotonic()
+
+  def _add(self, summary, step=0):
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.proto import event_pb2
+    self._events.write_event(
+        event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    if time.monotonic() - self._last_flush > self.FLUSH_SECS:
+      self._flush()
+
+  def _write_scalars(self, step, scalars, split):
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2
+    if not scalars:
+      return
+    # One Summary event holding every scalar of this call (an event per
+    # scalar costs more than the training step of a small model).
+    values = [summary_pb2.Summary.Value(tag=f'{split}/{name}',
+                                        simple_value=float(value))
+              for name, value in scalars.items()]
+    self._add(summary_pb2.Summary(value=values), step)
+
+  def _write_hparams(self, hparams, metrics):
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import api_pb2
+    from tensorboardX.proto import plugin_hparams_pb2
+    from tensorboardX.proto import summary_pb2
+    # pylint: enable=g-import-not-at-top
+    now = time.time()
+    start = plugin_hparams_pb2.SessionStartInfo(start_time_secs=now)
+    infos = []
+    for name, value in hparams.items():
+      if value is None:
+        continue
+      if isinstance(value, bool):
+        start.hparams[name].bool_value = value
+        kind = api_pb2.DATA_TYPE_BOOL
+      elif isinstance(value, str):
+        start.hparams[name].string_value = value
+        kind = api_pb2.DATA_TYPE_STRING
+      else:
+        start.hparams[name].number_value = float(value)
+        kind = api_pb2.DATA_TYPE_FLOAT64
+      infos.append(api_pb2.HParamInfo(name=name, type=kind))
+    experiment = api_pb2.Experiment(
+        time_created_secs=now, hparam_infos=infos,
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag),
+                                         display_name=tag)
+                      for tag in metrics])
+    for tag, data in (
+        (_EXPERIMENT_TAG,
+         plugin_hparams_pb2.HParamsPluginData(version=0,
+                                              experiment=experiment)),
+        (_SESSION_START_TAG,
+         plugin_hparams_pb2.HParamsPluginData(version=0,
+                                              session_start_info=start))):
+      metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(
+              plugin_name=_HPARAMS_PLUGIN, content=data.SerializeToString()))
+      self._add(summary_pb2.Summary(
+          value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata)]))
+
+  def _flush(self):
+    self._events.flush()  # and fsync
+    self._last_flush = time.monotonic()
+
+  def _close(self):
+    self._events.close()
+
+
+class WandbWriter(MetricWriter):
+  """A Weights & Biases run; its files go to ``<workdir>/wandb/``.
+
+  Scalars are logged as ``<split>/<name>`` against a ``step`` metric (so
+  ``train`` and ``eval`` records of any step order are all kept); hparams go
+  to the run config. W&B lists every logged metric in its runs table, so
+  ``write_hparams``'s ``metrics`` needs no action here.
+
+  Args:
+    workdir: the run directory; created if missing.
+    project: the W&B project.
+    name: the run's display name (W&B picks one if ``None``).
+    mode: ``'offline'`` (the default: nothing leaves the machine; upload
+      later with ``wandb sync``), ``'online'`` or ``'disabled'``.
+    config: initial run config (e.g. the gin bindings).
+    **init_kwargs: more ``wandb.init`` arguments (e.g. ``id`` and
+      ``resume='allow'`` to continue a run after preemption).
+
+  Raises:
+    ImportError: wandb is not installed.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, project: str = 'gintrain',
+               name: str | None = None, mode: str = 'offline',
+               config: Mapping[str, Any] | None = None, **init_kwargs):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError('WandbWriter needs the wandb package; install it with'
+                        ' `pip install wandb`.') from None
+    self.workdir = os.fspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    kwargs = {'reinit': 'create_new', **init_kwargs}  # one run per writer
+    self.run = wandb.init(project=project, name=name, mode=mode,
+                          dir=self.workdir,
+                          config=None if config is None else dict(config),
+                          **kwargs)
+    self.run.define_metric('step')
+    self.run.define_metric('*', step_metric='step')
+
+  def _write_scalars(self, step, scalars, split):
+    data = {f'{split}/{name}': value for name, value in scalars.items()}
+    self.run.log({'step': step, **data})
+
+  def _write_hparams(self, hparams, metrics):
+    del metrics  # see the class doc
+    self.run.config.update(hparams, allow_val_change=True)
+
+  def _close(self):
+    self.run.finish()
+
+
+# --- Combinators -------------------------------------------------------------
+
+
+class MultiWriter(MetricWriter):
+  """Sends every call to each of ``writers``, in order.
+
+  Input is checked once, before any writer is called, so bad input reaches
+  none of them. Every call reaches every writer even if one raises; the
+  first error is re-raised afterwards. ``close()`` closes them all.
+
+  Args:
+    writers: the writers to fan out to.
+
+  Raises:
+    TypeError: an element of ``writers`` is not a ``MetricWriter``.
+  """
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = tuple(writers)
+    for i, writer in enumerate(self.writers):
+      if not isinstance(writer, MetricWriter):
+        raise TypeError(f'MultiWriter: writers[{i}] is a'
+                        f' {type(writer).__name__}, not a MetricWriter.')
+
+  def __repr__(self):
+    return f'MultiWriter([{", ".join(map(repr, self.writers))}])'
+
+  def _each(self, call: Callable[[MetricWriter], None]) -> None:
+    first_error = None
+    for writer in self.writers:
+      try:
+        call(writer)
+      except Exception as e:  # pylint: disable=broad-except
+        if first_error is None:
+          first_error = e
+    if first_error is not None:
+      raise first_error
+
+  def _write_scalars(self, step, scalars, split):
+    self._each(lambda w: w.write_scalars(step, scalars, split))
+
+  def _write_hparams(self, hparams, metrics):
+    self._each(lambda w: w.write_hparams(hparams, metrics))
+
+  def _flush(self):
+    self._each(lambda w: w.flush())
+
+  def _close(self):
+    self._each(lambda w: w.close())
+
+
+class NullWriter(MetricWriter):
+  """Writes nothing and checks nothing: for processes other than 0."""
+
+  def write_scalars(self, step, scalars, split='train'):
+    del step, scalars, split
+
+  def write_hparams(self, hparams, metrics=()):
+    del hparams, metrics
+
+  def _write_scalars(self, step, scalars, split):
+    del step, scalars, split
+
+  def _write_hparams(self, hparams, metrics):
+    del hparams, metrics

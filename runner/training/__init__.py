@@ -1,0 +1,1 @@
+"""Training: the checked config, train state, optimizers, schedules, steps and the trainer."""

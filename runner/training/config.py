@@ -1,0 +1,131 @@
+"""The run's settings as one checked object, built before any JAX work.
+
+:class:`TrainConfig` is what gin's ``train`` binds: every field is checked
+when it is created, so a bad value (``train.eval_batch_size=-3``) is one
+line naming the binding before anything is loaded or compiled.
+
+    >>> TrainConfig(model=object(), dataset=object(), optimizer=object(),
+    ...             num_steps=10, eval_batch_size=-3)
+    Traceback (most recent call last):
+    ...
+    gintrain.runner.errors.RunnerError: train.eval_batch_size must be a positive integer, got -3.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gintrain.runner.errors import RunnerError
+from gintrain.runner.training import state as state_lib
+
+__all__ = ['TrainConfig']
+
+
+def _positive(name, value, allow_none=False):
+  if value is None and allow_none:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise RunnerError(f'train.{name} must be a positive integer, got'
+                      f' {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything ``train`` is bound to in gin.
+
+  Attributes:
+    model: a model (``init``/``apply``: the runner's plain-JAX models, a flax
+      linen module, ``models.nnx_model(...)``), or a factory returning one.
+    dataset: a ``runner.data.datasets.Dataset`` (in-memory arrays), a
+      ``runner.data.base.DataSource``, or a factory returning either.
+    optimizer: ``@optimizers.optimizer()`` or an optax transformation.
+    task: a task factory called as ``task(model=...)`` (default:
+      classification), or a ``Task`` instance.
+    batch_size: the global batch size (a multiple of the device count).
+    num_steps: steps to train (or give ``num_epochs``).
+    num_epochs: epochs to train (needs a source with ``steps_per_epoch``).
+    eval_every: steps between evaluations (default: one epoch, or
+      ``log_every`` steps for a source without epochs). Always one at the end.
+    eval_batch_size: the global eval batch size (rounded up to a multiple
+      of the device count; the last batch is padded and masked).
+    log_every: steps between train-metric records and log lines.
+    seed: seeds the initialisation, the data order and the step keys.
+    parallelism: ``'auto'``, ``'single'``, ``'pmap'``, ``'sharded'`` or a
+      ``runner.parallel.partitioners.Partitioner``.
+    early_stopping: from ``runner.early_stopping`` (None: off).
+    checkpoint: the checkpoint policy (None: the default policy).
+    state_factory: ``(variables, apply_fn, tx) -> TrainState``.
+    writers: metric writer factories, each called as ``factory(workdir)``
+      on process 0 (None: JSONL and TensorBoard).
+    actions: more actions run after each step (``runner.actions``), e.g.
+      ``[@my_module.MyAction()]``.
+    profile_steps: ``(first, last)``: trace these steps with
+      ``jax.profiler`` into ``<workdir>/profile`` (None: off).
+  """
+  model: Any = None
+  dataset: Any = None
+  optimizer: Any = None
+  task: Any = None
+  batch_size: int = 128
+  num_steps: int | None = None
+  num_epochs: int | None = None
+  eval_every: int | None = None
+  eval_batch_size: int = 1024
+  log_every: int = 100
+  seed: int = 0
+  parallelism: Any = 'auto'
+  early_stopping: state_lib.EarlyStopper | None = None
+  checkpoint: Any = None
+  state_factory: Callable = state_lib.create_train_state
+  writers: Sequence[Callable] | None = None
+  actions: Sequence[Any] = ()
+  profile_steps: tuple[int, int] | None = None
+
+  def __post_init__(self):
+    unset = [f'train.{name}' for name in ('model', 'dataset', 'optimizer')
+             if getattr(self, name) is None]
+    if unset:
+      raise RunnerError(
+          f'{", ".join(unset)} not set: bind them in a gin file (e.g. include'
+          ' default.gin, or run.gin with files from models/, datasets/ and'
+          f' optimizers/) or with --gin.{unset[0]}=...')
+    if (self.num_steps is None) == (self.num_epochs is None):
+      raise RunnerError('set exactly one of train.num_steps and'
+                        f' train.num_epochs (got {self.num_steps!r} and'
+                        f' {self.num_epochs!r}).')
+    _positive('num_steps', self.num_steps, allow_none=True)
+    _positive('num_epochs', self.num_epochs, allow_none=True)
+    for name in ('batch_size', 'eval_batch_size', 'log_every'):
+      _positive(name, getattr(self, name))
+    _positive('eval_every', self.eval_every, allow_none=True)
+    if not isinstance(self.seed, int) or isinstance(self.seed, bool) or (
+        self.seed < 0):
+      raise RunnerError(f'train.seed must be an integer >= 0, got'
+                        f' {self.seed!r}.')
+    if self.early_stopping is not None and not isinstance(
+        self.early_stopping, state_lib.EarlyStopper):
+      raise RunnerError('train.early_stopping must be'
+                        ' @runner.early_stopping() or None, got'
+                        f' {self.early_stopping!r}.')
+    if not callable(self.state_factory):
+      raise RunnerError(f'train.state_factory must be callable, got'
+                        f' {self.state_factory!r}.')
+    if self.writers is not None and (
+        isinstance(self.writers, (str, bytes)) or
+        not all(callable(w) for w in self.writers)):
+      raise RunnerError('train.writers must be a list of writer factories'
+                        f' (called with the workdir), got {self.writers!r}.')
+    if isinstance(self.actions, (str, bytes)) or not all(
+        callable(a) for a in self.actions):
+      raise RunnerError('train.actions must be a list of actions (callables'
+                        f' of (step, state, metrics)), got {self.actions!r}.')
+    if self.profile_steps is not None:
+      ok = (isinstance(self.profile_steps, (tuple, list)) and
+            len(self.profile_steps) == 2 and
+            all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                for s in self.profile_steps) and
+            self.profile_steps[0] <= self.profile_steps[1])
+      if not ok:
+        raise RunnerError('train.profile_steps must be (first, last) steps'
+                          f' with 1 <= first <= last, got'
+                          f' {self.profile_steps!r}.')
