@@ -1,5 +1,6 @@
 """Evaluation on the held-out batches, every N steps and at the end."""
 
+import time
 from collections.abc import Callable
 
 from absl import logging
@@ -26,9 +27,14 @@ class Evaluate(base.PeriodicAction):
     self.evaluate, self.writer, self.log = evaluate, writer, log
     self.last: dict = {}
     self.last_step: int | None = None
+    self.seconds = 0.0  # spent evaluating (kept out of the train rates)
 
   def __call__(self, step, state, metrics):
+    start = time.perf_counter()
     result = self.evaluate(state)
+    self.seconds += time.perf_counter() - start
+    if not result:  # the source has no eval data
+      return
     self.last, self.last_step = result, step
     metrics['eval'] = result
     self.writer.write_scalars(step, result, split='eval')

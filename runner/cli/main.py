@@ -18,11 +18,13 @@ Flags: --gin_file (repeatable), --gin_bindings (repeatable; alias
 plus absl's --jax_* flags and the multi-process flags of runner.distributed.
 String values need gin quotes: --gin.optimizer.name="'sgd'".
 
-Your own model or dataset, without editing the runner: write a function
-returning a model (``init(rng, x) -> {'params': ...}`` and
-``apply(variables, x) -> logits``, e.g. built with ``runner.models``) or a
-``runner.datasets.Dataset``, decorate it with ``@gin.configurable``, and
-import its module from gin::
+Your own model, data source, task, action or metric writer, without
+editing the runner: write it in your module (a model has flax's
+``init``/``apply``; the others subclass ``runner.data.base.DataSource``,
+``runner.tasks.base.Task``, ``runner.actions.base.Action``,
+``runner.outputs.writers.MetricWriter``), decorate it with
+``@gin.configurable``, import its module from gin and bind ``train.model``,
+``train.dataset``, ``train.task``, ``train.actions`` or ``train.writers``::
 
     # my_module.py (in the working directory or on PYTHONPATH)
     import gin
@@ -38,20 +40,20 @@ import its module from gin::
 
 (or put ``import my_module`` and the bindings in a gin file). A reference
 without ``()`` passes the factory, which the loop calls; with ``()`` gin
-calls it. See runner/configurables.py for every bindable name.
+calls it. See runner/cli/configurables.py for every bindable name.
 
 Outputs in the workdir: ``config.parsed.gin`` (before training),
 ``config.operative.gin`` (after the first step), ``flags.txt`` (reusable as
 ``--flagfile``), ``settings.json`` (the resolved settings; compared on
 resume), ``metrics.jsonl``, ``hparams.json``, ``tensorboard/``,
-``checkpoints/`` (and ``best_checkpoints/`` with keep-best), and
-``metrics.png`` at the end. Running again with the same --workdir resumes
+``checkpoints/`` (and ``best_checkpoints/`` with keep-best), ``profile/``
+(with ``train.profile_steps``), and ``metrics.png`` at the end. Running again with the same --workdir resumes
 from the latest checkpoint (--resume=auto).
 
 A fault in the input (flags, gin, workdir, checkpoint) prints one line,
 ``gintrain: error: ...``, and exits with status 1. A preempted run
 (SIGTERM/SIGUSR1) saves a checkpoint and exits with
-``runner.preemption.PREEMPTED_EXIT_CODE`` (75).
+``runner.parallel.preemption.PREEMPTED_EXIT_CODE`` (75).
 """
 
 import os

@@ -17,10 +17,12 @@ import json
 import math
 import os
 
-__all__ = ['read_metrics', 'plot_metrics', 'PANELS']
+__all__ = ['read_metrics', 'plot_metrics', 'panels']
 
-# (metric name, panel title); one line per split within a panel.
-PANELS = (('loss', 'loss'), ('accuracy', 'accuracy'))
+# Train-record entries shown after the eval metrics, when recorded.
+_TRAIN_PANELS = ('learning_rate', 'examples_per_sec')
+# Not curves: record keys, and the wall time of each record.
+_SKIP = ('step', 'split', 'time')
 
 
 def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
@@ -53,7 +55,7 @@ def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
       raise ValueError(f'{path}:{lineno}: expected a JSON object with an'
                        ' integer "step" and a string "split".')
     for name, value in record.items():
-      if name in ('step', 'split') or isinstance(value, bool):
+      if name in _SKIP or isinstance(value, bool):
         continue
       if isinstance(value, (int, float)):
         series.setdefault((record['split'], name), {})[record['step']] = (
@@ -62,13 +64,24 @@ def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
           for key, points in series.items()}
 
 
+def panels(series: dict) -> list[str]:
+  """The metrics to draw: ``loss``, up to two more eval metrics (e.g.
+  ``accuracy``; ``accuracy`` when nothing is recorded yet), then the
+  learning rate and throughput when recorded."""
+  evals = sorted({name for split, name in series
+                  if split == 'eval' and name != 'loss'})
+  out = ['loss'] + (evals[:2] or ['accuracy'])
+  return out + [n for n in _TRAIN_PANELS if ('train', n) in series]
+
+
 def plot_metrics(metrics_jsonl: str | os.PathLike,
                  out_png: str | os.PathLike) -> str:
-  """Draws loss and accuracy vs step (one line per split) into ``out_png``.
+  """Draws the run's curves vs step (one line per split) into ``out_png``.
 
-  Panels: ``loss`` (e.g. train and eval loss) and ``accuracy`` (e.g. eval
-  accuracy). A panel without data says so instead of failing, so a run that
-  stopped before its first eval still gets a plot. Returns ``out_png``.
+  Panels (see :func:`panels`): ``loss`` (train and eval), the eval metrics
+  (e.g. ``accuracy``), the learning rate and examples/s. A panel without data
+  says so instead of failing, so a run that stopped before its first eval
+  still gets a plot. Returns ``out_png``.
 
   Raises:
     FileNotFoundError, ValueError: as ``read_metrics``.
@@ -78,11 +91,13 @@ def plot_metrics(metrics_jsonl: str | os.PathLike,
   from matplotlib.figure import Figure
   # pylint: enable=g-import-not-at-top
   series = read_metrics(metrics_jsonl)
-  fig = Figure(figsize=(5 * len(PANELS), 4))
+  names = panels(series)
+  fig = Figure(figsize=(4.5 * len(names), 4))
   fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.92, wspace=0.2)
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, len(PANELS), squeeze=False)[0]
-  for ax, (name, title) in zip(axes, PANELS):
+  axes = fig.subplots(1, len(names), squeeze=False)[0]
+  for ax, name in zip(axes, names):
+    title = name.replace('_', ' ')
     keys = sorted((k for k in series if k[1] == name),
                   key=lambda k: (k[0] != 'train', k[0] != 'eval', k[0]))
     for split, _ in keys:

@@ -247,25 +247,31 @@ def dry_run(config: config_lib.TrainConfig) -> dict:
 
 
 class _Rates:
-  """Steps/s and examples/s between fetches, compilation excluded."""
+  """Steps/s and examples/s between fetches, with the first (compiling)
+  step and the time spent in ``excluded()`` (evaluation) kept out."""
 
-  def __init__(self, start: int, batch_size: int):
-    self.batch_size = batch_size
+  def __init__(self, start: int, batch_size: int,
+               excluded: Callable[[], float]):
+    self.batch_size, self.excluded = batch_size, excluded
     self.tick, self.tick_step = time.perf_counter(), start
+    self.tick_excluded = excluded()
     self.started = False
 
   def after_first_step(self, step, sums):
     """Waits for the first (compiling) step and restarts the clock."""
     jax.block_until_ready(sums)
     self.tick, self.tick_step = time.perf_counter(), step
+    self.tick_excluded = self.excluded()
     self.started = True
 
   def means(self, step, host_sums, since):
-    now = time.perf_counter()
+    now, excluded = time.perf_counter(), self.excluded()
     out = {k: float(v) / max(step - since, 1) for k, v in host_sums.items()}
     steps_done = step - self.tick_step
+    seconds = now - self.tick - (excluded - self.tick_excluded)
+    self.tick_excluded = excluded
     if steps_done > 0:
-      rate = steps_done / max(now - self.tick, 1e-9)
+      rate = steps_done / max(seconds, 1e-9)
       out['steps_per_sec'] = rate
       out['examples_per_sec'] = rate * self.batch_size
     self.tick, self.tick_step = now, step
@@ -452,7 +458,7 @@ class Trainer:
     zero = p.put_state({k: np.zeros((), np.float32)
                         for k in run.train_metrics})
     sums, since = zero, start
-    rates = _Rates(start, cfg.batch_size)
+    rates = _Rates(start, cfg.batch_size, lambda: self.eval_action.seconds)
     if self.main:
       logging.info('Training %s (%s) on %s: steps %d..%d of %d, batch %d,'
                    ' parallelism %s on %d device(s).', run.task.caller.name,
@@ -488,10 +494,17 @@ class Trainer:
                        list(self.best.best) if self.best else [])
 
   def _run_actions(self, step, metrics, last) -> bool:
-    stop = False
-    for action in self.actions:
+    """Runs the due actions; when one asks to stop, the ones before it that
+    are due at the end (e.g. the final eval) run too. Returns the stop."""
+    stop, ran = False, set()
+    for i, action in enumerate(self.actions):
       if action.due(step, last or stop):
+        ran.add(i)
         stop = bool(action(step, self.dstate, metrics)) or stop
+    if stop and not last:
+      for i, action in enumerate(self.actions):
+        if i not in ran and action.due(step, True):
+          action(step, self.dstate, metrics)
     return stop
 
 
