@@ -167,6 +167,7 @@ class DataParallel(Partitioner):
                                           lambda index: x[index])
     return jax.tree_util.tree_map(put, tree)
 
+
   def put_batch(self, batch):
     # Explicitly placed: with numpy batches split by jit's in_shardings,
     # jax 0.10 on CPU can deadlock in the gradient all-reduce (a collective

@@ -207,7 +207,7 @@ def build(config: config_lib.TrainConfig) -> Run:
   mutable = {k: v for k, v in variables.items() if k != 'params'}
   train_out = jax.eval_shape(task.loss, params, mutable, sample, rng)
   eval_out = jax.eval_shape(task.eval, params, mutable, _with_mask(sample))
-  train_names = ['loss', *train_out[1], *steps.TRAIN_EXTRAS]
+  train_names = ['loss', *train_out[1]]
   eval_names = sorted((k for k in eval_out if k != 'count'),
                       key=lambda k: (k != 'loss', k))
   if 'count' not in eval_out:
@@ -451,9 +451,14 @@ class Trainer:
   def _loop(self, state, start) -> TrainResult:
     run, cfg = self.run, self.run.config
     p = run.partitioner
+    eval_fn = steps.make_eval_step(run.task, p.axis_name)
     self.train_step, self.eval_step = p.compile(
-        steps.make_train_step(run.task, cfg.seed, p.axis_name),
-        steps.make_eval_step(run.task, p.axis_name))
+        steps.make_train_step(run.task, cfg.seed, p.axis_name), eval_fn)
+    # The same step plus the gradient and parameter norms, for log steps
+    # (its unused eval twin is never compiled).
+    train_logged, _ = p.compile(
+        steps.make_train_step(run.task, cfg.seed, p.axis_name, norms=True),
+        eval_fn)
     self.dstate = p.put_state(state)
     zero = p.put_state({k: np.zeros((), np.float32)
                         for k in run.train_metrics})
@@ -472,14 +477,19 @@ class Trainer:
       self._run_actions(step, {}, last=True)
     while step < run.total and not stop:
       batch = p.put_batch(run.source.next_batch())
-      self.dstate, sums = self.train_step(self.dstate, sums, batch)
+      last = step + 1 == run.total
+      log = (step + 1) % cfg.log_every == 0 or last
+      if log:
+        self.dstate, sums, norms = train_logged(self.dstate, sums, batch)
+      else:
+        self.dstate, sums = self.train_step(self.dstate, sums, batch)
       step += 1
       if not rates.started:
         rates.after_first_step(step, sums)
-      last = step == run.total
       metrics = {}
-      if step % cfg.log_every == 0 or last:
+      if log:
         record = rates.means(step, p.get(sums), since)  # waits for the step
+        record.update(p.get(norms))
         if run.learning_rate is not None:
           record['learning_rate'] = float(run.learning_rate(step - 1))
         metrics['train'] = record
