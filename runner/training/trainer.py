@@ -489,7 +489,7 @@ class Trainer:
       metrics = {}
       if log:
         record = rates.means(step, p.get(sums), since)  # waits for the step
-        record.update(p.get(norms))
+        record.update({k: float(v) for k, v in p.get(norms).items()})
         if run.learning_rate is not None:
           record['learning_rate'] = float(run.learning_rate(step - 1))
         metrics['train'] = record
