@@ -31,6 +31,7 @@ from gintrain.runner.parallel import distributed
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'load_params',
+           'read_runner_checkpoint',
            'CHECKPOINT_DIR', 'BEST_DIR']
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -181,6 +182,19 @@ def load_params(path: str, params: Any) -> Any:
   return serialization.from_state_dict(params, raw)
 
 
+def read_runner_checkpoint(path: str) -> dict:
+  """The raw tree of the runner checkpoint file ``path``.
+
+  Raises:
+    RunnerError: unreadable, or not a runner checkpoint.
+  """
+  raw = _read(path)
+  if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
+    raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
+                      ' entry).')
+  return raw
+
+
 class Checkpointer:
   """Saves and reads a run's checkpoints as ``policy`` says.
 
@@ -222,11 +236,7 @@ class Checkpointer:
     Raises:
       RunnerError: unreadable, or not a runner checkpoint.
     """
-    path = self.path(step)
-    raw = _read(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
-      raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
-                        ' entry).')
+    raw = read_runner_checkpoint(self.path(step))
     self._saved_steps.add(step)
     return raw
 

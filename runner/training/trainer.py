@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from gintrain.lib import serialization
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import checkpoint as checkpoint_action
 from gintrain.runner.actions import early_stop
@@ -57,8 +58,8 @@ from gintrain.runner.training import config as config_lib
 from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
 
-__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'train', 'Preempted',
-           'METRICS_PLOT']
+__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'train', 'evaluate',
+           'evaluate_checkpoint', 'Preempted', 'METRICS_PLOT']
 
 METRICS_PLOT = 'metrics.png'
 Preempted = preempt.Preempted
@@ -312,16 +313,7 @@ class Trainer:
 
   def evaluate(self, dstate) -> dict:
     """Means of the task's eval metrics over the source's eval batches."""
-    p = self.run.partitioner
-    totals = None
-    for batch in self.run.source.eval_batches():
-      sums = p.get(self.eval_step(dstate, p.put_batch(batch)))
-      totals = sums if totals is None else {k: totals[k] + sums[k]
-                                            for k in totals}
-    if totals is None:
-      return {}
-    count = float(totals.pop('count'))
-    return {k: float(v) / count for k, v in totals.items()}
+    return evaluate(self.run, self.eval_step, dstate)
 
   def _actions(self, writer, ckpt):
     cfg, run = self.run.config, self.run
@@ -516,6 +508,47 @@ class Trainer:
         if i not in ran and action.due(step, True):
           action(step, self.dstate, metrics)
     return stop
+
+
+def evaluate(run: Run, eval_step: Callable, dstate) -> dict:
+  """Means of the task's eval metrics over ``run``'s eval batches, with the
+  compiled ``eval_step`` on the placed state ``dstate`` ({} without data)."""
+  p = run.partitioner
+  totals = None
+  for batch in run.source.eval_batches():
+    sums = p.get(eval_step(dstate, p.put_batch(batch)))
+    totals = sums if totals is None else {k: totals[k] + sums[k]
+                                          for k in totals}
+  if totals is None:
+    return {}
+  count = float(totals.pop('count'))
+  return {k: float(v) / count for k, v in totals.items()}
+
+
+def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
+                        ) -> tuple[int, dict]:
+  """``(step, eval metrics)`` of the runner checkpoint file ``path``,
+  evaluated as the run of ``config`` evaluates (same task, data, batches).
+
+  Raises:
+    RunnerError: the file is unreadable or does not fit the model.
+  """
+  run = build(config)
+  variables = jax.jit(run.task.init)(jax.random.key(config.seed),
+                                     run.source.sample())
+  state = jax.device_get(config.state_factory(variables, run.model.apply,
+                                              run.tx))
+  raw = checkpoints.read_runner_checkpoint(path)
+  checkpoints.check_tree(serialization.to_state_dict(state), raw['state'],
+                         f'checkpoint {path}',
+                         against='the model and optimizer')
+  state = serialization.from_state_dict(state, raw['state'])
+  p = run.partitioner
+  eval_fn = steps.make_eval_step(run.task, p.axis_name)
+  _, eval_step = p.compile(
+      steps.make_train_step(run.task, config.seed, p.axis_name), eval_fn)
+  return int(np.asarray(state.step)), evaluate(run, eval_step,
+                                               p.put_state(state))
 
 
 def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
