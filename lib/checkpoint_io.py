@@ -13,10 +13,16 @@ object:
   is not C-contiguous is written through 64 MiB contiguous pieces (a whole
   copy only if it is also chunked); a big-endian one is converted.
 * **Reading** parses the msgpack framing from a small read-ahead window,
-  allocates every array once at its final size (a chunked array directly at
-  its full shape) and has a thread pool fill it from the file with
-  ``os.preadv`` while parsing goes on. Extra memory: none beyond the
-  restored arrays.
+  allocates every array once at its final size and shape (a chunked array
+  directly at its full shape) and has a thread pool fill it from the file
+  with ``os.preadv`` while parsing goes on. Extra memory: none beyond the
+  restored arrays. Each small array is one numpy object (no bookkeeping
+  object is kept for it) and zero-size arrays of one dtype and shape share
+  one read-only object, so a file of millions of tiny arrays costs about
+  what the numpy objects themselves cost (flax's reader costs more).
+* Only regular files are read or written: writes never follow a symlink
+  (``O_NOFOLLOW``, temporaries created with ``O_EXCL``) and a FIFO, device
+  or directory is refused before it could block (:class:`NotARegularFileError`).
 
   >>> import os, tempfile, numpy as np
   >>> d = tempfile.mkdtemp()
@@ -40,6 +46,7 @@ Decoding never executes code: object dtypes are refused.
 
 import concurrent.futures
 import dataclasses
+import errno
 import logging
 import os
 import stat
@@ -65,6 +72,9 @@ __all__ = [
     'write_checkpoint_file',
     'read_checkpoint_file',
     'fsync_dir',
+    'NotARegularFileError',
+    'CheckpointIsADirectoryError',
+    'CheckpointWriteError',
 ]
 
 # Arrays smaller than this are packed into the framing bytes.
@@ -80,6 +90,56 @@ _READ_PIECE_BYTES = 32 << 20
 _READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
 # msgpack's own nesting limit (its packer and unpacker stop at 1024).
 _MAX_DEPTH = 1024
+# numpy's limit on the number of dimensions (numpy 2; numpy 1 has 32).
+_MAX_NDIM = 64
+
+
+# ---------------------------------------------------------------------------
+# Errors (``OSError`` subclasses, as the raw errors they replace).
+
+
+class NotARegularFileError(errors.GintrainError, OSError):
+  """A checkpoint path holds a symlink, FIFO, socket, device or directory.
+
+  Checkpoint files are only ever read and written as regular files, so a
+  FIFO cannot hang a save or restore and a planted symlink cannot redirect
+  a write.
+  """
+
+  def __init__(self, path, what):
+    self.path, self.what = path, what
+    errors.GintrainError.__init__(
+        self, f'Checkpoint path "{path}" is {what}, not a regular file.',
+        'Move it out of the checkpoint directory, or use another directory'
+        ' or prefix.')
+
+
+class CheckpointIsADirectoryError(NotARegularFileError, IsADirectoryError):
+  """A checkpoint file path is a directory (and not an Orbax checkpoint)."""
+
+  def __init__(self, path):
+    NotARegularFileError.__init__(
+        self, path, 'a directory (and not an Orbax checkpoint)')
+
+
+class CheckpointWriteError(errors.GintrainError, OSError):
+  """Writing a checkpoint failed (e.g. ENOSPC); ``errno`` is the cause's.
+
+  The temporary file is removed; existing checkpoints are untouched.
+  """
+
+  def __init__(self, path, cause: OSError, tmp_path=None):
+    self.path, self.cause, self.tmp_path = path, cause, tmp_path
+    reason = cause.strerror or str(cause)
+    full = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    errors.GintrainError.__init__(
+        self,
+        f'Cannot write checkpoint "{path}": {reason}'
+        f' (errno {cause.errno}).',
+        ('Free disk space (or raise the quota / file size limit) and save'
+         ' again; ' if full else 'Fix the cause and save again; ') +
+        'the partial file was removed and older checkpoints are intact.')
+    self.errno = cause.errno  # (strerror/filename unset: str() is the message)
 
 
 # ---------------------------------------------------------------------------
@@ -279,15 +339,116 @@ def fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def write_file(tree, path: str, sort_keys: bool = False) -> None:
+def _kind(mode: int) -> str | None:
+  """What a non-regular file is, in words (None for a regular file)."""
+  if stat.S_ISREG(mode):
+    return None
+  for test, what in ((stat.S_ISDIR, 'a directory'),
+                     (stat.S_ISLNK, 'a symbolic link'),
+                     (stat.S_ISFIFO, 'a FIFO'),
+                     (stat.S_ISSOCK, 'a socket'),
+                     (stat.S_ISCHR, 'a character device'),
+                     (stat.S_ISBLK, 'a block device')):
+    if test(mode):
+      return what
+  return 'not a regular file'
+
+
+def _not_regular(path: str, mode: int) -> NotARegularFileError:
+  if stat.S_ISDIR(mode):
+    return CheckpointIsADirectoryError(path)
+  return NotARegularFileError(path, _kind(mode))
+
+
+def _open_regular(path: str, flags: int, follow: bool) -> int:
+  """Opens ``path`` only if it is a regular file; never blocks on a FIFO.
+
+  The file is checked with ``lstat`` before and ``fstat`` after opening it
+  with ``O_NONBLOCK`` (and ``O_NOFOLLOW`` unless ``follow``), so a file
+  swapped in between is caught too.
+
+  Raises:
+    NotARegularFileError: ``path`` is a directory, FIFO, socket, device or
+      (unless ``follow``) a symbolic link.
+    OSError: it cannot be opened (e.g. ``FileNotFoundError``).
+  """
+  st = os.stat(path) if follow else os.lstat(path)
+  if not stat.S_ISREG(st.st_mode):
+    raise _not_regular(path, st.st_mode)
+  extra = os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
+  if not follow:
+    extra |= os.O_NOFOLLOW
+  try:
+    fd = os.open(path, flags | extra)
+  except OSError as e:
+    if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+      raise _not_regular(path, os.lstat(path).st_mode) from e
+    raise
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise _not_regular(path, st.st_mode)
+    os.set_blocking(fd, True)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
+
+
+def _create_file(path: str, exclusive: bool) -> int:
+  """Creates ``path`` for writing; never follows a link or opens a FIFO.
+
+  Exclusive: ``O_CREAT | O_EXCL`` (fails with ``FileExistsError``, also for
+  a dangling symlink). Otherwise an existing regular file is truncated and
+  anything else is refused.
+  """
+  flags = (os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW |
+           getattr(os, 'O_CLOEXEC', 0))
+  if exclusive:
+    return os.open(path, flags | os.O_EXCL, 0o666)
+  try:
+    fd = os.open(path, flags | os.O_EXCL, 0o666)
+  except FileExistsError:
+    fd = _open_regular(path, os.O_WRONLY, follow=False)
+    try:
+      os.ftruncate(fd, 0)
+    except BaseException:
+      os.close(fd)
+      raise
+  return fd
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+def write_file(tree, path: str, sort_keys: bool = False,
+               exclusive: bool = False) -> None:
   """Writes ``tree`` (a state dict or an :class:`EncodedTree`) to ``path``.
 
-  The file is created or truncated, written, and fsynced before returning.
-  A failed write leaves no file behind.
+  The file is created (or, unless ``exclusive``, a regular file there is
+  truncated), written, and fsynced before returning. Symbolic links are not
+  followed and FIFOs, devices and directories are refused. A failed write
+  leaves no file behind.
+
+  Args:
+    tree: a state dict or an :class:`EncodedTree`.
+    path: the file to write.
+    sort_keys: sort dict keys (ignored for an :class:`EncodedTree`).
+    exclusive: fail with ``FileExistsError`` if anything exists at ``path``.
+
+  Raises:
+    NotARegularFileError: something other than a regular file is at
+      ``path`` (nothing is written).
+    CheckpointWriteError: writing failed (e.g. disk full); the message names
+      ``path``, which is removed.
   """
   if not isinstance(tree, EncodedTree):
     tree = encode(tree, sort_keys=sort_keys)
-  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+  fd = _create_file(path, exclusive)
   try:
     for segment in tree.segments:
       if isinstance(segment, np.ndarray):
@@ -295,12 +456,11 @@ def write_file(tree, path: str, sort_keys: bool = False) -> None:
       else:
         _write_all(fd, segment)
     os.fsync(fd)
-  except BaseException:
+  except BaseException as e:
     os.close(fd)
-    try:
-      os.remove(path)
-    except OSError:
-      pass
+    _remove_quietly(path)
+    if isinstance(e, OSError):
+      raise CheckpointWriteError(path, e) from e
     raise
   os.close(fd)
 
@@ -312,7 +472,7 @@ def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
     gintrain.lib.errors.AlreadyExistsError: ``final_path`` exists and not
       ``overwrite`` (only reachable when two writers race).
   """
-  if not overwrite and os.path.exists(final_path):
+  if not overwrite and os.path.lexists(final_path):
     raise errors.AlreadyExistsError(final_path)
   os.replace(tmp_path, final_path)
   fsync_dir(os.path.dirname(final_path))
@@ -327,38 +487,102 @@ def make_parent_dirs(path: str) -> None:
   fsync_dir(os.path.dirname(os.path.abspath(directory)))
 
 
-def write_checkpoint_file(tree, final_path: str, tmp_path: str,
+def _write_tmp(tree, final_path: str, tmp_path: str | None,
+               sort_keys: bool, tmp_prefix: str) -> str:
+  """Writes the temporary file of a save; returns its path.
+
+  ``tmp_path`` None: a new unique name (``.<tmp_prefix>tmp-<token>``),
+  created exclusively, retried on the (astronomically rare) collision.
+  """
+  if tmp_path is not None:
+    try:
+      write_file(tree, tmp_path, sort_keys, exclusive=True)
+    except FileExistsError:
+      # A stale temporary of this exact name: replace it if it is a file.
+      st = os.lstat(tmp_path)
+      if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(tmp_path, st.st_mode) from None
+      os.remove(tmp_path)
+      write_file(tree, tmp_path, sort_keys, exclusive=True)
+    return tmp_path
+  dir_path = os.path.dirname(final_path)
+  for attempt in range(8):
+    tmp_path = checkpoint_naming.new_tmp_path(dir_path, tmp_prefix)
+    try:
+      write_file(tree, tmp_path, sort_keys, exclusive=True)
+      return tmp_path
+    except FileExistsError:
+      if attempt == 7:
+        raise
+  raise AssertionError('unreachable')
+
+
+def _write_checkpoint(tree, final_path: str, tmp_path: str | None,
+                      overwrite: bool, sort_keys: bool,
+                      tmp_prefix: str) -> str:
+  make_parent_dirs(final_path)
+  try:
+    tmp_path = _write_tmp(tree, final_path, tmp_path, sort_keys, tmp_prefix)
+  except CheckpointWriteError as e:
+    raise CheckpointWriteError(final_path, e.cause, e.path) from e.cause
+  try:
+    commit_file(tmp_path, final_path, overwrite)
+  except BaseException as e:
+    _remove_quietly(tmp_path)
+    if isinstance(e, OSError) and not isinstance(e, errors.GintrainError):
+      raise CheckpointWriteError(final_path, e, tmp_path) from e
+    raise
+  return tmp_path
+
+
+def write_checkpoint_file(tree, final_path: str, tmp_path: str | None,
                           overwrite: bool, sort_keys: bool = False) -> None:
   """Durably writes a checkpoint file: tmp file, fsync, rename, dir fsync.
 
   After a crash at any moment ``final_path`` is either absent (or its
-  previous version) or complete; at worst a stale ``tmp_path`` remains, which
-  the next save overwrites.
+  previous version) or complete; at worst a stale temporary file remains
+  (see ``checkpoint_naming.remove_stale_tmp_files``).
 
   Args:
     tree: a state dict or an :class:`EncodedTree` (from :func:`encode`).
     final_path: the checkpoint's name.
-    tmp_path: where the file is written first (same directory).
+    tmp_path: where the file is written first (same directory), created
+      exclusively (a stale regular file there is replaced). None: a unique
+      name of this writer (``checkpoint_naming.new_tmp_path``), which is
+      what saves use so that concurrent writers never share a file.
     overwrite: replace an existing ``final_path``.
     sort_keys: sort dict keys (ignored for an :class:`EncodedTree`).
+
+  Raises:
+    CheckpointWriteError: writing or committing failed (e.g. the disk is
+      full); the message names ``final_path``, the temporary file is
+      removed and older checkpoints are untouched.
+    NotARegularFileError: ``tmp_path`` is taken by a non-regular file.
+    gintrain.lib.errors.AlreadyExistsError: ``final_path`` exists and not
+      ``overwrite``.
   """
-  make_parent_dirs(final_path)
-  write_file(tree, tmp_path, sort_keys=sort_keys)
-  commit_file(tmp_path, final_path, overwrite)
+  _write_checkpoint(tree, final_path, tmp_path, overwrite, sort_keys,
+                    os.path.basename(final_path))
 
 
-def write_and_retain(tree, final_path: str, tmp_path: str, base_path: str,
-                     keep: int, overwrite: bool,
+def write_and_retain(tree, final_path: str, tmp_path: str | None,
+                     base_path: str, keep: int, overwrite: bool,
                      keep_every_n_steps: int | None) -> None:
   """:func:`write_checkpoint_file`, then the retention pass of flax's saves.
 
   The task both save functions run inline or hand to an ``AsyncManager``.
+  ``tmp_path`` None (what they pass) writes through a unique temporary of
+  this writer, ``<dir>/.<prefix>tmp-<host>-<pid>-<random>``. Afterwards
+  temporaries of crashed writers of this prefix are removed
+  (``checkpoint_naming.remove_stale_tmp_files``).
   """
-  write_checkpoint_file(tree, final_path, tmp_path, overwrite)
+  dir_path, prefix = os.path.split(base_path)
+  _write_checkpoint(tree, final_path, tmp_path, overwrite, False, prefix)
   logger.info('Saved checkpoint at %s', final_path)
   checkpoint_naming.remove_invalid_checkpoints(
       final_path, base_path, keep, overwrite, keep_every_n_steps,
       has_mpa=False)
+  checkpoint_naming.remove_stale_tmp_files(dir_path, prefix)
 
 
 # ---------------------------------------------------------------------------
@@ -369,14 +593,18 @@ class _Corrupt(Exception):
   """The file does not hold a valid msgpack checkpoint (message: why)."""
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _PendingArray:
-  """An array found while parsing; its data is read from the file."""
+  """A large array found while parsing; its data is read from the file.
+
+  Small arrays never get one: they are read at once into their final numpy
+  array (see ``_Parser._array``).
+  """
   dtype: np.dtype
   shape: tuple
   offset: int
   nbytes: int
-  dest: np.ndarray | None = None  # flat array (or view) it is read into
+  dest: np.ndarray | None = None  # the array (or a flat view) read into
   started: bool = False  # its read was issued (or done) while parsing
 
   __hash__ = None  # an array is not a valid map key (as in msgpack_restore)
@@ -422,9 +650,9 @@ class _Reader:
 
   def read(self, p: _PendingArray) -> None:
     if p.dest is None:
-      p.dest = np.empty(p.nbytes // p.dtype.itemsize, p.dtype)
+      p.dest = np.empty(p.shape, p.dtype)
     p.started = True
-    view = memoryview(p.dest.view(np.uint8))
+    view = memoryview(p.dest.reshape(-1).view(np.uint8))
     for start in range(0, p.nbytes, _READ_PIECE_BYTES):
       piece = view[start:start + _READ_PIECE_BYTES]
       if self.pool is None:
@@ -456,6 +684,7 @@ class _Parser:
     self.window = b''
     self.window_start = 0
     self.pending = []
+    self.empties = {}  # (dtype, shape) -> the shared zero-size array
 
   def _read(self, n: int) -> bytes:
     if n > self.size - self.pos:
@@ -572,8 +801,14 @@ class _Parser:
     except Exception as e:  # pylint: disable=broad-except
       raise _Corrupt(f'bad ext type {code} at offset {start}: {e}') from e
 
-  def _array(self, length: int, defer: bool) -> _PendingArray | None:
-    """Parses ``[shape, dtype, bin]``; None if laid out differently."""
+  def _array(self, length: int, defer: bool):
+    """Parses ``[shape, dtype, bin]``; None if laid out differently.
+
+    Returns the numpy array itself (read-only) for arrays up to
+    ``_INLINE_READ_BYTES``, else a :class:`_PendingArray`. Zero-size arrays
+    of one dtype and shape are one shared read-only object: a file of
+    millions of empty arrays then costs no more memory than its keys.
+    """
     end = self.pos + length
     if length < 1 or self._read(1)[0] != 0x93:
       return None
@@ -586,9 +821,10 @@ class _Parser:
     offset = self.pos
     if offset + nbytes != end:
       raise _Corrupt(f'array payload at offset {offset} has a bad length')
-    if not (isinstance(shape, list) and
-            all(type(d) is int and d >= 0 for d in shape)):  # pylint: disable=unidiomatic-typecheck
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and
+            all(type(d) is int and 0 <= d < 2**63 for d in shape)):  # pylint: disable=unidiomatic-typecheck
       raise _Corrupt(f'bad array shape {shape!r} at offset {offset}')
+    shape = tuple(shape)
     try:
       dtype = serialization.dtype_from_name(name)
     except (ValueError, TypeError, UnicodeDecodeError) as e:
@@ -597,28 +833,48 @@ class _Parser:
       raise _Corrupt(f'unsupported dtype {dtype} at offset {offset}')
     if int(np.prod(shape, dtype=object)) * dtype.itemsize != nbytes:
       raise _Corrupt(
-          f'array of shape {tuple(shape)} and dtype {dtype} does not fit its'
+          f'array of shape {shape} and dtype {dtype} does not fit its'
           f' {nbytes} bytes at offset {offset}')
-    pending = _PendingArray(dtype, tuple(shape), offset, nbytes)
     self._skip(nbytes)
+    if nbytes == 0:
+      return self._empty(dtype, shape, offset)
     if nbytes <= _INLINE_READ_BYTES:
-      self._load(pending)
-    elif not defer:
+      return self._load(dtype, shape, offset, nbytes)
+    pending = _PendingArray(dtype, shape, offset, nbytes)
+    if not defer:
       self.reader.read(pending)
     self.pending.append(pending)
     return pending
 
-  def _load(self, pending: _PendingArray) -> None:
+  def _empty(self, dtype: np.dtype, shape: tuple, offset: int) -> np.ndarray:
+    key = (dtype, shape)
+    arr = self.empties.get(key)
+    if arr is None:
+      try:
+        arr = np.empty(shape, dtype)
+      except (ValueError, MemoryError) as e:
+        raise _Corrupt(f'impossible array shape {shape} at offset {offset}:'
+                       f' {e}') from e
+      arr.flags.writeable = False
+      self.empties[key] = arr
+    return arr
+
+  def _load(self, dtype: np.dtype, shape: tuple, offset: int,
+            nbytes: int) -> np.ndarray:
     """Reads a small array now (from the window if it holds it)."""
-    pending.dest = np.empty(pending.nbytes // pending.dtype.itemsize,
-                            pending.dtype)
-    view = memoryview(pending.dest.view(np.uint8))
-    off = pending.offset - self.window_start
-    if 0 <= off and off + pending.nbytes <= len(self.window):
-      view[:] = memoryview(self.window)[off:off + pending.nbytes]
+    try:
+      arr = np.empty(shape, dtype)
+    except (ValueError, MemoryError) as e:
+      raise _Corrupt(f'impossible array shape {shape} at offset {offset}:'
+                     f' {e}') from e
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    off = offset - self.window_start
+    if 0 <= off and off + nbytes <= len(self.window):
+      view[:] = memoryview(self.window)[off:off + nbytes]
     else:
-      _pread_into(self.fd, view, pending.offset)
-    pending.started = True
+      _pread_into(self.fd, view, offset)
+    arr.flags.writeable = False
+    return arr
 
 
 def _plan_chunked(node) -> np.ndarray | None:
@@ -629,19 +885,25 @@ def _plan_chunked(node) -> np.ndarray | None:
   except (KeyError, TypeError):
     return None
   if not chunks or not all(
-      isinstance(c, _PendingArray) and c.dtype == chunks[0].dtype and
-      len(c.shape) == 1 for c in chunks):
+      isinstance(c, (_PendingArray, np.ndarray)) and
+      c.dtype == chunks[0].dtype and len(c.shape) == 1 for c in chunks):
     return None
-  if not all(type(d) is int and d >= 0 for d in shape):  # pylint: disable=unidiomatic-typecheck
+  if not (len(shape) <= _MAX_NDIM and
+          all(type(d) is int and 0 <= d < 2**63 for d in shape)):  # pylint: disable=unidiomatic-typecheck
     return None
   size = sum(c.shape[0] for c in chunks)
   if int(np.prod(shape, dtype=object)) != size:
     return None
-  out = np.empty(shape, chunks[0].dtype)
+  try:
+    out = np.empty(shape, chunks[0].dtype)
+  except (ValueError, MemoryError):
+    return None  # left to unchunk_array_leaves_in_place (names the path)
   flat = out.reshape(-1)
   start = 0
   for c in chunks:
-    if c.started:  # small, or not recognised as a chunk while parsing
+    if isinstance(c, np.ndarray):  # small: read while parsing
+      flat[start:start + c.shape[0]] = c
+    elif c.started:  # not recognised as a chunk while parsing
       flat[start:start + c.shape[0]] = c.dest
     else:
       c.dest = flat[start:start + c.shape[0]]
@@ -664,7 +926,9 @@ def _plan_unchunk(node):
 def _resolve(node):
   """Replaces every pending array by its numpy array (read-only, as flax)."""
   if isinstance(node, _PendingArray):
-    arr = node.dest.reshape(node.shape)
+    arr = node.dest
+    if arr.shape != node.shape:  # a chunk read into a flat array
+      arr = arr.reshape(node.shape)
     arr.flags.writeable = False
     return arr
   if isinstance(node, dict):
@@ -714,14 +978,16 @@ def read_checkpoint_file(path: str, parallel: bool = True):
   Raises:
     gintrain.lib.errors.CheckpointReadError: the file is truncated, corrupt or not a
       msgpack checkpoint (the message names ``path``).
+    NotARegularFileError: ``path`` is a directory
+      (:class:`CheckpointIsADirectoryError`, an ``IsADirectoryError``), a
+      FIFO, socket or device; checked without opening it, so a FIFO never
+      blocks. A symlink to a regular file is followed.
     OSError: the file cannot be opened.
   """
-  fd = os.open(path, os.O_RDONLY)
+  fd = _open_regular(path, os.O_RDONLY, follow=True)
   pool = None
   try:
     st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-      raise IsADirectoryError(21, 'Is a directory', path)
     if parallel and st.st_size > 2 * _READ_PIECE_BYTES:
       pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS)
     try:
@@ -730,6 +996,10 @@ def read_checkpoint_file(path: str, parallel: bool = True):
       raise errors.CheckpointReadError(path, str(e)) from e
     except RecursionError as e:
       raise errors.CheckpointReadError(path, 'nesting too deep') from e
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+      # e.g. a shape numpy cannot make: the message must name the file
+      raise errors.CheckpointReadError(
+          path, f'{type(e).__name__}: {e}') from e
     except OSError as e:
       raise errors.CheckpointReadError(path, f'read failed: {e}') from e
   finally:

@@ -3,8 +3,20 @@
 Everything here works on names only (no array I/O), with flax's exact rules:
 
 * A checkpoint of ``step`` in ``ckpt_dir`` is ``<ckpt_dir>/<prefix><step>``
-  with ``str(step)`` (``5``, ``5.0``, ``1e-05``); a save first writes
-  ``<ckpt_dir>/<prefix>tmp``.
+  with ``str(step)`` (``5``, ``5.0``, ``1e-05``).
+* A save first writes a temporary file of its own, created exclusively:
+  ``<ckpt_dir>/.<prefix>tmp-<host>-<pid>-<random>`` (:func:`new_tmp_path`),
+  so that two writers on one directory (a job launched twice, every host of
+  a shared filesystem) never write into each other's file. flax's single
+  ``<prefix>tmp`` name is still recognised (and ignored) when listing.
+  Listing and retention ignore every writer's temporaries; a save removes
+  those of crashed writers only (:func:`remove_stale_tmp_files`): ones whose
+  process is known to be dead (same host and pid namespace), or untouched
+  for :data:`STALE_TMP_SECONDS` (6 hours).
+* A prefix is a file name prefix: it may hold no path separator and must not
+  be empty (:func:`validate_prefix`).
+* Retention deletes only regular files and directories (never symlinks,
+  FIFOs, sockets or devices, and never follows a link).
 * Names sort "naturally": numeric substrings compare as numbers.
 
   >>> natural_sort(['ckpt_10', 'ckpt_9', 'ckpt_1.0e1', 'ckpt_-2'])
@@ -19,11 +31,15 @@ Listing uses glob matching of ``<prefix>*`` (``pathlib.PurePath.match``), so
 glob characters in a prefix are live, as in flax.
 """
 
+import hashlib
 import logging
 import os
 import pathlib
 import re
+import secrets
 import shutil
+import stat
+import time
 from typing import Iterable
 
 from gintrain.lib import errors
@@ -43,6 +59,11 @@ __all__ = [
     'all_checkpoints',
     'remove_invalid_checkpoints',
     'check_overwrite',
+    'validate_prefix',
+    'new_tmp_path',
+    'is_tmp_name',
+    'remove_stale_tmp_files',
+    'STALE_TMP_SECONDS',
 ]
 
 # A number with an optional captured sign, e.g. '-1.5e3', '+2', '.5'.
@@ -64,6 +85,101 @@ MP_ARRAY_POSTFIX = '_gda'
 ORBAX_TMP_DIR_SUFFIX = '.orbax-checkpoint-tmp'
 
 _TMP_STEP = 'tmp'
+# A temporary file (or its ``_gda`` directory) untouched for this long
+# belongs to a crashed writer and is removed by the next save.
+STALE_TMP_SECONDS = 6 * 3600
+# ``.<prefix>tmp-<host id>-<pid>-<random>`` (+ ``_gda`` for array dirs).
+_TMP_NAME_RE = re.compile(
+    r'\.(?P<prefix>.*)tmp-(?P<host>[0-9a-f]{16})-(?P<pid>[0-9]+)-[0-9a-f]{8}'
+    r'(?:_gda)?')
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path, encoding='ascii') as f:
+      return f.read().strip()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
+def _compute_host_id() -> str | None:
+  """An id of this kernel boot and pid namespace (None if unknown).
+
+  Two processes with the same id see the same pids, so a writer can tell
+  that another writer's process is dead.
+  """
+  boot_id = _read_text('/proc/sys/kernel/random/boot_id')
+  try:
+    pid_ns = os.readlink('/proc/self/ns/pid')
+  except OSError:
+    pid_ns = None
+  if not boot_id or not pid_ns:
+    return None
+  return hashlib.sha256(f'{boot_id} {pid_ns}'.encode()).hexdigest()[:16]
+
+
+_HOST_ID = _compute_host_id()
+_UNKNOWN_HOST_ID = '0' * 16
+
+
+def validate_prefix(prefix: str) -> str:
+  """Returns ``prefix`` if it is a valid checkpoint file name prefix.
+
+  >>> validate_prefix('checkpoint_')
+  'checkpoint_'
+
+  Raises:
+    ValueError: the prefix is empty, not a str, or holds a path separator
+      or a NUL character (it could name files outside the directory).
+  """
+  if not isinstance(prefix, str) or not prefix:
+    raise ValueError(
+        f'Invalid checkpoint prefix {prefix!r}: it must be a non-empty str.')
+  seps = {'/', '\0', os.sep, os.altsep} - {None}
+  if any(c in prefix for c in seps) or prefix in ('.', '..'):
+    raise ValueError(
+        f'Invalid checkpoint prefix {prefix!r}: a prefix is part of a file'
+        ' name and may hold no path separator; put directories in ckpt_dir.')
+  return prefix
+
+
+def new_tmp_path(dir_path: str, prefix: str, token: str | None = None) -> str:
+  """A fresh temporary path for one save: ``<dir>/.<prefix>tmp-<token>``.
+
+  Args:
+    dir_path: the checkpoint directory.
+    prefix: the checkpoint prefix.
+    token: ``<host>-<pid>-<random>`` (:func:`new_tmp_token`); a new one if
+      None.
+  """
+  token = token or new_tmp_token()
+  return os.path.join(dir_path, f'.{prefix}{_TMP_STEP}-{token}')
+
+
+def new_tmp_token() -> str:
+  """``<host id>-<pid>-<8 random hex digits>``: unique per writer and save."""
+  return (f'{_HOST_ID or _UNKNOWN_HOST_ID}-{os.getpid()}-'
+          f'{secrets.token_hex(4)}')
+
+
+def is_tmp_name(name: str, prefix: str | None = None) -> bool:
+  """Whether ``name`` is a save's temporary (ours or flax's ``<prefix>tmp``).
+
+  >>> is_tmp_name('.ck_tmp-0123456789abcdef-42-89abcdef', 'ck_')
+  True
+  >>> is_tmp_name('ck_tmp_gda', 'ck_'), is_tmp_name('ck_12', 'ck_')
+  (True, False)
+
+  Args:
+    name: a file name (no directory).
+    prefix: only temporaries of this prefix; None: of any prefix (flax's
+      ``<prefix>tmp`` is then not recognised).
+  """
+  match = _TMP_NAME_RE.fullmatch(name)
+  if match and (prefix is None or match.group('prefix') == prefix):
+    return True
+  return prefix is not None and name in (
+      f'{prefix}{_TMP_STEP}', f'{prefix}{_TMP_STEP}{MP_ARRAY_POSTFIX}')
 
 
 def natural_sort(file_list: Iterable[str], signed: bool = True) -> list[str]:
@@ -125,10 +241,16 @@ def get_checkpoint_paths(
   """``(final_path, tmp_path, base_path)`` of a save into ``ckpt_dir``.
 
   The directory is normalised first (``dir//`` and ``./dir`` both work).
+  ``tmp_path`` is flax's temporary name, which the overwrite check ignores;
+  saves write to a unique :func:`new_tmp_path` instead.
 
   >>> get_checkpoint_paths('ckpts//', 3, 'ck_')
   ('ckpts/ck_3', 'ckpts/ck_tmp', 'ckpts/ck_')
+
+  Raises:
+    ValueError: an invalid prefix (:func:`validate_prefix`).
   """
+  validate_prefix(prefix)
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
   return (checkpoint_path(ckpt_dir, step, prefix),
           checkpoint_path(ckpt_dir, _TMP_STEP, prefix),
@@ -143,11 +265,17 @@ def _listdir_or_empty(path: str) -> list[str]:
 
 
 def _matching_paths(dir_path: str, prefix: str) -> list[str]:
-  """Entries of ``dir_path`` matching ``<prefix>*`` except ``*_gda``."""
+  """Entries of ``dir_path`` matching ``<prefix>*`` except ``*_gda``.
+
+  Every writer's temporaries (``<prefix>tmp`` too) are left out: retention
+  never deletes a file another writer is still writing.
+  """
   paths = []
   for name in _listdir_or_empty(dir_path):
     pure = pathlib.PurePath(name)
-    if pure.match(f'{prefix}*') and not pure.match(f'*{MP_ARRAY_POSTFIX}'):
+    if (pure.match(f'{prefix}*') and not pure.match(f'*{MP_ARRAY_POSTFIX}')
+        and not pure.match(f'{prefix}{_TMP_STEP}')
+        and not is_tmp_name(name)):
       paths.append(os.path.join(dir_path, name))
   return paths
 
@@ -156,8 +284,9 @@ def all_checkpoints(ckpt_dir: str | os.PathLike,
                     prefix: str = 'checkpoint_') -> list[str]:
   """Naturally sorted checkpoint paths in ``ckpt_dir`` (``[]`` if missing).
 
-  Skips ``<prefix>tmp`` (an interrupted save), ``*_gda`` array directories
-  and Orbax's ``*.orbax-checkpoint-tmp*`` directories.
+  Skips ``<prefix>tmp`` (flax's temporary), every writer's
+  ``.<prefix>tmp-*`` temporaries, ``*_gda`` array directories and Orbax's
+  ``*.orbax-checkpoint-tmp*`` directories.
   """
   ckpt_dir = os.fspath(ckpt_dir)
   paths = []
@@ -165,23 +294,46 @@ def all_checkpoints(ckpt_dir: str | os.PathLike,
     pure = pathlib.PurePath(name)
     if (pure.match(f'{prefix}*') and not pure.match(f'{prefix}{_TMP_STEP}')
         and not pure.match(f'*{MP_ARRAY_POSTFIX}')
-        and not pure.match(f'*{ORBAX_TMP_DIR_SUFFIX}*')):
+        and not pure.match(f'*{ORBAX_TMP_DIR_SUFFIX}*')
+        and not is_tmp_name(name)):
       paths.append(os.path.join(ckpt_dir, name))
   return natural_sort(paths)
 
 
-def _remove_path(path: str):
-  if os.path.isdir(path):
-    shutil.rmtree(path)
-  else:
+def _lstat_or_none(path: str) -> os.stat_result | None:
+  try:
+    return os.lstat(path)
+  except FileNotFoundError:
+    return None
+
+
+def _remove_path(path: str, st: os.stat_result | None = None) -> bool:
+  """Removes a regular file or a directory tree (links are not followed).
+
+  Returns False, leaving it in place, for anything else (a symlink, FIFO,
+  socket or device): retention deletes checkpoints, nothing else.
+  """
+  st = st or _lstat_or_none(path)
+  if st is None:
+    return False
+  if stat.S_ISDIR(st.st_mode):
+    shutil.rmtree(path)  # does not follow symlinks inside the tree
+  elif stat.S_ISREG(st.st_mode):
     os.remove(path)
+  else:
+    logging.warning('Not removing "%s": it is not a regular file or'
+                    ' directory, so not a checkpoint.', path)
+    return False
+  return True
 
 
-def _remove_checkpoint(path: str, has_mpa: bool):
+def _remove_checkpoint(path: str, has_mpa: bool) -> bool:
   logging.info('Removing checkpoint at %s', path)
-  if has_mpa and os.path.exists(path + MP_ARRAY_POSTFIX):
-    shutil.rmtree(path + MP_ARRAY_POSTFIX)
-  _remove_path(path)
+  if has_mpa:
+    mpa_st = _lstat_or_none(path + MP_ARRAY_POSTFIX)
+    if mpa_st is not None and stat.S_ISDIR(mpa_st.st_mode):
+      shutil.rmtree(path + MP_ARRAY_POSTFIX)
+  return _remove_path(path)
 
 
 def remove_invalid_checkpoints(
@@ -205,17 +357,24 @@ def remove_invalid_checkpoints(
     keep_every_n_steps: protect one old checkpoint every that many steps.
     has_mpa: also delete each removed checkpoint's ``<path>_gda`` directory.
 
+  Only regular files and directories are deleted (:func:`_remove_path`);
+  other writers' temporaries are never candidates.
+
   Returns:
     The deleted paths, oldest first.
+
+  Raises:
+    ValueError: an invalid prefix (:func:`validate_prefix`).
   """
   dir_path, prefix = os.path.split(base_path)
+  validate_prefix(prefix)
   paths = natural_sort(_matching_paths(dir_path, prefix))
   removed = []
   if overwrite and ckpt_path in paths:
     end = paths.index(ckpt_path) + 1
     for path in paths[end:]:
-      _remove_checkpoint(path, has_mpa)
-      removed.append(path)
+      if _remove_checkpoint(path, has_mpa):
+        removed.append(path)
     paths = paths[:end]
   if len(paths) > keep:
     last_kept = -float('inf')
@@ -225,8 +384,8 @@ def remove_invalid_checkpoints(
         if step and step - last_kept >= keep_every_n_steps:
           last_kept = step
           continue
-      _remove_checkpoint(path, has_mpa)
-      removed.append(path)
+      if _remove_checkpoint(path, has_mpa):
+        removed.append(path)
   return removed
 
 
@@ -249,3 +408,67 @@ def check_overwrite(ckpt_tmp_path: str, ckpt_path: str, base_path: str, step):
     paths.pop()
   if paths[-1] != ckpt_path:
     raise errors.InvalidCheckpointError(ckpt_path, step)
+
+
+def _newest_mtime(path: str, st: os.stat_result) -> float:
+  """The newest mtime in a tree (links not followed)."""
+  newest = st.st_mtime
+  if stat.S_ISDIR(st.st_mode):
+    for root, dirs, files in os.walk(path):
+      for name in dirs + files:
+        try:
+          newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+        except OSError:
+          pass
+  return newest
+
+
+def _writer_is_dead(name: str) -> bool:
+  """True only if ``name``'s writer ran here (same pids) and has exited."""
+  match = _TMP_NAME_RE.fullmatch(name)
+  if not match or _HOST_ID is None or match.group('host') != _HOST_ID:
+    return False
+  try:
+    os.kill(int(match.group('pid')), 0)
+  except ProcessLookupError:
+    return True
+  except (OSError, OverflowError):
+    return False
+  return False
+
+
+def remove_stale_tmp_files(dir_path: str, prefix: str,
+                           max_age: float = STALE_TMP_SECONDS) -> list[str]:
+  """Removes temporaries of ``prefix`` left in ``dir_path`` by dead writers.
+
+  A temporary (``.<prefix>tmp-*``, flax's ``<prefix>tmp``, and their
+  ``_gda`` directories) is removed if its writer ran on this machine, in this
+  pid namespace, and its process no longer exists; or if nothing in it was
+  modified for ``max_age`` seconds (a live writer keeps writing or commits
+  within minutes). Only regular files and directories are removed. Errors
+  are logged, never raised: this is housekeeping after a committed save.
+
+  Returns:
+    The removed paths.
+  """
+  removed = []
+  now = time.time()
+  for name in _listdir_or_empty(dir_path):
+    if not is_tmp_name(name, prefix):
+      continue
+    path = os.path.join(dir_path, name)
+    try:
+      st = os.lstat(path)
+      if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        continue
+      if not (_writer_is_dead(name) or
+              now - _newest_mtime(path, st) > max_age):
+        continue
+      logging.info('Removing the temporary file of a dead writer: %s', path)
+      if _remove_path(path, st):
+        removed.append(path)
+    except FileNotFoundError:
+      pass  # another writer cleaned it up
+    except OSError as e:
+      logging.warning('Could not remove stale temporary "%s": %s', path, e)
+  return removed

@@ -12,15 +12,21 @@ what flax writes for the same tree); Orbax is used only when an
   >>> restore_checkpoint(d, target=state)
   {'w': array([0., 1., 2.]), 'step': 7}
 
-A save writes ``<dir>/<prefix>tmp``, fsyncs it, renames it to
-``<dir>/<prefix><step>`` and fsyncs the directory, then deletes checkpoints
-per ``keep``/``keep_every_n_steps``/``overwrite``. After a crash at any moment
-the latest checkpoint is complete.
+A save writes a temporary file of its own, ``<dir>/.<prefix>tmp-<host>-<pid>-
+<random>`` (created exclusively, never through a symlink), fsyncs it, renames
+it to ``<dir>/<prefix><step>`` and fsyncs the directory, then deletes
+checkpoints per ``keep``/``keep_every_n_steps``/``overwrite`` (regular files
+and directories only) and removes temporaries left by crashed writers (see
+``checkpoint_naming``). After a crash at any moment the latest checkpoint is
+complete, and two writers on one directory never mix their data.
+:func:`latest_valid_checkpoint` finds the newest checkpoint that reads back.
 
 Differences from flax (deliberate): a failed :class:`AsyncManager` save is
 re-raised by the next wait or save; files and directory are fsynced;
 big-endian arrays are stored little-endian; restoring a path that does not
-exist logs a warning naming it.
+exist logs a warning naming it; a prefix holding a path separator, or an
+empty one, is refused; each writer has its own temporary file; only regular
+files are read as checkpoints (a FIFO or device raises instead of blocking).
 """
 
 import collections.abc
@@ -34,6 +40,7 @@ import jax
 
 from gintrain.lib import checkpoint_io
 from gintrain.lib import checkpoint_naming
+from gintrain.lib import errors
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
@@ -58,6 +65,7 @@ __all__ = [
     'save_checkpoint_multiprocess',
     'restore_checkpoint',
     'latest_checkpoint',
+    'latest_valid_checkpoint',
     'available_steps',
     'convert_pre_linen',
     'natural_sort',
@@ -120,7 +128,12 @@ def save_checkpoint(
       of this step, or one sorting after it (e.g. ``<prefix>best``), exists.
       Nothing is written.
     TypeError: ``target`` holds a leaf that cannot be serialized.
+    ValueError: ``prefix`` is empty or holds a path separator.
+    gintrain.lib.checkpoint_io.CheckpointWriteError: the write failed (e.g.
+      the disk is full; an ``OSError`` naming the path). The partial file
+      is removed, older checkpoints are intact.
   """
+  checkpoint_naming.validate_prefix(prefix)
   if async_manager:
     async_manager.wait_previous_save()
   ckpt_path, tmp_path, base_path = checkpoint_naming.get_checkpoint_paths(
@@ -150,7 +163,7 @@ def save_checkpoint(
       serialization.to_state_dict(target), snapshot=async_manager is not None)
 
   write_and_clean_up = functools.partial(
-      checkpoint_io.write_and_retain, encoded, ckpt_path, tmp_path, base_path,
+      checkpoint_io.write_and_retain, encoded, ckpt_path, None, base_path,
       keep, overwrite, keep_every_n_steps)
   if async_manager:
     async_manager.save_async(write_and_clean_up)
@@ -165,10 +178,50 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike,
 
   Newest = last in :func:`natural_sort` order; names starting with the
   prefix but holding no number (``checkpoint_best``) count as newest.
-  ``<prefix>tmp``, ``*_gda`` and unfinished Orbax directories are ignored.
+  ``<prefix>tmp``, every writer's temporaries, ``*_gda`` and unfinished
+  Orbax directories are ignored. Names only: the file is not opened (see
+  :func:`latest_valid_checkpoint`).
   """
   paths = checkpoint_naming.all_checkpoints(ckpt_dir, prefix)
   return paths[-1] if paths else None
+
+
+# What reading a bad checkpoint raises (CheckpointReadError is a ValueError).
+_UNREADABLE = (errors.CheckpointReadError, OSError, ValueError)
+
+
+def latest_valid_checkpoint(ckpt_dir: str | os.PathLike,
+                            prefix: str = 'checkpoint_') -> str | None:
+  """The newest checkpoint in ``ckpt_dir`` that reads back, or None.
+
+  Candidates are :func:`latest_checkpoint`'s, newest first. A msgpack
+  checkpoint must be a regular file that decodes completely (every byte is
+  read: as costly as restoring it); an Orbax directory must be an Orbax
+  checkpoint (it is not opened). Each one skipped is logged as a warning
+  naming it and why. Use it to resume after a crash or a bad disk left the
+  latest checkpoint corrupt::
+
+    path = latest_valid_checkpoint(ckpt_dir)
+    state = restore_checkpoint(path, state) if path else state
+
+  Raises:
+    ValueError: ``prefix`` is empty or holds a path separator.
+  """
+  checkpoint_naming.validate_prefix(prefix)
+  for path in reversed(checkpoint_naming.all_checkpoints(ckpt_dir, prefix)):
+    if os.path.isdir(path) and not os.path.islink(path):
+      if orbax_delegation.is_orbax_checkpoint(path):
+        return path
+      logger.warning('Skipping checkpoint "%s": a directory that is not an'
+                     ' Orbax checkpoint.', path)
+      continue
+    try:
+      checkpoint_io.read_checkpoint_file(path, parallel=True)
+    except _UNREADABLE as e:
+      logger.warning('Skipping corrupt checkpoint "%s": %s', path, e)
+      continue
+    return path
+  return None
 
 
 def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
@@ -228,14 +281,20 @@ def restore_checkpoint(
     a missing path also logs a warning naming it.
 
   Raises:
-    ValueError: ``step`` given but ``<ckpt_dir>/<prefix><step>`` missing.
+    ValueError: ``step`` given but ``<ckpt_dir>/<prefix><step>`` missing,
+      or (with ``step``) an empty prefix or one with a path separator.
     gintrain.lib.errors.CheckpointReadError: the file is corrupt or truncated.
+    gintrain.lib.checkpoint_io.NotARegularFileError: the checkpoint path is a
+      directory that is not an Orbax checkpoint (then also an
+      ``IsADirectoryError``), a FIFO, socket or device (an ``OSError``
+      naming the path, raised without blocking).
     ValueError: the checkpoint does not fit ``target``'s structure.
   """
   if orbax_checkpointer is not None:
     _wait_for_orbax(orbax_checkpointer)
   ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
   if step is not None:
+    checkpoint_naming.validate_prefix(prefix)
     ckpt_path = checkpoint_naming.checkpoint_path(ckpt_dir, step, prefix)
     if not os.path.exists(ckpt_path):
       raise ValueError(f'Matching checkpoint not found: {ckpt_path}')

@@ -18,11 +18,13 @@ except for the key order on disk::
   >>> restore_checkpoint(d, None)
   {'a': array([1., 1.]), 'b': 1}
 
-Commit order with multi-process arrays: process 0 writes ``<prefix>tmp``
-(fsynced); every process writes its shards into ``<prefix>tmp_gda``; once
-all finished (jax's ``GlobalAsyncCheckpointManager`` barrier) process 0
-renames ``<prefix>tmp_gda`` -> ``<checkpoint>_gda``, then ``<prefix>tmp`` ->
-``<checkpoint>``, then prunes. A crash at any point leaves the previous
+Commit order with multi-process arrays: process 0 picks a unique temporary
+name ``<tmp>`` = ``.<prefix>tmp-<host>-<pid>-<random>`` and broadcasts it,
+then writes ``<tmp>`` (created exclusively, fsynced); every process writes
+its shards into ``<tmp>_gda``; once all finished (jax's
+``GlobalAsyncCheckpointManager`` barrier) process 0 renames ``<tmp>_gda`` ->
+``<checkpoint>_gda``, then ``<tmp>`` -> ``<checkpoint>``, then prunes and
+removes temporaries of crashed writers. A crash at any point leaves the previous
 checkpoint intact; the newest checkpoint *file* always has its arrays.
 
 All processes take the same decisions: a failure on one process (the
@@ -117,6 +119,18 @@ def _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
   logger.info('Saved checkpoint at %s', ckpt_path)
   checkpoint_naming.remove_invalid_checkpoints(
       ckpt_path, base_path, keep, overwrite, keep_every_n_steps, has_mpa=True)
+  checkpoint_naming.remove_stale_tmp_files(*os.path.split(base_path))
+
+
+def _shared_tmp_path(base_path: str) -> str:
+  """A unique temporary path, the same on every process (process 0's)."""
+  dir_path, prefix = os.path.split(base_path)
+  token = checkpoint_naming.new_tmp_token()
+  if jax.process_count() > 1:
+    data = np.frombuffer(token.encode('ascii').ljust(64, b'\0'), np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    token = bytes(data.astype(np.uint8)).rstrip(b'\0').decode('ascii')
+  return checkpoint_naming.new_tmp_path(dir_path, prefix, token)
 
 
 def save_checkpoint_multiprocess(
@@ -166,7 +180,10 @@ def save_checkpoint_multiprocess(
       is written.
     TypeError: a leaf that cannot be serialized.
     gintrain.lib.errors.GintrainError: the save failed on another process.
+    ValueError: ``prefix`` is empty or holds a path separator (on every
+      process, before any barrier).
   """
+  checkpoint_naming.validate_prefix(prefix)
   _barrier('Flax:Checkpoint:StartSave')
   if async_manager or gda_manager is not None:
     waited = None
@@ -211,7 +228,7 @@ def save_checkpoint_multiprocess(
   if not arrays:
     if is_writer:
       write_and_clean_up = functools.partial(
-          checkpoint_io.write_and_retain, encoded, ckpt_path, tmp_path,
+          checkpoint_io.write_and_retain, encoded, ckpt_path, None,
           base_path, keep, overwrite, keep_every_n_steps)
       if async_manager:
         async_manager.save_async(write_and_clean_up)
@@ -222,10 +239,15 @@ def save_checkpoint_multiprocess(
     return ckpt_path
 
   # Multi-process arrays: the file is committed after all arrays are written.
+  tmp_path = _shared_tmp_path(base_path)
   if is_writer:
     def write_tmp():
       checkpoint_io.make_parent_dirs(ckpt_path)
-      checkpoint_io.write_file(encoded, tmp_path)
+      try:
+        checkpoint_io.write_file(encoded, tmp_path, exclusive=True)
+      except checkpoint_io.CheckpointWriteError as e:
+        raise checkpoint_io.CheckpointWriteError(
+            ckpt_path, e.cause, e.path) from e.cause
     if async_manager:
       async_manager.save_async(write_tmp)
     else:

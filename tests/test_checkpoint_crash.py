@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -104,12 +105,13 @@ def test_sigkill_at_random_moments(tmp_path):
       status = int(zygote.stdout.readline())
       assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
           f'the saver died by itself (status {status})')
-      interrupted_writes += os.path.exists(
-          os.path.join(ckpt_dir, 'checkpoint_tmp'))
+      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      interrupted_writes += any(
+          checkpoint_naming.is_tmp_name(n, 'checkpoint_') for n in names)
 
       paths = checkpoints.natural_sort(
-          os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)
-          if n != 'checkpoint_tmp') if os.path.isdir(ckpt_dir) else []
+          os.path.join(ckpt_dir, n) for n in names
+          if not checkpoint_naming.is_tmp_name(n, 'checkpoint_'))
       latest = checkpoints.latest_checkpoint(ckpt_dir)
       assert latest == (paths[-1] if paths else None)
       if latest is None:
