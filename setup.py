@@ -37,6 +37,7 @@ setup(
         'scikit-learn>=1.3',
         'tensorboardX>=2.6',
         'matplotlib>=3.8',
+        'grain>=0.2.12',
     ],
     extras_require={
         'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10'],

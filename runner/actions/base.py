@@ -50,6 +50,11 @@ class Action(abc.ABC):
     del step, last
     return True
 
+  def bind(self, run: Any, workdir: str) -> None:
+    """Called once before training with the built run
+    (``runner.training.trainer.Run``: model, task, data source, ...) and the
+    workdir, for actions that need them."""
+
   def on_start(self, step: int) -> None:
     """Called once before the first step (``step``: where the run starts)."""
 

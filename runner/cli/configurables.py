@@ -16,12 +16,15 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``runner.create_train_state``  ``training.state.create_train_state``
 ``models.mlp/cnn``          ``models.plain`` (plain JAX, flax names)
 ``models.nnx_model``        ``models.nnx`` (adapter for flax nnx modules)
+``models.transformer``      ``models.transformer`` (decoder-only LM)
 ``datasets.digits/synthetic/diabetes``  ``data.datasets`` (in memory)
 ``data.iterable_source``    ``data.iterable`` (any iterable of batches)
-``tasks.classification/regression``  ``tasks`` (``train.task``)
+``data.text_files``         ``data.text`` (byte-level text, grain)
+``tasks.classification/regression/language_model``  ``tasks``
 ``losses.cross_entropy_loss/accuracy``  ``tasks.losses``
 ``writers.jsonl/tensorboard/wandb``  ``outputs.writers`` (``train.writers``)
 ``actions.callback``        ``actions.base.Callback`` (``train.actions``)
+``actions.write_samples``   ``actions.samples.WriteSamples``
 ``optimizers.optimizer``    ``training.optimizers.optimizer`` (any optax
                             optimizer by name, clipping, weight decay)
 ``schedules.constant/stepped/cosine``  ``lib.lr_schedule`` (epochs)
@@ -43,13 +46,17 @@ import gin
 import optax
 
 from gintrain.runner.actions import base as actions_base
+from gintrain.runner.actions import samples
 from gintrain.runner.data import datasets
 from gintrain.runner.data import iterable
+from gintrain.runner.data import text
 from gintrain.runner.models import nnx
 from gintrain.runner.models import plain as models
+from gintrain.runner.models import transformer
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import writers
 from gintrain.runner.tasks import classification
+from gintrain.runner.tasks import lm
 from gintrain.runner.tasks import losses
 from gintrain.runner.tasks import regression
 from gintrain.runner.training import config
@@ -88,12 +95,15 @@ _register(state.create_train_state, 'create_train_state', 'runner',
 for _name in ('mlp', 'cnn'):
   _register(getattr(models, _name), _name, 'models')
 _register(nnx.nnx_model, 'nnx_model', 'models')
+_register(transformer.transformer, 'transformer', 'models')
 for _name in ('digits', 'synthetic', 'diabetes'):
   _register(getattr(datasets, _name), _name, 'datasets')
 _register(iterable.iterable_source, 'iterable_source', 'data')
+_register(text.text_files, 'text_files', 'data')
 _register(classification.classification, 'classification', 'tasks',
           denylist=['model'])
 _register(regression.regression, 'regression', 'tasks', denylist=['model'])
+_register(lm.language_model, 'language_model', 'tasks', denylist=['model'])
 for _name in ('cross_entropy_loss', 'accuracy'):
   _register(getattr(losses, _name), _name, 'losses')
 for _name, _cls in (('jsonl', writers.JsonlWriter),
@@ -101,6 +111,7 @@ for _name, _cls in (('jsonl', writers.JsonlWriter),
                     ('wandb', writers.WandbWriter)):
   _register(_cls, _name, 'writers', denylist=['workdir'])
 _register(actions_base.Callback, 'callback', 'actions')
+_register(samples.WriteSamples, 'write_samples', 'actions')
 
 _register(optimizers.optimizer, 'optimizer', 'optimizers')
 for _name in ('constant', 'stepped', 'cosine'):

@@ -124,3 +124,6 @@ class DataSource(abc.ABC):
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a position that :meth:`get_state` returned."""
     del state
+
+  def close(self) -> None:
+    """Releases what the source holds (e.g. worker processes)."""

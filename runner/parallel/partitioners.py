@@ -89,9 +89,17 @@ class Partitioner(abc.ABC):
     """Placed values -> host numpy values (one copy of replicated ones)."""
 
   @abc.abstractmethod
-  def compile(self, train_step: Callable, eval_step: Callable
-              ) -> tuple[Callable, Callable]:
-    """The compiled steps; the train step donates the state."""
+  def compile(self, train_step: Callable, eval_step: Callable,
+              donate: bool = True) -> tuple[Callable, Callable]:
+    """The compiled steps; with ``donate`` the train step donates the state
+    (its input buffers are reused for the output)."""
+
+  def snapshot(self, tree: Any) -> Any:
+    """Values of ``tree`` a checkpoint writer may read in the background:
+    by default host copies (:meth:`get`); a partitioner whose placed arrays
+    are whole on this process returns them as they are (then the next step
+    must not donate them)."""
+    return self.get(tree)
 
 
 class Single(Partitioner):
@@ -112,8 +120,12 @@ class Single(Partitioner):
   def get(self, tree):
     return jax.device_get(tree)
 
-  def compile(self, train_step, eval_step):
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+  def compile(self, train_step, eval_step, donate=True):
+    return (jax.jit(train_step, donate_argnums=0 if donate else ()),
+            jax.jit(eval_step))
+
+  def snapshot(self, tree):
+    return tree
 
 
 class Pmap(Partitioner):
@@ -141,8 +153,9 @@ class Pmap(Partitioner):
     return jax.tree_util.tree_map(
         lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
-  def compile(self, train_step, eval_step):
-    return (jax.pmap(train_step, axis_name=_AXIS, donate_argnums=0),
+  def compile(self, train_step, eval_step, donate=True):
+    return (jax.pmap(train_step, axis_name=_AXIS,
+                     donate_argnums=0 if donate else ()),
             jax.pmap(eval_step, axis_name=_AXIS))
 
 
@@ -181,10 +194,16 @@ class DataParallel(Partitioner):
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
                                   tree)
 
-  def compile(self, train_step, eval_step):
+  def snapshot(self, tree):
+    if jax.process_count() > 1:  # replicated, but not whole on one process
+      return self.get(tree)
+    return tree
+
+  def compile(self, train_step, eval_step, donate=True):
     rep, split = self.replicated, self.split
     return (jax.jit(train_step, in_shardings=(rep, rep, split),
-                    out_shardings=rep, donate_argnums=0),
+                    out_shardings=rep,
+                    donate_argnums=0 if donate else ()),
             jax.jit(eval_step, in_shardings=(rep, split), out_shardings=rep))
 
 

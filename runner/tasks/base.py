@@ -98,6 +98,18 @@ class Task(abc.ABC):
     ``info`` is the data source's description (e.g. ``num_classes``)."""
     del variables, batch, info
 
+  def loss_weight(self, batch: Batch) -> jax.Array:
+    """How much ``batch`` weighs in a mean over several batches (the
+    number of elements its loss averages over): gradient accumulation over
+    microbatches weights each microbatch's gradient by this. Default: the
+    number of rows."""
+    return jax.tree_util.tree_leaves(batch)[0].shape[0]
+
+  def summarize(self, means: dict) -> dict:
+    """Derived eval metrics from the means (e.g. perplexity from the loss);
+    the default adds none."""
+    return means
+
   @abc.abstractmethod
   def loss(self, params, mutable: dict, batch: Batch,
            rng: jax.Array) -> tuple[jax.Array, dict, dict]:

@@ -61,6 +61,8 @@ class TrainConfig:
       ``[@my_module.MyAction()]``.
     profile_steps: ``(first, last)``: trace these steps with
       ``jax.profiler`` into ``<workdir>/profile`` (None: off).
+    microbatches: split each batch into this many parts, accumulate their
+      gradients and apply one update (gradient accumulation).
   """
   model: Any = None
   dataset: Any = None
@@ -80,6 +82,7 @@ class TrainConfig:
   writers: Sequence[Callable] | None = None
   actions: Sequence[Any] = ()
   profile_steps: tuple[int, int] | None = None
+  microbatches: int = 1
 
   def __post_init__(self):
     unset = [f'train.{name}' for name in ('model', 'dataset', 'optimizer')
@@ -95,7 +98,8 @@ class TrainConfig:
                         f' {self.num_epochs!r}).')
     _positive('num_steps', self.num_steps, allow_none=True)
     _positive('num_epochs', self.num_epochs, allow_none=True)
-    for name in ('batch_size', 'eval_batch_size', 'log_every'):
+    for name in ('batch_size', 'eval_batch_size', 'log_every',
+                 'microbatches'):
       _positive(name, getattr(self, name))
     _positive('eval_every', self.eval_every, allow_none=True)
     if not isinstance(self.seed, int) or isinstance(self.seed, bool) or (

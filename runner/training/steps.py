@@ -30,8 +30,14 @@ def step_key(seed: int, step) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed + 1), step)
 
 
+def _split(batch, n):
+  """``batch`` as ``n`` microbatches: leading axis ``(n, rows / n, ...)``."""
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
 def make_train_step(task, seed: int, axis_name: str | None = None,
-                    norms: bool = False) -> Callable:
+                    norms: bool = False, microbatches: int = 1) -> Callable:
   """``train_step(state, sums, batch) -> (state, sums + metrics)``.
 
   ``sums`` holds float32 running sums of ``loss`` and the task's metrics, so
@@ -39,21 +45,60 @@ def make_train_step(task, seed: int, axis_name: str | None = None,
   model's mutable collections are updated (averaged over devices under
   ``pmap``). With ``norms`` the step returns ``(state, sums, norms)``, where
   ``norms`` holds this step's ``grad_norm`` and ``param_norm``.
+
+  With ``microbatches`` > 1 the batch is split into that many equal parts,
+  run one after another (``lax.scan``, so only one part's activations are
+  live): the gradients and metrics are averaged with the weights
+  ``task.loss_weight(part)`` (so the update is the full batch's, e.g. per
+  token), the mutable collections are threaded through the parts, and one
+  update is applied. Part ``i`` draws its random numbers from
+  ``fold_in(key, i)``.
   """
+
+  def grads_of(params, mutable, batch, rng):
+    def objective(p):
+      loss, metrics, new_mutable = task.loss(p, mutable, batch, rng)
+      return loss, (metrics, new_mutable)
+    (loss, (metrics, new_mutable)), grads = jax.value_and_grad(
+        objective, has_aux=True)(params)
+    return grads, {'loss': loss, **metrics}, new_mutable
+
+  def accumulate(state, batch, rng):
+    parts = _split(batch, microbatches)
+
+    def body(carry, part):
+      grads, metrics, total, mutable, i = carry
+      w = jnp.asarray(task.loss_weight(part), jnp.float32)
+      g, m, mutable = grads_of(state.params, mutable, part,
+                               jax.random.fold_in(rng, i))
+      grads = jax.tree_util.tree_map(lambda a, b: a + w * b, grads, g)
+      metrics = {k: metrics[k] + w * m[k].astype(jnp.float32) for k in m}
+      return (grads, metrics, total + w, mutable, i + 1), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], parts)
+    shapes = jax.eval_shape(grads_of, state.params, state.model_state, first,
+                            rng)
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, jnp.float32), shapes[1])
+    grad_zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (grads, metrics, total, mutable, _), _ = jax.lax.scan(
+        body, (grad_zeros, zeros, jnp.zeros((), jnp.float32),
+               state.model_state, 0), parts)
+    total = jnp.maximum(total, 1e-9)
+    return (jax.tree_util.tree_map(lambda g: g / total, grads),
+            {k: v / total for k, v in metrics.items()}, mutable)
+
 
   def train_step(state, sums, batch):
     rng = step_key(seed, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
-    def objective(params):
-      loss, metrics, new_mutable = task.loss(params, state.model_state, batch,
-                                             rng)
-      return loss, (metrics, new_mutable)
-
-    (loss, (metrics, new_mutable)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
-    metrics = {'loss': loss, **metrics}
+    if microbatches > 1:
+      grads, metrics, new_mutable = accumulate(state, batch, rng)
+    else:
+      grads, metrics, new_mutable = grads_of(state.params, state.model_state,
+                                             batch, rng)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)

@@ -175,6 +175,11 @@ def build(config: config_lib.TrainConfig) -> Run:
     raise RunnerError(
         f'train.batch_size={config.batch_size} must be a multiple of'
         f' {divisor} (devices) for parallelism={partitioner.name!r}.')
+  if (config.batch_size // divisor) % config.microbatches:
+    raise RunnerError(
+        f'train.microbatches={config.microbatches} must divide the batch of'
+        f' each device ({config.batch_size // divisor} = train.batch_size'
+        f' {config.batch_size} / {divisor} device(s)).')
   eval_size = config.eval_batch_size
   cap = getattr(source, 'num_eval_examples', None)
   if cap:
@@ -209,7 +214,8 @@ def build(config: config_lib.TrainConfig) -> Run:
   train_out = jax.eval_shape(task.loss, params, mutable, sample, rng)
   eval_out = jax.eval_shape(task.eval, params, mutable, _with_mask(sample))
   train_names = ['loss', *train_out[1]]
-  eval_names = sorted((k for k in eval_out if k != 'count'),
+  eval_names = [k for k in eval_out if k != 'count']
+  eval_names = sorted(task.summarize({k: 0.0 for k in eval_names}),
                       key=lambda k: (k != 'loss', k))
   if 'count' not in eval_out:
     raise RunnerError(f'{task.name}.eval must return a "count" with the'
@@ -252,8 +258,9 @@ class _Rates:
   step and the time spent in ``excluded()`` (evaluation) kept out."""
 
   def __init__(self, start: int, batch_size: int,
-               excluded: Callable[[], float]):
+               excluded: Callable[[], float], tokens_per_example=None):
     self.batch_size, self.excluded = batch_size, excluded
+    self.tokens_per_example = tokens_per_example
     self.tick, self.tick_step = time.perf_counter(), start
     self.tick_excluded = excluded()
     self.started = False
@@ -275,6 +282,9 @@ class _Rates:
       rate = steps_done / max(seconds, 1e-9)
       out['steps_per_sec'] = rate
       out['examples_per_sec'] = rate * self.batch_size
+      if self.tokens_per_example:
+        out['tokens_per_sec'] = (rate * self.batch_size *
+                                 self.tokens_per_example)
     self.tick, self.tick_step = now, step
     return out
 
@@ -304,7 +314,9 @@ class Trainer:
   def snapshot(self, step: int) -> dict:
     """The checkpoint tree at ``step`` (host values)."""
     del step
-    tree = {'state': self.run.partitioner.get(self.dstate),
+    # The placed arrays themselves where the partitioner allows it: the
+    # background writer reads them while the next (non-donating) step runs.
+    tree = {'state': self.run.partitioner.snapshot(self.dstate),
             'data': self.run.source.get_state()}
     for action in self.actions:
       if actions_base.is_stateful(action):
@@ -314,6 +326,18 @@ class Trainer:
   def evaluate(self, dstate) -> dict:
     """Means of the task's eval metrics over the source's eval batches."""
     return evaluate(self.run, self.eval_step, dstate)
+
+  def _step_fn(self, norms: bool, donate: bool):
+    """The compiled train step variant, compiled on first use."""
+    key = (norms, donate)
+    if key not in self._steps:
+      run, cfg = self.run, self.run.config
+      p = run.partitioner
+      self._steps[key], _ = p.compile(  # its eval twin is never compiled
+          steps.make_train_step(run.task, cfg.seed, p.axis_name, norms=norms,
+                                microbatches=cfg.microbatches),
+          self._eval_fn, donate=donate)
+    return self._steps[key]
 
   def _actions(self, writer, ckpt):
     cfg, run = self.run.config, self.run
@@ -434,7 +458,10 @@ class Trainer:
           action.close()
         ckpt.close()
       finally:
-        writer.close()
+        try:
+          run.source.close()
+        finally:
+          writer.close()
     if self.main:
       plots.plot_metrics(os.path.join(self.workdir, writers_lib.METRICS_FILE),
                          os.path.join(self.workdir, METRICS_PLOT))
@@ -443,26 +470,29 @@ class Trainer:
   def _loop(self, state, start) -> TrainResult:
     run, cfg = self.run, self.run.config
     p = run.partitioner
-    eval_fn = steps.make_eval_step(run.task, p.axis_name)
-    self.train_step, self.eval_step = p.compile(
-        steps.make_train_step(run.task, cfg.seed, p.axis_name), eval_fn)
-    # The same step plus the gradient and parameter norms, for log steps
-    # (its unused eval twin is never compiled).
-    train_logged, _ = p.compile(
-        steps.make_train_step(run.task, cfg.seed, p.axis_name, norms=True),
-        eval_fn)
+    # Train step variants: with the gradient and parameter norms (log
+    # steps only: they cost 10-20% of a small model's step), and without
+    # donating the state (the step after a checkpoint, whose writer may
+    # still read the arrays).
+    self._eval_fn = steps.make_eval_step(run.task, p.axis_name)
+    self._steps = {}
+    _, self.eval_step = p.compile(lambda *a: None, self._eval_fn)
     self.dstate = p.put_state(state)
     zero = p.put_state({k: np.zeros((), np.float32)
                         for k in run.train_metrics})
     sums, since = zero, start
-    rates = _Rates(start, cfg.batch_size, lambda: self.eval_action.seconds)
+    rates = _Rates(start, cfg.batch_size, lambda: self.eval_action.seconds,
+                   run.source.info.get('tokens_per_example'))
     if self.main:
       logging.info('Training %s (%s) on %s: steps %d..%d of %d, batch %d,'
                    ' parallelism %s on %d device(s).', run.task.caller.name,
                    run.task.name, run.source.name, start + 1, run.total,
                    run.total, cfg.batch_size, p.name, jax.device_count())
     for action in self.actions:
+      action.bind(run, self.workdir)
       action.on_start(start)
+    ckpt_saves = lambda: self.save.checkpointer.saves  # pylint: disable=unnecessary-lambda-assignment
+    self._saves = ckpt_saves()
     step = start
     stop = bool(self.early and self.early.should_stop)
     if step >= run.total or stop:
@@ -471,10 +501,13 @@ class Trainer:
       batch = p.put_batch(run.source.next_batch())
       last = step + 1 == run.total
       log = (step + 1) % cfg.log_every == 0 or last
+      out = self._step_fn(log, donate=self._saves == ckpt_saves())(
+          self.dstate, sums, batch)
+      self._saves = ckpt_saves()
       if log:
-        self.dstate, sums, norms = train_logged(self.dstate, sums, batch)
+        self.dstate, sums, norms = out
       else:
-        self.dstate, sums = self.train_step(self.dstate, sums, batch)
+        self.dstate, sums = out
       step += 1
       if not rates.started:
         rates.after_first_step(step, sums)
@@ -522,7 +555,7 @@ def evaluate(run: Run, eval_step: Callable, dstate) -> dict:
   if totals is None:
     return {}
   count = float(totals.pop('count'))
-  return {k: float(v) / count for k, v in totals.items()}
+  return run.task.summarize({k: float(v) / count for k, v in totals.items()})
 
 
 def evaluate_checkpoint(config: config_lib.TrainConfig, path: str

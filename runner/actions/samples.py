@@ -1,0 +1,92 @@
+"""Sampled continuations of held-out text, written at the end of a run."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from gintrain.runner.actions import base
+
+__all__ = ['WriteSamples', 'SAMPLES_FILE', 'sample']
+
+SAMPLES_FILE = 'samples.txt'
+
+
+def sample(apply_fn, temperature: float = 0.8):
+  """``fill(start, tokens, rng, params)``: fills ``tokens`` (``int32 (n,
+  length)``, the prompt at the start) token by token from position
+  ``start`` on, from the model's distribution (temperature 0: greedy), and
+  returns them.
+
+  ``apply_fn(params, tokens) -> logits (n, length, vocab)``; the whole
+  window is recomputed for each token (no cache: short samples only).
+  """
+
+  def fill(start, tokens, rng, params):
+    def body(i, carry):
+      tokens, rng = carry
+      rng, key = jax.random.split(rng)
+      logits = apply_fn(params, tokens)[:, i - 1].astype(jnp.float32)
+      if temperature > 0:
+        nxt = jax.random.categorical(key, logits / temperature)
+      else:
+        nxt = jnp.argmax(logits, -1)
+      return tokens.at[:, i].set(nxt.astype(tokens.dtype)), rng
+    return jax.lax.fori_loop(start, tokens.shape[1], body, (tokens, rng))[0]
+
+  return fill
+
+
+class WriteSamples(base.Action):
+  """At the end (process 0), continues the first ``prompt_length`` bytes of
+  ``num`` held-out examples and writes prompts and continuations to
+  ``<workdir>/samples.txt``. For byte-level language models (``tokens``).
+
+  Args:
+    num: how many samples.
+    prompt_length: bytes of held-out text given as the prompt.
+    temperature: sampling temperature (0: greedy).
+    seed: the sampling seed.
+  """
+
+  def __init__(self, num: int = 4, prompt_length: int = 48,
+               temperature: float = 0.7, seed: int = 0):
+    self.num, self.prompt_length = num, prompt_length
+    self.temperature, self.seed = temperature, seed
+    self.run = self.workdir = None
+
+  def bind(self, run, workdir):
+    self.run, self.workdir = run, workdir
+
+  def due(self, step, last):
+    return last and jax.process_index() == 0
+
+  def __call__(self, step, state, metrics):
+    run = self.run
+    prompts = []
+    for batch in run.source.eval_batches():
+      tokens = np.asarray(batch[run.task.input_key])
+      keep = np.asarray(batch['mask']) > 0
+      prompts += list(tokens[keep])
+      if len(prompts) >= self.num:
+        break
+    if not prompts:
+      return
+    tokens = np.stack(prompts[:self.num])[:, :-1].astype(np.int32)
+    length = min(self.prompt_length, tokens.shape[1] - 1)
+    host = run.partitioner.get(state)
+    apply_fn = lambda p, t: run.task.apply_eval(p, host.model_state, t)  # pylint: disable=unnecessary-lambda-assignment
+    fill = jax.jit(sample(apply_fn, self.temperature), static_argnums=0)
+    out = np.asarray(fill(length, jnp.asarray(tokens),
+                          jax.random.key(self.seed), host.params))
+    path = os.path.join(self.workdir, SAMPLES_FILE)
+    with open(path, 'w', encoding='utf-8') as f:
+      for row in out:
+        text = bytes(row.astype(np.uint8))
+        f.write(f'=== prompt (step {step}) ===\n')
+        f.write(text[:length].decode('utf-8', 'replace') + '\n')
+        f.write('=== continuation ===\n')
+        f.write(text[length:].decode('utf-8', 'replace') + '\n\n')
+    logging.info('samples written to %s', path)

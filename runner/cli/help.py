@@ -1,0 +1,86 @@
+"""``gintrain --help``: the runner's own flags, not absl's ~600.
+
+absl's ``--help`` prints a usage line and exits 1, and ``--helpfull`` buries
+the runner's flags among jax's. :func:`help_text` lists the runner's key
+flags by group (gin first, then the run's, then the multi-process ones and
+those of ``gintrain eval``), each with its help and default, and points to
+``--helpfull`` for the rest.
+"""
+
+import textwrap
+
+from absl import flags
+
+__all__ = ['HELP_ARGS', 'wants_help', 'help_text']
+
+# Arguments that ask for this help (absl's --helpfull is left to absl).
+HELP_ARGS = ('--help', '-h', '-help', '--helpshort', '-?')
+
+_USAGE = """\
+gintrain: train, evaluate and inspect gin-configured JAX experiments.
+
+Usage:
+  gintrain --workdir=DIR [--gin_file=FILE ...] [--gin.NAME=VALUE ...]
+      train (or resume) the run in DIR; default config: gin/default.gin
+  gintrain eval --workdir=DIR [--checkpoint=STEP|PATH] [--gin_file=...]
+      evaluate a checkpoint with the run's own config; no training
+  gintrain ckpt ls DIR | inspect PATH | diff A B
+      list, look inside (no array data read) and compare checkpoints
+  gintrain compare RUN_DIR... --out=PNG
+      plot several runs' curves on one figure
+"""
+
+
+def wants_help(argv) -> bool:
+  """Whether ``argv[1:]`` asks for help (before any ``--``)."""
+  for arg in argv[1:]:
+    if arg == '--':
+      return False
+    if arg in HELP_ARGS:
+      return True
+  return False
+
+
+def _flag_lines(flag, aliases) -> list[str]:
+  name = f'--{flag.name}'
+  if flag.flag_type() == 'bool':
+    name = f'--[no]{flag.name}'
+  default = flag.default
+  if isinstance(default, list):
+    default = ','.join(map(str, default))
+  extra = f' (default: {default!r})' if default not in (None, '') else ''
+  also = aliases.get(flag.name)
+  if also:
+    extra += f'; alias: --{also}'
+  body = textwrap.fill(' '.join(flag.help.split()) + extra, width=76,
+                       initial_indent='    ', subsequent_indent='    ')
+  return [f'  {name}', body]
+
+
+def help_text(groups) -> str:
+  """The help: usage, then each ``(title, [module names])`` group's flags.
+
+  Args:
+    groups: ``[(title, [module, ...]), ...]``; a module's flags are listed in
+      the order they were defined. Aliases are shown with their flag.
+  """
+  fv = flags.FLAGS
+  lines = [_USAGE]
+  for title, modules in groups:
+    found = [f for m in modules for f in fv.get_flags_for_module(m)]
+    # An alias is a flag of its own: shown with the flag it stands for.
+    aliases = {_ALIASES[f.name]: f.name for f in found if f.name in _ALIASES}
+    shown = [f for f in found if f.name not in _ALIASES]
+    lines.append(f'{title}:')
+    for f in shown:
+      lines += _flag_lines(f, aliases)
+    lines.append('')
+  lines.append('Shorthand: --gin.NAME=VALUE is --gin_bindings="NAME = VALUE";'
+               ' string values need gin quotes: --gin.optimizer.name="\'sgd\'".')
+  lines.append('All flags, absl\'s and jax\'s (--jax_*) included: gintrain'
+               ' --helpfull')
+  return '\n'.join(lines) + '\n'
+
+
+# Alias flags and the flag they stand for.
+_ALIASES = {'gin_param': 'gin_bindings'}
