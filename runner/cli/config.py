@@ -5,7 +5,9 @@ working directory), then in each ``--gin_search_paths`` entry, then in the
 shipped ``gin/`` folder (package data of ``gintrain.gin``), which is always
 searched (so ``--gin_file=models/cnn.gin`` works from anywhere).
 ``include`` statements inside gin files look in the working directory (gin's
-own rule), then ``--gin_search_paths``, then ``gin/``. Only gin's public API
+own rule), then ``--gin_search_paths``, then ``gin/``. While a
+``--gin_file`` is parsed, its own folder is first on ``sys.path``, so its
+``import`` lines find modules that sit next to it. Only gin's public API
 is used: a registered file reader for the search paths, and gin's own
 parser to read the bindings back from ``gin.config_str()``.
 
@@ -14,12 +16,14 @@ message names the place (``file:line`` or the ``--gin_bindings`` entry) and,
 for unknown names, the closest known one.
 """
 
+import contextlib
 import importlib.resources
 import importlib.util
 import inspect
 import logging
 import os
 import re
+import sys
 import tokenize
 
 import gin
@@ -206,7 +210,8 @@ def parse(gin_files, gin_bindings, search_paths=()) -> list[str]:
   for name in gin_files:
     path = _find(name, search_paths)
     try:
-      gin.parse_config_file(os.path.abspath(path))
+      with _importable_folder(path):
+        gin.parse_config_file(os.path.abspath(path))
     except Exception as e:  # pylint: disable=broad-except
       raise RunnerError(format_gin_error(e, path)) from e
     found.append(path)
@@ -217,6 +222,25 @@ def parse(gin_files, gin_bindings, search_paths=()) -> list[str]:
       raise RunnerError(
           format_gin_error(e, f'--gin_bindings {binding!r}')) from e
   return found
+
+
+@contextlib.contextmanager
+def _importable_folder(path: str):
+  """While parsing ``path``, its folder comes first on ``sys.path``, so its
+  ``import`` lines find modules next to it (a shipped gin/ file's folder is
+  left alone: it holds no modules). Imported modules stay imported."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if folder == REPO_GIN_DIR or folder.startswith(REPO_GIN_DIR + os.sep):
+    yield
+    return
+  sys.path.insert(0, folder)
+  try:
+    yield
+  finally:
+    try:
+      sys.path.remove(folder)  # the first occurrence: the one added here
+    except ValueError:
+      pass
 
 
 def _find(name: str, search_paths) -> str:

@@ -14,6 +14,8 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``runner.checkpoint_policy``  ``outputs.checkpoints.CheckpointPolicy``
 ``runner.early_stopping``   ``training.state.early_stopping``
 ``runner.create_train_state``  ``training.state.create_train_state``
+``runner.init_from``        fine-tuning rules for ``--init_from``
+                            (``outputs.checkpoints.InitFrom``)
 ``models.mlp/cnn``          ``models.plain`` (plain JAX, flax names)
 ``models.nnx_model``        ``models.nnx`` (adapter for flax nnx modules)
 ``models.transformer``      ``models.transformer`` (decoder-only LM)
@@ -64,7 +66,7 @@ from gintrain.runner.training import optimizers
 from gintrain.runner.training import schedules
 from gintrain.runner.training import state
 
-__all__ = ['train', 'REGISTERED', 'OPTAX_SCHEDULES', 'OPTAX_OPTIMIZERS']
+__all__ = ['train', 'init_from', 'INIT_FROM_DEFAULTS', 'REGISTERED', 'OPTAX_SCHEDULES', 'OPTAX_OPTIMIZERS']
 
 OPTAX_SCHEDULES = ('constant_schedule', 'linear_schedule',
                    'cosine_decay_schedule', 'warmup_cosine_decay_schedule',
@@ -86,7 +88,34 @@ def _register(fn, name, module, denylist=None):
                                    denylist=denylist)
 
 
+INIT_FROM_DEFAULTS = {'path': None, 'include': ('.*',), 'exclude': (),
+                      'rename': ()}
+
+
+def _init_from_rules(path=None, include=('.*',), exclude=(), rename=()):
+  """Which weights ``--init_from`` loads (``outputs.checkpoints.InitFrom``).
+
+  Args:
+    path: the checkpoint (``--init_from`` wins when given).
+    include: regular expressions (``re.search``) on '/'-joined parameter
+      paths, e.g. ``'Dense_1/kernel'``: the leaves to load.
+    exclude: regular expressions: leaves left at their initial value (a new
+      head, say).
+    rename: ``(pattern, replacement)`` pairs applied (``re.sub``) to the
+      checkpoint's paths, giving the model path each loads into.
+
+  Returns:
+    The arguments as a dict; the CLI builds the ``InitFrom``.
+  """
+  return {'path': path, 'include': tuple(include) if not isinstance(
+      include, str) else (include,), 'exclude': tuple(exclude) if not
+          isinstance(exclude, str) else (exclude,),
+          'rename': tuple(tuple(p) if isinstance(p, list) else p
+                          for p in rename)}
+
+
 train = _register(config.TrainConfig, 'train', 'runner')
+init_from = _register(_init_from_rules, 'init_from', 'runner')
 _register(checkpoints.CheckpointPolicy, 'checkpoint_policy', 'runner')
 _register(state.early_stopping, 'early_stopping', 'runner')
 _register(state.create_train_state, 'create_train_state', 'runner',

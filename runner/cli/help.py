@@ -58,24 +58,20 @@ def _flag_lines(flag, aliases) -> list[str]:
 
 
 def help_text(groups) -> str:
-  """The help: usage, then each ``(title, [module names])`` group's flags.
+  """The help: usage, then each ``(title, [flag name, ...])`` group.
 
-  Args:
-    groups: ``[(title, [module, ...]), ...]``; a module's flags are listed in
-      the order they were defined. Aliases are shown with their flag.
+  Aliases (``--gin_param``) are shown with the flag they stand for.
   """
   fv = flags.FLAGS
   lines = [_USAGE]
-  for title, modules in groups:
-    found = [f for m in modules for f in fv.get_flags_for_module(m)]
-    # An alias is a flag of its own: shown with the flag it stands for.
-    aliases = {_ALIASES[f.name]: f.name for f in found if f.name in _ALIASES}
-    shown = [f for f in found if f.name not in _ALIASES]
+  for title, names in groups:
+    aliases = {_ALIASES[n]: n for n in names if n in _ALIASES}
     lines.append(f'{title}:')
-    for f in shown:
-      lines += _flag_lines(f, aliases)
+    for name in names:
+      if name not in _ALIASES:
+        lines += _flag_lines(fv[name], aliases)
     lines.append('')
-  lines.append('Shorthand: --gin.NAME=VALUE is --gin_bindings="NAME = VALUE";'
+  lines.append('Shorthand: --gin.NAME=VALUE is --gin_bindings="NAME=VALUE";'
                ' string values need gin quotes: --gin.optimizer.name="\'sgd\'".')
   lines.append('All flags, absl\'s and jax\'s (--jax_*) included: gintrain'
                ' --helpfull')

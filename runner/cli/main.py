@@ -12,11 +12,25 @@ Usage (``python -m gintrain.runner.train`` or the ``gintrain`` console script)::
     # %gin.REQUIRED, and what it builds (model size, steps, devices).
     python -m gintrain.runner.train --dry_run --gin_file=run.gin --gin_file=models/cnn.gin
 
-Flags: --gin_file (repeatable), --gin_bindings (repeatable; alias
+Flags (``gintrain --help`` lists them; ``--helpfull`` adds absl's and
+jax's): --gin_file (repeatable), --gin_bindings (repeatable; alias
 --gin_param; shorthand --gin.NAME=VALUE), --gin_search_paths, --workdir,
---resume=auto|never|require, --init_from=PATH (weights only), --dry_run,
-plus absl's --jax_* flags and the multi-process flags of runner.distributed.
-String values need gin quotes: --gin.optimizer.name="'sgd'".
+--resume=auto|never|require, --init_from=PATH (weights only; with
+``runner.init_from`` rules: include/exclude regular expressions on
+parameter paths and rename pairs, for a new head), --dry_run, plus absl's
+--jax_* flags and the multi-process flags of runner.distributed.
+String values need gin quotes: --gin.optimizer.name="'sgd'". A gin file's
+own folder is importable by its ``import`` lines.
+
+Commands (the first argument; none: train)::
+
+    gintrain eval --workdir=DIR [--checkpoint=STEP|PATH]  # runner.cli.evaluate
+    gintrain ckpt ls DIR | inspect PATH | diff A B       # runner.cli.ckpt
+    gintrain compare RUN_DIR... --out=PNG                # runner.cli.compare
+
+``eval`` evaluates a checkpoint with the run's config.parsed.gin (or the
+given --gin_file flags), prints the metrics and appends an ``eval_only``
+record to metrics.jsonl, without training.
 
 Your own model, data source, task, action or metric writer, without
 editing the runner: write it in your module (a model has flax's
@@ -66,10 +80,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from gintrain.runner.cli import ckpt
+from gintrain.runner.cli import compare
 from gintrain.runner.cli import config
 from gintrain.runner.cli import configurables
+from gintrain.runner.cli import evaluate
 from gintrain.runner.cli import flags as runner_flags
+from gintrain.runner.cli import help as help_lib
 from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import preemption
@@ -83,6 +102,25 @@ PARSED_CONFIG = 'config.parsed.gin'
 OPERATIVE_CONFIG = 'config.operative.gin'
 FLAGS_FILE = 'flags.txt'
 _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
+# Subcommands (the first argument); none: train. Those without absl flags
+# take ``main(args) -> exit status``.
+EVAL = 'eval'
+TOOLS = {'ckpt': ckpt.main, 'compare': compare.main}
+
+
+def help_groups() -> list:
+  """``[(title, [flag names])]`` of ``gintrain --help``, in order."""
+  def names(*modules):
+    return [f.name for m in modules for f in FLAGS.get_flags_for_module(m)]
+  runner = names('gintrain.runner.cli.flags')
+  return [
+      ('Gin flags', [n for n in runner if n.startswith('gin')]),
+      ('Run flags', [n for n in runner if not n.startswith('gin')]),
+      ('gintrain eval', names('gintrain.runner.cli.evaluate')),
+      ('Multi-process flags (see launch/README.md)',
+       names(*[m for m in runner_flags.FLAG_MODULES
+               if m != 'gintrain.runner.cli.flags'])),
+  ]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -170,10 +208,31 @@ def dry_run() -> int:
   return 0
 
 
+def _init_from():
+  """What ``--init_from`` and ``runner.init_from`` ask for: None, a path
+  (load every leaf), or a ``checkpoints.InitFrom`` with rules."""
+  rules = configurables.init_from()
+  bound_path = rules.pop('path')
+  path = runner_flags.INIT_FROM.value or bound_path
+  if not path:
+    if any(rules[k] != configurables.INIT_FROM_DEFAULTS[k] for k in rules):
+      logging.warning('runner.init_from rules are bound but there is no'
+                      ' --init_from (or init_from.path): ignored.')
+    return None
+  if all(rules[k] == configurables.INIT_FROM_DEFAULTS[k] for k in rules):
+    return path
+  return checkpoints.InitFrom(path, **rules)
+
+
 def train(hooks=()) -> int:
   """Trains as the flags and gin files say; returns the exit status."""
+  if evaluate.CHECKPOINT.present:
+    raise RunnerError('--checkpoint is a flag of `gintrain eval` (training'
+                      ' resumes from <workdir>/checkpoints; to start from'
+                      ' weights, use --init_from).')
   config.finalize()
   cfg = configurables.train()  # every bad value fails here, before JAX work
+  init_from = _init_from()
   workdir = _prepare_workdir(runner_flags.WORKDIR.value)
   main = distributed.is_main_process()
   if main:
@@ -190,13 +249,36 @@ def train(hooks=()) -> int:
 
   result = trainer.train(
       cfg, workdir=workdir, resume=runner_flags.RESUME.value,
-      init_from=runner_flags.INIT_FROM.value, settings=settings,
+      init_from=init_from, settings=settings,
       hooks=[write_operative_config, *hooks])
   if main:
     logging.info('Done at step %d%s: eval %s', result.step,
                  ' (early stopping)' if result.stopped_early else '',
                  ' '.join(f'{k}={v:.4f}' for k, v in
                           result.eval_metrics.items()))
+  return 0
+
+
+def eval_only() -> int:
+  """``gintrain eval``: see :mod:`runner.cli.evaluate`."""
+  if not runner_flags.WORKDIR.value:
+    raise RunnerError('gintrain eval needs --workdir (the run whose'
+                      ' checkpoint to evaluate).')
+  workdir = os.path.abspath(os.path.expanduser(runner_flags.WORKDIR.value))
+  if not os.path.isdir(workdir):
+    raise RunnerError(f'--workdir={workdir}: no such directory.')
+  files = runner_flags.GIN_FILE.value
+  if not files:
+    parsed = os.path.join(workdir, PARSED_CONFIG)
+    if not os.path.isfile(parsed):
+      raise RunnerError(f'--workdir={workdir} holds no {PARSED_CONFIG}; give'
+                        ' the run\'s --gin_file flags.')
+    files = [parsed]
+  config.parse(files, runner_flags.GIN_BINDINGS.value or [],
+               runner_flags.GIN_SEARCH_PATHS.value or [])
+  config.finalize()
+  cfg = configurables.train()
+  evaluate.evaluate(cfg, workdir, evaluate.CHECKPOINT.value)
   return 0
 
 
@@ -219,12 +301,16 @@ def _is_user_error(error: BaseException) -> bool:
       _CONFIGURABLE_RE.search(str(error)))
 
 
-def _run_guarded(rest: list[str], hooks=()) -> int:
+def _run_guarded(rest: list[str], hooks=(), command: str | None = None
+                 ) -> int:
   try:
     if len(rest) > 1:
       raise RunnerError(f'unexpected arguments: {" ".join(rest[1:])}'
-                        ' (flags look like --name=value).')
+                        ' (flags look like --name=value; commands: eval,'
+                        f' {", ".join(TOOLS)}; see gintrain --help).')
     distributed.initialize()
+    if command == EVAL:
+      return eval_only()
     _build_config()
     return dry_run() if runner_flags.DRY_RUN.value else train(hooks)
   except trainer.Preempted as e:
@@ -247,12 +333,23 @@ def main_with_flags(argv: list[str], hooks=()) -> int:
   repeatedly. ``hooks`` are called as ``hook(step)`` after every train step
   (an exception from one ends the run as a crash would).
   """
+  argv = list(argv)
+  command = argv[1] if len(argv) > 1 else None
+  if command in TOOLS:
+    return TOOLS[command](argv[2:])
+  if help_lib.wants_help(argv):
+    print(help_lib.help_text(help_groups()), end='', flush=True)
+    return 0
+  if command == EVAL:
+    argv = argv[:1] + argv[2:]
+  else:
+    command = None
   try:
     rest = parse_flags(argv)
   except RunnerError as e:
     print(f'gintrain: error: {e}', file=sys.stderr, flush=True)
     return 1
-  return _run_guarded(rest, hooks)
+  return _run_guarded(rest, hooks, command)
 
 
 def _absl_flags_parser(argv):
@@ -263,14 +360,24 @@ def _absl_flags_parser(argv):
     sys.exit(1)
 
 
-def _absl_main(rest):
-  sys.exit(_run_guarded(rest))
+def _absl_main(rest, command=None):
+  sys.exit(_run_guarded(rest, command=command))
 
 
 def run():
   """Console-script entry point (``gintrain``)."""
   if os.getcwd() not in sys.path:
     sys.path.append(os.getcwd())  # as `python -m`: user modules in cwd
+  argv = list(sys.argv)
+  command = argv[1] if len(argv) > 1 else None
+  if command in TOOLS:
+    sys.exit(TOOLS[command](argv[2:]))
+  if help_lib.wants_help(argv):
+    print(help_lib.help_text(help_groups()), end='', flush=True)
+    sys.exit(0)
+  if command == EVAL:
+    app.run(lambda rest: _absl_main(rest, EVAL), argv=argv[:1] + argv[2:],
+            flags_parser=_absl_flags_parser)
   app.run(_absl_main, flags_parser=_absl_flags_parser)
 
 

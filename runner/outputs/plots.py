@@ -17,7 +17,7 @@ import json
 import math
 import os
 
-__all__ = ['read_metrics', 'plot_metrics', 'panels']
+__all__ = ['read_metrics', 'plot_metrics', 'panels', 'plot_runs']
 
 # Train-record entries shown after the eval metrics, when recorded.
 _TRAIN_PANELS = ('learning_rate', 'examples_per_sec')
@@ -115,6 +115,65 @@ def plot_metrics(metrics_jsonl: str | os.PathLike,
     if name == 'loss' and shown and min(shown) > 0:
       ax.set_yscale('log')
     ax.set_title(title)
+    ax.set_xlabel('step')
+    ax.grid(True, alpha=0.3)
+  out = os.fspath(out_png)
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  fig.savefig(out, format='png', dpi=100)
+  return out
+
+
+def plot_runs(runs, out_png: str | os.PathLike, names=None) -> str:
+  """Draws several runs' curves on one figure, one colour per run.
+
+  Args:
+    runs: ``[(label, metrics_jsonl path)]``.
+    out_png: the PNG to write.
+    names: the metrics to draw (one panel each); default ``loss`` then the
+      eval metrics any run recorded (up to three). Train curves are solid,
+      eval ones dashed with markers.
+
+  Returns:
+    ``out_png``.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``read_metrics``.
+  """
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  series = [(label, read_metrics(path)) for label, path in runs]
+  if not names:
+    evals = sorted({n for _, s in series for split, n in s
+                    if split == 'eval' and n != 'loss'})
+    names = ['loss'] + evals[:3]
+  fig = Figure(figsize=(5 * len(names), 4.2))
+  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.22)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(names), squeeze=False)[0]
+  for ax, name in zip(axes, names):
+    drawn = []
+    for i, (label, s) in enumerate(series):
+      color = f'C{i % 10}'
+      for split, style in (('train', '-'), ('eval', '--')):
+        if (split, name) not in s:
+          continue
+        steps, values = s[(split, name)]
+        finite = [(x, v) for x, v in zip(steps, values) if math.isfinite(v)]
+        ax.plot([x for x, _ in finite], [v for _, v in finite], style,
+                color=color, marker='o' if split == 'eval' else None,
+                markersize=3, label=f'{label} ({split})')
+        drawn += [v for _, v in finite]
+    if drawn:
+      ax.legend(fontsize='small')
+      if name == 'loss' and min(drawn) > 0:
+        ax.set_yscale('log')
+    else:
+      ax.text(0.5, 0.5, f'no {name} recorded', ha='center', va='center',
+              transform=ax.transAxes)
+    ax.set_title(name.replace('_', ' '))
     ax.set_xlabel('step')
     ax.grid(True, alpha=0.3)
   out = os.fspath(out_png)

@@ -1,0 +1,100 @@
+"""``gintrain eval``: evaluate a checkpoint with its run's own config.
+
+    gintrain eval --workdir=DIR [--checkpoint=STEP|PATH] [--gin_file=...]
+        [--gin.NAME=VALUE ...]
+
+The config is the workdir's ``config.parsed.gin`` (the one the run was
+started with) unless ``--gin_file`` flags are given; ``--gin_bindings``
+(``--gin.NAME=VALUE``) apply after it either way, e.g. to change
+``train.eval_batch_size``. The checkpoint is the latest in
+``<workdir>/checkpoints`` unless ``--checkpoint`` names a step (looked up in
+``checkpoints/``, then ``best_checkpoints/``) or a file or directory. The
+metrics are evaluated exactly as the run evaluates (same task, eval data
+and batches; :func:`runner.training.trainer.evaluate_checkpoint`), printed
+on one line and appended to ``<workdir>/metrics.jsonl`` as a record with
+``split`` ``'eval_only'``. Nothing is trained and no checkpoint is written.
+"""
+
+import os
+
+from absl import flags
+
+from gintrain.lib import checkpoints as lib_checkpoints
+from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import writers
+from gintrain.runner.parallel import distributed
+from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import trainer
+
+__all__ = ['CHECKPOINT', 'SPLIT', 'find_checkpoint', 'evaluate']
+
+SPLIT = 'eval_only'
+
+CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'gintrain eval only: the checkpoint to evaluate, a step (in'
+    ' <workdir>/checkpoints, then best_checkpoints) or a file or directory'
+    ' path. Default: the latest in <workdir>/checkpoints.')
+
+
+def find_checkpoint(workdir: str, checkpoint: str | None,
+                    prefix: str = 'checkpoint_') -> str:
+  """The checkpoint file that ``--checkpoint`` names (see the module doc).
+
+  Raises:
+    RunnerError: nothing there.
+  """
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  if checkpoint is None or os.path.isdir(checkpoint):
+    folder = ckpt_dir if checkpoint is None else checkpoint
+    if os.path.isdir(os.path.join(folder, checkpoints.CHECKPOINT_DIR)):
+      folder = os.path.join(folder, checkpoints.CHECKPOINT_DIR)
+    path = (lib_checkpoints.latest_checkpoint(folder, prefix)
+            if os.path.isdir(folder) else None)
+    if path is None:
+      flag = '--workdir' if checkpoint is None else '--checkpoint'
+      raise RunnerError(f'{flag}: {folder} holds no checkpoint'
+                        f' ({prefix}<step>).')
+    return path
+  if checkpoint.isdigit():
+    for folder in (ckpt_dir, os.path.join(workdir, checkpoints.BEST_DIR)):
+      path = os.path.join(folder, f'{prefix}{int(checkpoint)}')
+      if os.path.exists(path):
+        return path
+    try:
+      steps = lib_checkpoints.available_steps(ckpt_dir, prefix) if (
+          os.path.isdir(ckpt_dir)) else []
+    except ValueError:
+      steps = []
+    raise RunnerError(f'--checkpoint={checkpoint}: no {prefix}{checkpoint}'
+                      f' in {ckpt_dir} or {checkpoints.BEST_DIR}/ (steps'
+                      f' there: {", ".join(map(str, steps)) or "none"}).')
+  if not os.path.exists(checkpoint):
+    raise RunnerError(f'--checkpoint={checkpoint}: no such file or directory'
+                      ' (give a step or a path).')
+  return checkpoint
+
+
+def evaluate(cfg: config_lib.TrainConfig, workdir: str,
+             checkpoint: str | None) -> tuple[str, int, dict]:
+  """Evaluates the checkpoint ``--checkpoint`` names with ``cfg``.
+
+  Prints ``eval_only step N (<path>): name=value ...`` and appends the
+  record to ``<workdir>/metrics.jsonl`` (process 0).
+
+  Returns:
+    ``(checkpoint path, step, metrics)``.
+
+  Raises:
+    RunnerError: no such checkpoint, or one that does not fit the config.
+  """
+  prefix = cfg.checkpoint.prefix if cfg.checkpoint else 'checkpoint_'
+  path = find_checkpoint(workdir, checkpoint, prefix)
+  step, metrics = trainer.evaluate_checkpoint(cfg, path)
+  if distributed.is_main_process():
+    with writers.JsonlWriter(workdir) as writer:
+      writer.write_scalars(step, metrics, SPLIT)
+    shown = ' '.join(f'{k}={v:.6g}' for k, v in metrics.items())
+    print(f'{SPLIT} step {step} ({path}): {shown}', flush=True)
+  return path, step, metrics
