@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -47,6 +48,7 @@ from gintrain.runner.data import base as data_base
 from gintrain.runner.data import datasets
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import lock as lock_lib
 from gintrain.runner.outputs import plots
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import writers as writers_lib
@@ -253,6 +255,31 @@ def dry_run(config: config_lib.TrainConfig) -> dict:
   return describe(build(config))
 
 
+_WATCHED = ('loss', 'grad_norm')
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _diverged(step, name, value, ckpt):
+  latest = ckpt.latest_step()
+  kept = (f'the last finite checkpoint, step {latest}, is kept' if latest
+          is not None else 'no checkpoint was written')
+  raise RunnerError(
+      f'training diverged at step {step}: {name}={value}; {kept}. Lower the'
+      ' learning rate (or clip gradients) and resume.')
+
+
+def _check_finite(record, step, ckpt):
+  """Stops the run (RunnerError) if a watched train metric is not finite."""
+  for name in _WATCHED:
+    if name in record and not np.isfinite(record[name]):
+      _diverged(step, name, record[name], ckpt)
+
+
 class _Rates:
   """Steps/s and examples/s between fetches, with the first (compiling)
   step and the time spent in ``excluded()`` (evaluation) kept out."""
@@ -312,8 +339,13 @@ class Trainer:
     return writers_lib.MultiWriter([f(self.workdir) for f in factories])
 
   def snapshot(self, step: int) -> dict:
-    """The checkpoint tree at ``step`` (host values)."""
-    del step
+    """The checkpoint tree at ``step``.
+
+    Raises:
+      RunnerError: the parameters are not finite (nothing is saved).
+    """
+    if not bool(_all_finite(self.dstate.params)):
+      _diverged(step, 'params', float('nan'), self.save.checkpointer)
     # The placed arrays themselves where the partitioner allows it: the
     # background writer reads them while the next (non-donating) step runs.
     tree = {'state': self.run.partitioner.snapshot(self.dstate),
@@ -515,6 +547,7 @@ class Trainer:
       if log:
         record = rates.means(step, p.get(sums), since)  # waits for the step
         record.update({k: float(v) for k, v in p.get(norms).items()})
+        _check_finite(record, step, self.save.checkpointer)
         if run.learning_rate is not None:
           record['learning_rate'] = float(run.learning_rate(step - 1))
         metrics['train'] = record
@@ -601,5 +634,12 @@ def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
   """
   if not workdir:
     raise RunnerError('train needs a workdir (--workdir).')
-  return Trainer(build(config), workdir, resume, init_from, settings,
-                 hooks).fit()
+  os.makedirs(workdir, exist_ok=True)
+  lock = lock_lib.WorkdirLock(workdir)
+  if distributed.is_main_process():
+    lock.acquire()  # a second run on this workdir stops here, at once
+  try:
+    return Trainer(build(config), workdir, resume, init_from, settings,
+                   hooks).fit()
+  finally:
+    lock.release()
