@@ -46,15 +46,25 @@ from gintrain.runner.models import plain as models
 from gintrain.runner.training import state as state_lib
 from gintrain.runner import train as runner_train
 
-# (name, mlp features, batch size, window = log_every, windows). The first
-# two are the default experiment's model and data, logging every 500 and
-# every 50 steps (a log line costs about a millisecond of host time).
+# (name, model, batch size, window = log_every, windows). The first two are
+# the default experiment's model and data, logging every 500 and every 50
+# steps (a log line costs about a millisecond of host time); the last two the
+# language model of gin/lm.gin, reduced (width 64, 2 blocks, 64 tokens), on
+# the grain text source, without and with 2 grain worker processes.
 CONFIGS = (
     ('default, log every 500', (128,), 64, 500, 40),
     ('default, log every 50', (128,), 64, 50, 150),
     ('wide 512x512, batch 256', (512, 512), 256, 100, 30),
+    ('LM, grain in-process', 'lm:0', 16, 20, 12),
+    ('LM, 2 grain workers', 'lm:2', 16, 20, 12),
 )
 LEARNING_RATE = 0.01
+LM_LENGTH = 64
+LM_FLAGS = ['--gin_file=lm.gin', '--gin.transformer.width=64',
+            '--gin.transformer.depth=2', f'--gin.transformer.max_len={LM_LENGTH}',
+            f'--gin.text_files.length={LM_LENGTH}',
+            '--gin.text_files.max_eval_examples=16', '--gin.train.actions=[]',
+            '--gin.optimizer.learning_rate=0.001']
 
 
 class BareLoop:
@@ -93,9 +103,62 @@ class BareLoop:
     return time.perf_counter() - start
 
 
-def measure(features, batch_size, windows, window, warmup):
+class LMBareLoop:
+  """A hand-written jitted loop over the same LM, optimizer and grain
+  batches as the runner's (same seed, so the same order)."""
+
+  def __init__(self, workers, batch_size, seed=0):
+    # pylint: disable=g-import-not-at-top
+    from gintrain.runner.data import base
+    from gintrain.runner.data import text
+    from gintrain.runner.models import transformer
+    from gintrain.runner.tasks import lm
+    # pylint: enable=g-import-not-at-top
+    self.source = text.text_files(length=LM_LENGTH, worker_count=workers,
+                                  max_eval_examples=16)
+    self.source.bind(base.Spec(batch_size, batch_size, seed))
+    model = transformer.transformer(width=64, depth=2, max_len=LM_LENGTH)
+    task = lm.LanguageModel(model)
+    variables = model.init(jax.random.key(seed), None)
+    tx = optax.adamw(0.001, weight_decay=0.01)
+    self.state = state_lib.create_train_state(variables, model.apply, tx)
+
+    @jax.jit
+    def step(state, batch):
+      def objective(params):
+        loss, metrics, _ = task.loss(params, {}, batch, None)
+        return loss, metrics
+      (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+          state.params)
+      return state.apply_gradients(grads=grads), {'loss': loss, **metrics}
+
+    self._step = step
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, _ = self._step(self.state, self.source.next_batch())
+    jax.block_until_ready(self.state)
+    return time.perf_counter() - start
+
+
+def _bare(model, batch_size):
+  if isinstance(model, str):
+    return LMBareLoop(int(model.split(':')[1]), batch_size)
+  return BareLoop(model, batch_size)
+
+
+def _runner_flags(model, batch_size):
+  if isinstance(model, str):
+    return [*LM_FLAGS, f'--gin.text_files.worker_count={model.split(":")[1]}',
+            f'--gin.train.eval_batch_size={batch_size}']
+  return [f'--gin.mlp.features={tuple(model)}',
+          f'--gin.optimizer.learning_rate={LEARNING_RATE}']
+
+
+def measure(model, batch_size, windows, window, warmup):
   """``[(runner steps/s, bare steps/s)]``, one pair per window."""
-  bare = BareLoop(features, batch_size)
+  bare = _bare(model, batch_size)
   bare.run(window)  # compile
   pairs = []
   last = [None]
@@ -114,8 +177,7 @@ def measure(features, batch_size, windows, window, warmup):
     code = runner_train.main_with_flags([
         'bench', f'--workdir={workdir}', '--gin.train.num_epochs=None',
         f'--gin.train.num_steps={total}', f'--gin.train.batch_size={batch_size}',
-        f'--gin.mlp.features={tuple(features)}',
-        f'--gin.optimizer.learning_rate={LEARNING_RATE}',
+        *_runner_flags(model, batch_size),
         f'--gin.train.log_every={window}', f'--gin.train.eval_every={total}',
         '--gin.checkpoint_policy.every_steps=0',
         '--gin.train.parallelism="single"'], hooks=[hook])
@@ -124,9 +186,9 @@ def measure(features, batch_size, windows, window, warmup):
   return pairs
 
 
-def control(features, batch_size, windows, window):
+def control(model, batch_size, windows, window):
   """``[(a steps/s, b steps/s)]`` of two identical bare loops, interleaved."""
-  a, b = BareLoop(features, batch_size), BareLoop(features, batch_size)
+  a, b = _bare(model, batch_size), _bare(model, batch_size)
   a.run(window)
   b.run(window)
   return [(window / a.run(window), window / b.run(window))
@@ -152,19 +214,23 @@ def main():
         f' ({jax.device_count()} device); interleaved windows of log_every'
         f' steps, after {args.warmup} warm-up windows', flush=True)
   rows = []
-  for name, features, batch_size, window, windows in CONFIGS:
+  for name, model, batch_size, window, windows in CONFIGS:
     windows = max(4, int(windows * args.scale))
-    pairs = measure(features, batch_size, windows, window, args.warmup)
+    pairs = measure(model, batch_size, windows, window, args.warmup)
     runner = _summary(pairs)
-    aa = _summary(control(features, batch_size, len(pairs), window))
+    aa = _summary(control(model, batch_size, len(pairs), window))
     rows.append((name, runner, aa))
     print(f'  {name}: {len(pairs)} pairs of {window}-step windows each',
           file=sys.stderr, flush=True)
   print(f'{"config":26} {"bare steps/s":>12} {"runner steps/s":>14}'
         f' {"runner/bare (quartiles)":>24} {"A/A":>6} {"corrected":>9}')
   for name, (bare, run, ratio, q1, q3), aa in rows:
-    print(f'{name:26} {bare:12.0f} {run:14.0f} {ratio:9.3f} ({q1:.3f}-{q3:.3f})'
+    print(f'{name:26} {bare:12.1f} {run:14.1f} {ratio:9.3f} ({q1:.3f}-{q3:.3f})'
           f' {aa[2]:6.3f} {ratio / aa[2]:9.3f}')
+  for name, (bare, run, *_), _ in rows:
+    if name.startswith('LM'):
+      print(f'{name}: tokens/s bare {bare * 16 * LM_LENGTH:.0f},'
+            f' runner {run * 16 * LM_LENGTH:.0f}')
   worst = min(r[1][2] for r in rows)
   worst_corrected = min(r[1][2] / r[2][2] for r in rows)
   print(f'worst runner/bare {worst:.3f}, corrected by the A/A control'
