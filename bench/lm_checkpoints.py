@@ -49,7 +49,7 @@ def loop_seconds(steps, every, mode):
       jax.block_until_ready(jax.numpy.zeros(()))
       marks[step] = time.perf_counter()
 
-  with tempfile.TemporaryDirectory(dir='.') as workdir:
+  with tempfile.TemporaryDirectory() as workdir:
     flags = ['bench', f'--workdir={workdir}', *STATE_FLAGS,
              f'--gin.train.num_steps={steps}',
              f'--gin.train.eval_every={steps}',
