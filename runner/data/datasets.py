@@ -16,11 +16,10 @@ on the arguments (``seed`` included), so runs are reproducible.
 """
 
 import dataclasses
-import numbers
 
 import numpy as np
 
-from gintrain.runner.validation import check_int
+from gintrain.runner.validation import check_fraction, check_int
 
 __all__ = ['Dataset', 'digits', 'synthetic', 'diabetes']
 
@@ -107,11 +106,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0,
 
   Pixels are scaled from 0..16 to [0, 1].
   """
-  if (isinstance(test_fraction, bool)
-      or not isinstance(test_fraction, numbers.Real)
-      or not 0 < test_fraction < 1):
-    raise ValueError(
-        f'test_fraction must be a number in (0, 1), got {test_fraction!r}.')
+  check_fraction('test_fraction', test_fraction)
   seed = check_int('seed', seed, 0)
   if not isinstance(image, (bool, np.bool_)):
     raise ValueError(f'image must be True or False, got {image!r}.')
@@ -166,11 +161,7 @@ def diabetes(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     test_fraction: the share held out for test, in (0, 1).
     seed: fixes the shuffle-split (numpy ``default_rng(seed)``).
   """
-  if (isinstance(test_fraction, bool)
-      or not isinstance(test_fraction, numbers.Real)
-      or not 0 < test_fraction < 1):
-    raise ValueError(
-        f'test_fraction must be a number in (0, 1), got {test_fraction!r}.')
+  check_fraction('test_fraction', test_fraction)
   seed = check_int('seed', seed, 0)
   from sklearn.datasets import load_diabetes  # pylint: disable=g-import-not-at-top
   raw = load_diabetes()

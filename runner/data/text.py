@@ -32,6 +32,7 @@ import sysconfig
 import numpy as np
 
 from gintrain.runner.data import grain_source
+from gintrain.runner.validation import check_fraction
 
 __all__ = ['Chunks', 'list_files', 'split_by_hash', 'text_files',
            'unigram_bits_per_byte', 'default_root']
@@ -160,9 +161,7 @@ def text_files(root: str | None = None, pattern: str = '*.py',
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f'text_files.{name} must be an integer >= {low}, got'
                        f' {value!r}.')
-  if not 0 < holdout_fraction < 1:
-    raise ValueError('text_files.holdout_fraction must be in (0, 1), got'
-                     f' {holdout_fraction!r}.')
+  check_fraction('text_files.holdout_fraction', holdout_fraction)
   files = list_files(root, pattern)
   paths = [p for p, _ in files]
   train, held = split_by_hash(paths, holdout_fraction)
