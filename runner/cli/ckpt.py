@@ -3,6 +3,7 @@
     gintrain ckpt ls DIR              # steps, sizes, times, complete or not
     gintrain ckpt inspect PATH [--json]   # the tree: shape, dtype, bytes
     gintrain ckpt diff A B            # leaves that differ, max abs difference
+    gintrain ckpt convert SRC DST     # flax msgpack <-> Orbax (runner.cli.convert)
 
 ``DIR`` is a checkpoint directory or a run's workdir (its ``checkpoints/``
 and ``best_checkpoints/``); ``PATH``, ``A`` and ``B`` are checkpoint files,
@@ -24,6 +25,7 @@ import numpy as np
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints as lib_checkpoints
 from gintrain.runner.cli import ckpt_structure
+from gintrain.runner.cli import convert as convert_lib
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 
@@ -342,7 +344,17 @@ def _parser() -> argparse.ArgumentParser:
   df.add_argument('a')
   df.add_argument('b')
   df.set_defaults(fn=_diff)
+  cv = sub.add_parser('convert', help='flax msgpack <-> Orbax')
+  cv.add_argument('src', help='a msgpack checkpoint file or Orbax directory')
+  cv.add_argument('dst', help='the new checkpoint (the other format)')
+  cv.set_defaults(fn=_convert)
   return parser
+
+
+def _convert(args) -> int:
+  written = convert_lib.convert(args.src, args.dst)
+  print(f'{args.src} -> {args.dst} ({written})')
+  return 0
 
 
 def main(args) -> int:
