@@ -22,17 +22,21 @@
 #              (default: to this terminal, each line prefixed with "[i] ")
 #
 # It prints "local.sh: process I pid P" (stderr) for each process.
-# SIGTERM, SIGUSR1 and SIGINT sent to local.sh are forwarded to every process
-# (the runner then writes one synchronized checkpoint and exits 75).
+# SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) sent to local.sh are forwarded to every
+# process (the runner then writes one synchronized checkpoint and exits 75, or
+# 130 for SIGINT; a second Ctrl-C aborts it), and local.sh waits for them.
+# The processes run with SIGINT at its default (a non-interactive shell starts
+# background jobs with SIGINT ignored); the log prefixers ignore SIGINT, so
+# that they outlive the processes whose output they carry.
 #
 # Exit status: 0 if all processes succeed; 75 (EX_TEMPFAIL, "preempted: launch
 # again to resume") if every failing process exited 75; otherwise the status
 # of the first process (in index order) that failed otherwise (128+N when
-# killed by signal N). It waits for all processes; when one dies, the runner's
-# heartbeat/barrier timeouts make the others exit.
+# killed by signal N; 130 after Ctrl-C). It waits for all processes; when one
+# dies, the runner's heartbeat/barrier timeouts make the others exit.
 set -u
 N=2; PORT=24200; DEVICES=""; GPU=0; LOGDIR=""
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while getopts "n:p:d:gl:h" opt; do
   case $opt in
     n) N=$OPTARG ;; p) PORT=$OPTARG ;; d) DEVICES=$OPTARG ;; g) GPU=1 ;;
@@ -67,10 +71,13 @@ for ((i = 0; i < N; i++)); do
   flags=(--coordinator_address="127.0.0.1:$PORT" --process_count="$N"
          --process_index="$i")
   if ((GPU)); then export CUDA_VISIBLE_DEVICES=$i; fi
+  # (trap - INT; exec ...): the process itself (same pid), with SIGINT at
+  # its default instead of ignored.
   if [[ -n $LOGDIR ]]; then
-    "$@" "${flags[@]}" >"$LOGDIR/process_$i.log" 2>&1 &
+    (trap - INT; exec "$@" "${flags[@]}") >"$LOGDIR/process_$i.log" 2>&1 &
   else
-    "$@" "${flags[@]}" > >(sed -u "s/^/[$i] /") 2>&1 &
+    (trap - INT; exec "$@" "${flags[@]}") \
+      > >(trap '' INT; exec sed -u "s/^/[$i] /") 2>&1 &
   fi
   pids+=($!)
   echo "local.sh: process $i pid $!" >&2

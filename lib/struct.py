@@ -15,7 +15,15 @@ A drop-in for ``flax.struct``::
 
 Fields marked ``pytree_node=False`` are static: they are part of the treedef
 (and so of jit's cache key), are not leaves, and are left out of the state dict
-that checkpoints store.
+that checkpoints store. Unlike flax's, the treedef of a class here never
+compares equal to another class's (see ``_register_pytree``)::
+
+    >>> class Other(struct.PyTreeNode):
+    ...   params: dict
+    ...   apply_fn: object = struct.field(pytree_node=False, default=None)
+    >>> (jax.tree_util.tree_structure(Other(params={'w': 1.0})) ==
+    ...  jax.tree_util.tree_structure(m))
+    False
 """
 
 import dataclasses
@@ -49,6 +57,39 @@ def field(pytree_node: bool = True, *, metadata: dict | None = None, **kwargs):
       metadata=(metadata or {}) | {'pytree_node': pytree_node}, **kwargs)
 
 
+def _register_pytree(clz, data_fields, meta_fields) -> None:
+  """Registers ``clz`` as a pytree node: leaves = ``data_fields`` (keyed by
+  ``GetAttrKey``, as ``jax.tree_util.register_dataclass`` keys them), static
+  = ``meta_fields``; unflattening calls ``clz(**fields)``.
+
+  Not ``jax.tree_util.register_dataclass`` (which flax uses): jax's treedef
+  equality ignores the class of a dataclass node (its hash does not), so
+  the treedefs of two such classes with the same number of leaves and equal
+  static values compare equal, e.g. ``TrainState`` here and flax's. jit's
+  caches may then, rarely (a hash-table probe collision), return the output
+  structure of one class for an input of the other. A custom node's
+  treedef compares its class, so this class's never equals flax's nor
+  another class's.
+  """
+  keys = tuple(jax.tree_util.GetAttrKey(name) for name in data_fields)
+
+  def flatten_with_keys(x):
+    return (tuple((key, getattr(x, name))
+                  for key, name in zip(keys, data_fields)),
+            tuple(getattr(x, name) for name in meta_fields))
+
+  def flatten(x):
+    return (tuple(getattr(x, name) for name in data_fields),
+            tuple(getattr(x, name) for name in meta_fields))
+
+  def unflatten(meta, children):
+    return clz(**dict(zip(data_fields, children)),
+               **dict(zip(meta_fields, meta)))
+
+  jax.tree_util.register_pytree_with_keys(
+      clz, flatten_with_keys, unflatten, flatten_func=flatten)
+
+
 @dataclass_transform(field_specifiers=(field,))
 def dataclass(clz: _T | None = None, **kwargs) -> _T:
   """Turns ``clz`` into a frozen dataclass registered as a pytree.
@@ -77,8 +118,7 @@ def dataclass(clz: _T | None = None, **kwargs) -> _T:
     return dataclasses.replace(self, **updates)
 
   data_clz.replace = replace
-  jax.tree_util.register_dataclass(
-      data_clz, data_fields=data_fields, meta_fields=meta_fields)
+  _register_pytree(data_clz, data_fields, meta_fields)
 
   def to_state_dict(x):
     return {

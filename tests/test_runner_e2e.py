@@ -95,7 +95,10 @@ def test_resume_is_bitwise_identical(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     run(crashed, *RESUME_ARGS, hooks=[_crash_at(13)])
   assert os.path.basename(final_checkpoint(crashed)[0]) == 'checkpoint_8'
-  assert run(crashed, *RESUME_ARGS, '--resume=require') == 0
+  seen = []
+  assert run(crashed, *RESUME_ARGS, '--resume=require',
+             hooks=[seen.append]) == 0
+  assert seen[0] == 9  # resumed from checkpoint_8
 
   # A preemption at step 13: checkpoint 13 is written, status 75.
   preempted = tmp_path / 'preempted'
@@ -105,7 +108,9 @@ def test_resume_is_bitwise_identical(tmp_path):
   finally:
     preemption.reset()
   assert os.path.basename(final_checkpoint(preempted)[0]) == 'checkpoint_13'
-  assert run(preempted, *RESUME_ARGS) == 0
+  seen = []
+  assert run(preempted, *RESUME_ARGS, hooks=[seen.append]) == 0
+  assert seen[0] == 14  # resumed from checkpoint_13, not the older 8
 
   for workdir in (crashed, preempted):
     path, got = final_checkpoint(workdir)

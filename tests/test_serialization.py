@@ -582,7 +582,8 @@ def test_unregistered_target_returns_state_unchanged():
   state = {'anything': [1]}
   assert ser.from_state_dict(np.zeros((2, 3)), state) is state
   assert ser.from_state_dict(None, state) is state
-  assert ser.to_state_dict(np.ones(2)) is not None
+  leaf = np.ones(2)
+  assert ser.to_state_dict(leaf) is leaf
 
 
 def test_target_none_gives_string_keyed_dicts():
@@ -931,7 +932,9 @@ def test_public_names():
       '_msgpack_ext_unpack', '_ExtType', 'CHUNKED_KEY']:
     assert hasattr(ser, name), name
   assert ser.MAX_CHUNK_SIZE == fser.MAX_CHUNK_SIZE == 2**30
-  assert typing.get_type_hints(ser.to_bytes) is not None
+  assert typing.get_type_hints(ser.to_bytes) == {'return': bytes}
+  assert typing.get_type_hints(ser.to_bytes) == typing.get_type_hints(
+      fser.to_bytes)
 
 
 # ---------------------------------------------------------------------------

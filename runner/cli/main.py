@@ -65,9 +65,11 @@ resume), ``metrics.jsonl``, ``hparams.json``, ``tensorboard/``,
 from the latest checkpoint (--resume=auto).
 
 A fault in the input (flags, gin, workdir, checkpoint) prints one line,
-``gintrain: error: ...``, and exits with status 1. A preempted run
-(SIGTERM/SIGUSR1) saves a checkpoint and exits with
-``runner.parallel.preemption.PREEMPTED_EXIT_CODE`` (75).
+``gintrain: error: ...``, and exits with status 1 (so does a checkpoint or
+file that cannot be written, e.g. a full disk, naming the path). A
+preempted run (SIGTERM/SIGUSR1) saves a checkpoint and exits with
+``runner.parallel.preemption.PREEMPTED_EXIT_CODE`` (75); Ctrl-C (SIGINT)
+does the same and exits with 130; a second Ctrl-C aborts at once.
 """
 
 import os
@@ -80,6 +82,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from gintrain.lib import checkpoint_io
+from gintrain.lib import errors as lib_errors
 from gintrain.runner.cli import ckpt
 from gintrain.runner.cli import compare
 from gintrain.runner.cli import config
@@ -294,11 +298,39 @@ def _one_line(error: BaseException) -> str:
 def _is_user_error(error: BaseException) -> bool:
   if isinstance(error, (RunnerError, distributed.DistributedConfigError)):
     return True
+  # A checkpoint that cannot be written (disk full, quota, permissions) or
+  # a non-regular file in its place: the lib's message names the path.
+  if isinstance(error, (checkpoint_io.CheckpointWriteError,
+                        checkpoint_io.NotARegularFileError,
+                        lib_errors.InvalidCheckpointError)):
+    return True
+  # Any other OSError that names its file (e.g. ENOSPC writing metrics):
+  # "[Errno 28] No space left on device: '<path>'".
+  if isinstance(error, OSError) and error.filename is not None:
+    return True
   # A ValueError/TypeError raised while gin called a configurable with the
   # user's bindings (e.g. models.mlp.features = -3): report it on one line;
   # the traceback is logged at debug level (--verbosity=1).
   return isinstance(error, (ValueError, TypeError)) and bool(
       _CONFIGURABLE_RE.search(str(error)))
+
+
+def _check_backend() -> None:
+  """Starts JAX's backend now, so that a platform that is not there
+  (``--jax_platforms=tpu`` on a CPU machine) is one line, before any work.
+
+  Raises:
+    RunnerError: naming the flag (or ``JAX_PLATFORMS``) and the platform.
+  """
+  try:
+    jax.devices()
+  except RuntimeError as e:
+    value = jax.config.jax_platforms
+    name = ('--jax_platforms' if 'jax_platforms' in FLAGS and
+            FLAGS['jax_platforms'].present else 'JAX_PLATFORMS')
+    reason = ' '.join(str(e).strip().split('\n')[0].split())
+    raise RunnerError(f'{name}={value}: JAX cannot start that platform on'
+                      f' this machine ({reason}).') from e
 
 
 def _run_guarded(rest: list[str], hooks=(), command: str | None = None
@@ -309,14 +341,15 @@ def _run_guarded(rest: list[str], hooks=(), command: str | None = None
                         ' (flags look like --name=value; commands: eval,'
                         f' {", ".join(TOOLS)}; see gintrain --help).')
     distributed.initialize()
+    _check_backend()
     if command == EVAL:
       return eval_only()
     _build_config()
     return dry_run() if runner_flags.DRY_RUN.value else train(hooks)
   except trainer.Preempted as e:
-    logging.warning('%s; exiting with status %d.', e,
-                    preemption.PREEMPTED_EXIT_CODE)
-    return preemption.PREEMPTED_EXIT_CODE
+    code = getattr(e, 'exit_code', preemption.PREEMPTED_EXIT_CODE)
+    logging.warning('%s; exiting with status %d.', e, code)
+    return code
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e):
       raise
@@ -361,7 +394,15 @@ def _absl_flags_parser(argv):
 
 
 def _absl_main(rest, command=None):
-  sys.exit(_run_guarded(rest, command=command))
+  try:
+    code = _run_guarded(rest, command=command)
+  except KeyboardInterrupt:
+    # Ctrl-C before the training loop took SIGINT over, or a second Ctrl-C
+    # during it (the first one saves a checkpoint and exits 130 too).
+    print('gintrain: interrupted (Ctrl-C); no checkpoint written.',
+          file=sys.stderr, flush=True)
+    code = preemption.INTERRUPTED_EXIT_CODE
+  sys.exit(code)
 
 
 def run():

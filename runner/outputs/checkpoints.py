@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
+from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
 from gintrain.runner.parallel import distributed
 from gintrain.runner.errors import RunnerError
@@ -35,10 +37,12 @@ from gintrain.runner.errors import RunnerError
 __all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'load_params',
            'InitFrom', 'InitReport', 'select_params',
            'read_runner_checkpoint',
-           'CHECKPOINT_DIR', 'BEST_DIR']
+           'CHECKPOINT_DIR', 'BEST_DIR', 'CORRUPT_DIR']
 
 CHECKPOINT_DIR = 'checkpoints'
 BEST_DIR = 'best_checkpoints'
+# Where a resume moves checkpoints that do not read back (kept, not deleted).
+CORRUPT_DIR = 'corrupt_checkpoints'
 _MODES = ('min', 'max')
 
 
@@ -153,7 +157,7 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
 def _read(path: str):
   try:
     return checkpoints.restore_checkpoint(path, target=None)
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, ImportError) as e:
     raise RunnerError(f'cannot read checkpoint {path}: {e}') from e
 
 
@@ -250,10 +254,21 @@ def _checkpoint_params(path: str, flag: str):
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
     path = os.path.join(path, CHECKPOINT_DIR)  # a run's workdir
   if os.path.isdir(path):
+    if orbax_delegation.is_orbax_checkpoint(path):
+      raise RunnerError(f'{flag}={path}: an Orbax checkpoint directory; give'
+                        ' a msgpack checkpoint file (checkpoint_<step>), a'
+                        ' folder of them, or a run\'s workdir.')
     latest = checkpoints.latest_checkpoint(path)
     if latest is None:
-      raise RunnerError(f'{flag}={path}: the directory holds no'
-                        ' checkpoint_* file.')
+      looks_like_file = re.fullmatch(r'.+_\d+', os.path.basename(
+          os.path.normpath(path)))
+      raise RunnerError(
+          f'{flag}={path}: a directory that holds no checkpoint_* file'
+          + (' (a checkpoint is a file named checkpoint_<step>, not a'
+             ' directory)' if looks_like_file else '') + '.')
+    if os.path.isdir(latest):
+      raise RunnerError(f'{flag}={latest}: a directory, not a checkpoint'
+                        ' file; give the checkpoint file itself.')
     path = latest
   raw = _read(path)
   if raw is None:
@@ -399,22 +414,102 @@ class Checkpointer:
     self.saves = 0  # files written (or started, when async) so far
     self._async = checkpoints.AsyncManager() if policy.async_save else None
     self._multiprocess = _process_count() > 1
+    self._checked = False  # latest_step has validated the resume point
+    self._validated = None  # (step, raw tree) read by latest_step
 
   # -- resume -------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """The newest step in ``checkpoints/``, the same on every process."""
-    path = checkpoints.latest_checkpoint(self.dir, self.policy.prefix)
-    step = None
-    if path is not None:
-      name = os.path.basename(path)[len(self.policy.prefix):]
+    """The step to resume from, the same on every process.
+
+    The first call (the resume) reads the candidates in ``checkpoints/``,
+    newest first, and takes the newest that reads back: each one that does
+    not (truncated, garbage, not a regular file) is skipped with a warning
+    naming it and, once all processes agreed, moved by process 0 to
+    ``<workdir>/corrupt_checkpoints/`` (kept, not deleted; out of the way
+    of retention and of the next saves). The tree read is kept for
+    :meth:`read`, so the file is read once. Later calls name the newest
+    checkpoint without reading it.
+
+    Raises:
+      RunnerError: a directory (e.g. an Orbax checkpoint) or a name whose
+        step is not an integer among the checkpoints, or a readable file
+        that is not a runner checkpoint.
+      DistributedConfigError: the processes disagree on the step.
+    """
+    if self._checked:
+      return distributed.agree_on_step('resume_step', self._newest_named())
+    step, skipped = self._newest_readable()
+    step = distributed.agree_on_step('resume_step', step)
+    self._checked = True
+    if skipped and distributed.is_main_process():
+      self._move_aside(skipped)
+    return step
+
+  def _step_of(self, path: str) -> int:
+    name = os.path.basename(path)[len(self.policy.prefix):]
+    try:
+      step = int(name)
+    except ValueError:
+      raise RunnerError(
+          f'{path}: not a runner checkpoint (the step {name!r} is not an'
+          ' integer); move it out of the checkpoint directory.') from None
+    if os.path.isdir(path):
+      kind = (' (an Orbax checkpoint)'
+              if orbax_delegation.is_orbax_checkpoint(path) else '')
+      raise RunnerError(
+          f'{path}: a directory{kind} among the runner\'s checkpoints, which'
+          ' are msgpack files; move it out of the checkpoint directory.')
+    return step
+
+  def _newest_named(self) -> int | None:
+    paths = checkpoint_naming.all_checkpoints(self.dir, self.policy.prefix)
+    return self._step_of(paths[-1]) if paths else None
+
+  def _newest_readable(self) -> tuple[int | None, list[str]]:
+    """``(newest step that reads back, [unreadable newer paths])``."""
+    skipped = []
+    paths = checkpoint_naming.all_checkpoints(self.dir, self.policy.prefix)
+    for path in reversed(paths):
+      step = self._step_of(path)
       try:
-        step = int(name)
-      except ValueError:
-        raise RunnerError(
-            f'{path}: not a runner checkpoint (the step {name!r} is not an'
-            ' integer); move it out of the checkpoint directory.') from None
-    return distributed.agree_on_step('resume_step', step)
+        raw = checkpoints.restore_checkpoint(path, target=None)
+      except (OSError, ValueError) as e:
+        if distributed.is_main_process():
+          logging.warning(
+              'Skipping checkpoint %s: it does not read back (%s). It is'
+              ' moved to %s/; the run resumes from an older checkpoint, if'
+              ' any.',
+              path, ' '.join(str(e).split()), CORRUPT_DIR)
+        skipped.append(path)
+        continue
+      if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
+        raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
+                          ' entry); move it out of the checkpoint'
+                          ' directory.')
+      self._validated = (step, raw)
+      return step, skipped
+    return None, skipped
+
+  def _move_aside(self, paths) -> None:
+    """Moves unreadable checkpoints to ``<workdir>/corrupt_checkpoints/``."""
+    target = os.path.join(os.path.dirname(self.dir), CORRUPT_DIR)
+    for path in paths:
+      for source in (path, path + '_gda'):
+        if not os.path.lexists(source):
+          continue
+        dest = os.path.join(target, os.path.basename(source))
+        n = 1
+        while os.path.lexists(dest):
+          dest = os.path.join(target, f'{os.path.basename(source)}.{n}')
+          n += 1
+        try:
+          os.makedirs(target, exist_ok=True)
+          os.rename(source, dest)
+        except OSError as e:
+          raise RunnerError(
+              f'cannot move the unreadable checkpoint {source} to {dest}:'
+              f' {e.strerror or e}; move or delete it yourself.') from e
 
   def path(self, step: int) -> str:
     return os.path.join(self.dir, f'{self.policy.prefix}{step}')
@@ -425,7 +520,10 @@ class Checkpointer:
     Raises:
       RunnerError: unreadable, or not a runner checkpoint.
     """
-    raw = read_runner_checkpoint(self.path(step))
+    if self._validated is not None and self._validated[0] == step:
+      raw, self._validated = self._validated[1], None
+    else:
+      raw = read_runner_checkpoint(self.path(step))
     self._saved_steps.add(step)
     return raw
 

@@ -17,6 +17,8 @@ import json
 import math
 import os
 
+from absl import logging
+
 __all__ = ['read_metrics', 'plot_metrics', 'panels', 'plot_runs']
 
 # Train-record entries shown after the eval metrics, when recorded.
@@ -29,39 +31,53 @@ def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
   """``{(split, name): (steps, values)}`` from a ``metrics.jsonl``.
 
   Steps are sorted; when a step repeats (a resumed run re-logs it) the last
-  record wins. A final line without newline that does not parse (a write cut
-  short by a crash) is ignored.
+  record wins. Lines that are not a JSON object with an integer ``step``
+  and a string ``split`` (a write cut short by a crash or a full disk, or
+  bytes that are not UTF-8), anywhere in the file, are skipped and counted
+  in one warning naming the file and the first such lines. A valid last
+  line without its newline is kept.
 
   Raises:
     FileNotFoundError: the file is missing.
-    ValueError: naming ``file:line``, for a line that is not a JSON object
-      with an integer ``step`` and a string ``split``.
   """
   path = os.fspath(metrics_jsonl)
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8', errors='replace') as f:
     lines = f.read().split('\n')
   series: dict[tuple[str, str], dict[int, float]] = {}
+  skipped = []
   for lineno, line in enumerate(lines, 1):
     if not line.strip():
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if lineno == len(lines):  # last piece, not newline-terminated
-        break
-      raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg}).') from e
-    if (not isinstance(record, dict) or not isinstance(record.get('step'), int)
-        or not isinstance(record.get('split'), str)):
-      raise ValueError(f'{path}:{lineno}: expected a JSON object with an'
-                       ' integer "step" and a string "split".')
+    record = _record(line)
+    if record is None:
+      skipped.append(lineno)
+      continue
     for name, value in record.items():
       if name in _SKIP or isinstance(value, bool):
         continue
       if isinstance(value, (int, float)):
         series.setdefault((record['split'], name), {})[record['step']] = (
             float(value))
+  if skipped:
+    shown = ', '.join(map(str, skipped[:5]))
+    more = ', ...' if len(skipped) > 5 else ''
+    logging.warning('%s: skipped %d torn or invalid line(s) (line %s%s).',
+                    path, len(skipped), shown, more)
   return {key: (sorted(points), [points[s] for s in sorted(points)])
           for key, points in series.items()}
+
+
+def _record(line: str) -> dict | None:
+  """The metrics record of one line, or None if it is not one."""
+  try:
+    record = json.loads(line)
+  except ValueError:  # json.JSONDecodeError, or a number out of range
+    return None
+  if (not isinstance(record, dict) or not isinstance(record.get('step'), int)
+      or isinstance(record.get('step'), bool)
+      or not isinstance(record.get('split'), str)):
+    return None
+  return record
 
 
 def panels(series: dict) -> list[str]:
@@ -84,7 +100,7 @@ def plot_metrics(metrics_jsonl: str | os.PathLike,
   still gets a plot. Returns ``out_png``.
 
   Raises:
-    FileNotFoundError, ValueError: as ``read_metrics``.
+    FileNotFoundError: as ``read_metrics``.
   """
   # pylint: disable=g-import-not-at-top
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -138,7 +154,7 @@ def plot_runs(runs, out_png: str | os.PathLike, names=None) -> str:
     ``out_png``.
 
   Raises:
-    FileNotFoundError, ValueError: as ``read_metrics``.
+    FileNotFoundError: as ``read_metrics``.
   """
   # pylint: disable=g-import-not-at-top
   from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -32,8 +32,10 @@ Back ends (each takes the run directory ``workdir`` first):
   ``write_scalars`` call, ``{"step": int, "split": str, "time": float,
   <name>: number, ...}`` (``time``: Unix wall time); appended to, so a
   resumed run continues the same file (steps may then repeat; readers keep
-  the last value). Non-finite floats are written as ``NaN`` / ``Infinity``,
-  which Python's ``json`` reads back. ``hparams.json``: the last
+  the last value). A torn last line (a write cut short by a crash) is
+  removed when the file is opened again (:func:`repair_torn_tail`).
+  Non-finite floats are written as ``NaN`` / ``Infinity``, which Python's
+  ``json`` reads back. ``hparams.json``: the last
   ``write_hparams`` dict.
 * :class:`TensorBoardWriter`: event files (tensorboardX) in ``tensorboard/``;
   scalars are tagged ``<split>/<name>``; hparams use the TensorBoard HParams
@@ -55,10 +57,11 @@ import uuid
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
 __all__ = ['MetricWriter', 'JsonlWriter', 'TensorBoardWriter', 'WandbWriter',
            'MultiWriter', 'NullWriter', 'to_json_scalar', 'METRICS_FILE',
-           'HPARAMS_FILE', 'TENSORBOARD_DIR']
+           'HPARAMS_FILE', 'TENSORBOARD_DIR', 'repair_torn_tail']
 
 METRICS_FILE = 'metrics.jsonl'
 HPARAMS_FILE = 'hparams.json'
@@ -274,6 +277,66 @@ class MetricWriter(abc.ABC):
     """Flushes and releases resources; called once, by the first close()."""
 
 
+# --- Torn tails ---------------------------------------------------------------
+
+
+def _is_record(data: bytes) -> bool:
+  """Whether ``data`` is one complete metrics record (a JSON object with an
+  integer ``step`` and a string ``split``)."""
+  try:
+    record = json.loads(data.decode('utf-8'))
+  except ValueError:  # bad UTF-8 or JSON
+    return False
+  return (isinstance(record, dict) and isinstance(record.get('step'), int)
+          and not isinstance(record.get('step'), bool)
+          and isinstance(record.get('split'), str))
+
+
+def repair_torn_tail(path: str | os.PathLike) -> str | None:
+  """Makes the JSONL file ``path`` end with a complete line, in place.
+
+  A last line without its newline is a write cut short (a crash, a full
+  disk): it is truncated away, unless it is a complete record, which gets
+  its newline. A missing or empty file is left alone.
+
+  Returns:
+    ``'truncated'``, ``'terminated'`` or None (nothing to do).
+
+  Raises:
+    OSError: naming ``path``, when it cannot be read or written.
+  """
+  path = os.fspath(path)
+  try:
+    fd = os.open(path, os.O_RDWR)
+  except FileNotFoundError:
+    return None
+  try:
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b'\n':
+      return None
+    start, pos = 0, size  # start: where the last (torn) line begins
+    while pos > 0:
+      n = min(1 << 16, pos)
+      pos -= n
+      newline = os.pread(fd, n, pos).rfind(b'\n')
+      if newline >= 0:
+        start = pos + newline + 1
+        break
+    if _is_record(os.pread(fd, size - start, start)):
+      os.pwrite(fd, b'\n', size)
+      action = 'terminated'
+    else:
+      os.ftruncate(fd, start)
+      action = 'truncated'
+      logging.warning('%s: removed a torn last line (%d bytes without a'
+                      ' newline, left by an interrupted write).', path,
+                      size - start)
+    os.fsync(fd)
+    return action
+  finally:
+    os.close(fd)
+
+
 # --- Back ends ---------------------------------------------------------------
 
 
@@ -287,8 +350,12 @@ class JsonlWriter(MetricWriter):
   def __init__(self, workdir: str | os.PathLike):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
+    # A crash (or a full disk) may have cut the last record short: repair
+    # the tail so that appended records start on a line of their own.
+    repair_torn_tail(self.metrics_path)
     # Line-buffered: every record reaches the OS as it is written, so a crash
-    # loses at most a torn last line (which plots.read_metrics skips).
+    # loses at most a torn last line (which plots.read_metrics skips, and
+    # the next JsonlWriter on the file truncates).
     self._file = open(self.metrics_path, 'a', buffering=1, encoding='utf-8')
 
   @property

@@ -1,11 +1,14 @@
 """Preemption: a signal on any process stops all of them at the same step.
 
 The training loop calls :func:`install` once, then :func:`should_stop` before
-every step. SIGTERM or SIGUSR1 on *any* process only sets a local flag (the
-handler does nothing else, so it is safe at any point); at the next check all
-processes exchange their flags and return the same answer, so they all stop
-at the same step, write one synchronized checkpoint and exit with
-:data:`PREEMPTED_EXIT_CODE`. A launcher that sees that status requeues the job
+every step. SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) on *any* process only sets a
+local flag (the handler does nothing else, so it is safe at any point); at the
+next check all processes exchange their flags and return the same answer, so
+they all stop at the same step, write one synchronized checkpoint and exit
+with :data:`PREEMPTED_EXIT_CODE`, or :data:`INTERRUPTED_EXIT_CODE` (130, as a
+shell reports Ctrl-C) when the only signals were SIGINTs
+(:func:`stop_signal`). A second Ctrl-C aborts at once, without a checkpoint
+(see :mod:`.signals`). A launcher that sees that status requeues the job
 (launch/slurm.sbatch does), and the next launch resumes from the checkpoint.
 
 Why these signals: SLURM sends SIGTERM on preemption or ``scancel`` (and
@@ -50,10 +53,12 @@ from absl import flags
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import signals
 
-__all__ = ['PREEMPTED_EXIT_CODE', 'SIGNALS', 'install', 'uninstall',
-           'requested', 'request', 'should_stop', 'reset', 'check_interval']
+__all__ = ['PREEMPTED_EXIT_CODE', 'INTERRUPTED_EXIT_CODE', 'SIGNALS',
+           'install', 'uninstall', 'requested', 'request', 'should_stop',
+           'stop_signal', 'exit_code', 'reset', 'check_interval']
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL: "preempted, requeue me"
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: stopped by Ctrl-C
 SIGNALS = signals.SIGNALS
 
 _CHECK_INTERVAL = flags.DEFINE_integer(
@@ -86,7 +91,7 @@ def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
   ``--preemption_check_interval``) it returns False without communicating.
   At a check step every process must call it (it is a barrier bounded by
   ``--barrier_timeout``); it returns True on all processes if any of them
-  received SIGTERM/SIGUSR1 before the call.
+  received SIGTERM/SIGUSR1/SIGINT before the call.
   """
   interval = _interval_flag() if check_interval is None else check_interval
   if interval < 1:
@@ -101,3 +106,34 @@ def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
     logging.warning('Preemption agreed before step %d (signal on process(es)'
                     ' %s).', step, flagged)
   return bool(flagged)
+
+
+def stop_signal() -> Optional[int]:
+  """The signal the processes stopped for; the same on every process.
+
+  SIGTERM or SIGUSR1 if any process received one (a scheduler's
+  preemption: requeue), else SIGINT if any received Ctrl-C, else None
+  (:func:`request` only). Call it on every process after
+  :func:`should_stop` returned True (it exchanges the local signals once).
+  """
+  local = signals.received()
+  if not distributed.is_initialized():
+    return local
+  seen = [int(s) for s in distributed.all_gather(
+      'preempt_signal', str(0 if local is None else int(local)))]
+  others = [s for s in seen if s and s != signal.SIGINT]
+  if others:
+    return others[0]
+  return signal.SIGINT if signal.SIGINT in seen else None
+
+
+def exit_code(signum: Optional[int]) -> int:
+  """The exit status after the checkpoint of a stop for ``signum``:
+  :data:`INTERRUPTED_EXIT_CODE` for SIGINT, else
+  :data:`PREEMPTED_EXIT_CODE`.
+
+    >>> exit_code(signal.SIGINT), exit_code(signal.SIGTERM), exit_code(None)
+    (130, 75, 75)
+  """
+  return (INTERRUPTED_EXIT_CODE if signum == signal.SIGINT
+          else PREEMPTED_EXIT_CODE)
