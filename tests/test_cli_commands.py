@@ -11,15 +11,7 @@ from gintrain.runner import train
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import main as cli_main
 
-TINY = [
-    '--gin_file=run.gin', '--gin_file=models/mlp.gin',
-    '--gin_file=datasets/synthetic.gin', '--gin_file=optimizers/adam.gin',
-    '--gin.mlp.features=(16,)', '--gin.mlp.num_classes=4',
-    '--gin.train.batch_size=32', '--gin.train.num_epochs=None',
-    '--gin.train.num_steps=12', '--gin.train.log_every=4',
-    '--gin.train.eval_every=4', '--gin.optimizer.learning_rate=0.01',
-    '--gin.checkpoint_policy.every_steps=4',
-]
+from tiny import TINY  # pylint: disable=g-bad-import-order
 
 
 def records(workdir, split):

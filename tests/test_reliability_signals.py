@@ -17,21 +17,9 @@ from gintrain.runner.parallel import preemption  # pylint: disable=wrong-import-
 from gintrain.runner.parallel import signals  # pylint: disable=wrong-import-position
 from gintrain.runner import train  # pylint: disable=wrong-import-position
 
-TINY = [
-    '--gin_file=run.gin', '--gin_file=models/mlp.gin',
-    '--gin_file=datasets/synthetic.gin', '--gin_file=optimizers/adam.gin',
-    '--gin.mlp.features=(16,)', '--gin.mlp.num_classes=4',
-    '--gin.train.batch_size=32', '--gin.train.num_epochs=None',
-    '--gin.train.num_steps=12', '--gin.train.log_every=4',
-    '--gin.train.eval_every=4', '--gin.optimizer.learning_rate=0.01',
-    '--gin.checkpoint_policy.every_steps=4',
-]
+from tiny import TINY, run  # pylint: disable=g-bad-import-order
 INTERRUPTED = 130
 
-
-def run(workdir, *args, hooks=()):
-  return train.main_with_flags(
-      ['gintrain', f'--workdir={workdir}', *TINY, *args], hooks=hooks)
 
 
 def ckpt_names(workdir):
