@@ -5,9 +5,7 @@ nnx modules hold their state as attributes; the runner's loop is functional
 a module into ``{'params': ..., 'batch_stats': ...}`` (plain nested dicts of
 arrays, checkpointed like any other) and merges them back for each call::
 
-    # my_models.py
-    import gin
-    from flax import nnx
+    # my_models.py (a user's module: it imports gin, and nnx from flax)
 
     @gin.configurable
     class Net(nnx.Module):
