@@ -27,6 +27,9 @@ __all__ = [
     'create_constant_learning_rate_schedule',
     'create_stepped_learning_rate_schedule',
     'create_cosine_learning_rate_schedule',
+    'constant_schedule',
+    'stepped_schedule',
+    'cosine_schedule',
 ]
 
 _DEPRECATION = (
@@ -87,12 +90,8 @@ def create_constant_learning_rate_schedule(base_learning_rate,
     [0.0, 0.125, 0.5, 0.5]
   """
   _warn_deprecated()
-
-  def learning_rate_fn(step):
-    return _with_warmup(base_learning_rate, step, warmup_length,
-                        steps_per_epoch)
-
-  return learning_rate_fn
+  return constant_schedule(base_learning_rate, steps_per_epoch,
+                           warmup_length)
 
 
 def create_stepped_learning_rate_schedule(base_learning_rate,
@@ -142,16 +141,8 @@ def create_stepped_learning_rate_schedule(base_learning_rate,
     [1.0, 1.0, 0.1, 0.01, 0.001]
   """
   _warn_deprecated()
-  epochs = [epoch for epoch, _ in lr_sched_steps]
-  factors = [factor for _, factor in lr_sched_steps]
-  boundaries = np.round(np.array(epochs) * steps_per_epoch).astype(int)
-  values = np.array([1.0] + factors) * base_learning_rate
-
-  def learning_rate_fn(step):
-    lr = _piecewise_constant(boundaries, values, step)
-    return _with_warmup(lr, step, warmup_length, steps_per_epoch)
-
-  return learning_rate_fn
+  return stepped_schedule(base_learning_rate, steps_per_epoch,
+                          lr_sched_steps, warmup_length)
 
 
 def create_cosine_learning_rate_schedule(base_learning_rate,
@@ -187,6 +178,45 @@ def create_cosine_learning_rate_schedule(base_learning_rate,
     [1.0, 0.5, 0.0, 0.5, 1.0]
   """
   _warn_deprecated()
+  return cosine_schedule(base_learning_rate, steps_per_epoch, halfcos_epochs,
+                         warmup_length)
+
+
+# The same schedules without the deprecation warning (which is for callers of
+# flax's API): for code that offers epoch schedules as a supported feature,
+# such as gintrain's runner. Same arguments and values as the create_*
+# functions above.
+
+
+def constant_schedule(base_learning_rate, steps_per_epoch,
+                      warmup_length=0.0):
+  """:func:`create_constant_learning_rate_schedule` without its warning."""
+
+  def learning_rate_fn(step):
+    return _with_warmup(base_learning_rate, step, warmup_length,
+                        steps_per_epoch)
+
+  return learning_rate_fn
+
+
+def stepped_schedule(base_learning_rate, steps_per_epoch, lr_sched_steps,
+                     warmup_length=0.0):
+  """:func:`create_stepped_learning_rate_schedule` without its warning."""
+  epochs = [epoch for epoch, _ in lr_sched_steps]
+  factors = [factor for _, factor in lr_sched_steps]
+  boundaries = np.round(np.array(epochs) * steps_per_epoch).astype(int)
+  values = np.array([1.0] + factors) * base_learning_rate
+
+  def learning_rate_fn(step):
+    lr = _piecewise_constant(boundaries, values, step)
+    return _with_warmup(lr, step, warmup_length, steps_per_epoch)
+
+  return learning_rate_fn
+
+
+def cosine_schedule(base_learning_rate, steps_per_epoch, halfcos_epochs,
+                    warmup_length=0.0):
+  """:func:`create_cosine_learning_rate_schedule` without its warning."""
   halfwavelength_steps = halfcos_epochs * steps_per_epoch
 
   def learning_rate_fn(step):

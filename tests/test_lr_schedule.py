@@ -204,3 +204,31 @@ def test_cosine_zero_half_wave_fails_like_flax():
     theirs(3)
   with pytest.raises(ZeroDivisionError):
     ours(3)
+
+
+def test_warning_free_builders_match_the_flax_named_factories(caplog):
+  # pylint: disable=g-import-not-at-top
+  import logging
+  import numpy as np
+  from gintrain.lib import lr_schedule as ls
+  # pylint: enable=g-import-not-at-top
+  steps = np.arange(0, 400, 7)
+  cases = [
+      (ls.create_constant_learning_rate_schedule, ls.constant_schedule,
+       dict(base_learning_rate=0.5, steps_per_epoch=10, warmup_length=2)),
+      (ls.create_stepped_learning_rate_schedule, ls.stepped_schedule,
+       dict(base_learning_rate=1.0, steps_per_epoch=10,
+            lr_sched_steps=[[3, 0.1], [6, 0.01]], warmup_length=1)),
+      (ls.create_cosine_learning_rate_schedule, ls.cosine_schedule,
+       dict(base_learning_rate=0.1, steps_per_epoch=10, halfcos_epochs=20,
+            warmup_length=0.5)),
+  ]
+  for flax_named, builder, kwargs in cases:
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      quiet = builder(**kwargs)
+      assert not caplog.records, builder.__name__
+      loud = flax_named(**kwargs)
+      assert caplog.records, flax_named.__name__
+    np.testing.assert_array_equal([quiet(s) for s in steps],
+                                  [loud(s) for s in steps])

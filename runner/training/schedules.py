@@ -4,10 +4,10 @@
 ``steps_per_epoch``, which is known only once the dataset and the batch size
 are. The factories here therefore return an :class:`EpochSchedule`: the
 schedule's arguments, completed by :func:`resolve` when the loop knows
-``steps_per_epoch``. The schedules are computed here, with the same
-arithmetic as ``lib.lr_schedule`` (so the values are identical) but without
-its deprecation warning, which is meant for direct callers of the flax API:
-the runner's epoch schedules are a supported feature. Optax schedules count
+``steps_per_epoch``. They are ``lib.lr_schedule``'s warning-free builders
+(``constant_schedule``, ... : the values of flax's ``create_*`` functions,
+without the deprecation warning meant for callers of the flax API, since the
+runner's epoch schedules are a supported feature). Optax schedules count
 in steps and are used as they are::
 
     >>> import optax
@@ -27,9 +27,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-
+from gintrain.lib import lr_schedule
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['EpochSchedule', 'constant', 'stepped', 'cosine', 'resolve']
@@ -52,46 +50,6 @@ class EpochSchedule:
     return self.factory(steps_per_epoch=steps_per_epoch, **self.kwargs)
 
 
-def _with_warmup(lr, step, warmup_length, steps_per_epoch):
-  """``lib.lr_schedule``'s warmup: ``lr * min(1, step / warmup steps)``."""
-  if warmup_length > 0.0:
-    return lr * jnp.minimum(1.0, step / float(warmup_length) /
-                            steps_per_epoch)
-  return lr
-
-
-def _constant_schedule(base_learning_rate, steps_per_epoch,
-                       warmup_length=0.0):
-  def learning_rate_fn(step):
-    return _with_warmup(base_learning_rate, step, warmup_length,
-                        steps_per_epoch)
-  return learning_rate_fn
-
-
-def _stepped_schedule(base_learning_rate, steps_per_epoch, lr_sched_steps,
-                      warmup_length=0.0):
-  epochs = [epoch for epoch, _ in lr_sched_steps]
-  factors = [factor for _, factor in lr_sched_steps]
-  boundaries = np.round(np.array(epochs) * steps_per_epoch).astype(int)
-  values = np.array([1.0] + factors) * base_learning_rate
-
-  def learning_rate_fn(step):
-    lr = jnp.take(values, jnp.sum(boundaries < step))
-    return _with_warmup(lr, step, warmup_length, steps_per_epoch)
-  return learning_rate_fn
-
-
-def _cosine_schedule(base_learning_rate, steps_per_epoch, halfcos_epochs,
-                     warmup_length=0.0):
-  halfwavelength_steps = halfcos_epochs * steps_per_epoch
-
-  def learning_rate_fn(step):
-    scale = jnp.cos(step * jnp.pi / halfwavelength_steps) * 0.5 + 0.5
-    return _with_warmup(base_learning_rate * scale, step, warmup_length,
-                        steps_per_epoch)
-  return learning_rate_fn
-
-
 def _number(name, value, minimum=0, strict=False):
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
   if ok:
@@ -110,7 +68,7 @@ def constant(base_learning_rate: float,
     base_learning_rate: the learning rate.
     warmup_length: epochs of linear warmup (a multiplier ramping 0 to 1).
   """
-  return EpochSchedule(_constant_schedule, {
+  return EpochSchedule(lr_schedule.constant_schedule, {
       'base_learning_rate': _number('base_learning_rate', base_learning_rate),
       'warmup_length': _number('warmup_length', warmup_length),
   })
@@ -136,7 +94,7 @@ def stepped(base_learning_rate: float, lr_sched_steps,
     raise RunnerError(
         'lr_sched_steps must be a list of [epoch, factor] pairs, got'
         f' {lr_sched_steps!r}.') from None
-  return EpochSchedule(_stepped_schedule, {
+  return EpochSchedule(lr_schedule.stepped_schedule, {
       'base_learning_rate': _number('base_learning_rate', base_learning_rate),
       'lr_sched_steps': pairs,
       'warmup_length': _number('warmup_length', warmup_length),
@@ -153,7 +111,7 @@ def cosine(base_learning_rate: float, halfcos_epochs: float,
       length; the wave is not clamped and rises again after).
     warmup_length: epochs of linear warmup.
   """
-  return EpochSchedule(_cosine_schedule, {
+  return EpochSchedule(lr_schedule.cosine_schedule, {
       'base_learning_rate': _number('base_learning_rate', base_learning_rate),
       'halfcos_epochs': _number('halfcos_epochs', halfcos_epochs, strict=True),
       'warmup_length': _number('warmup_length', warmup_length),
