@@ -90,6 +90,26 @@ def panels(series: dict) -> list[str]:
   return out + [n for n in _TRAIN_PANELS if ('train', n) in series]
 
 
+def _finish_axis(ax, name, title, shown):
+  """Title, grid, a log scale for a positive loss, or a note if empty."""
+  if not shown:
+    ax.text(0.5, 0.5, f'no {name} recorded', ha='center', va='center',
+            transform=ax.transAxes)
+  elif name == 'loss' and min(shown) > 0:
+    ax.set_yscale('log')
+  ax.set_title(title)
+  ax.set_xlabel('step')
+  ax.grid(True, alpha=0.3)
+
+
+def _save(fig, out_png) -> str:
+  out = os.fspath(out_png)
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  fig.savefig(out, format='png', dpi=100)
+  return out
+
+
 def plot_metrics(metrics_jsonl: str | os.PathLike,
                  out_png: str | os.PathLike) -> str:
   """Draws the run's curves vs step (one line per split) into ``out_png``.
@@ -124,20 +144,9 @@ def plot_metrics(metrics_jsonl: str | os.PathLike,
               markersize=3, label=f'{split} {name}')
     if keys:
       ax.legend()
-    else:
-      ax.text(0.5, 0.5, f'no {name} recorded', ha='center', va='center',
-              transform=ax.transAxes)
     shown = [v for k in keys for v in series[k][1] if math.isfinite(v)]
-    if name == 'loss' and shown and min(shown) > 0:
-      ax.set_yscale('log')
-    ax.set_title(title)
-    ax.set_xlabel('step')
-    ax.grid(True, alpha=0.3)
-  out = os.fspath(out_png)
-  if os.path.dirname(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-  fig.savefig(out, format='png', dpi=100)
-  return out
+    _finish_axis(ax, name, title, shown)
+  return _save(fig, out_png)
 
 
 def plot_runs(runs, out_png: str | os.PathLike, names=None) -> str:
@@ -184,16 +193,5 @@ def plot_runs(runs, out_png: str | os.PathLike, names=None) -> str:
         drawn += [v for _, v in finite]
     if drawn:
       ax.legend(fontsize='small')
-      if name == 'loss' and min(drawn) > 0:
-        ax.set_yscale('log')
-    else:
-      ax.text(0.5, 0.5, f'no {name} recorded', ha='center', va='center',
-              transform=ax.transAxes)
-    ax.set_title(name.replace('_', ' '))
-    ax.set_xlabel('step')
-    ax.grid(True, alpha=0.3)
-  out = os.fspath(out_png)
-  if os.path.dirname(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-  fig.savefig(out, format='png', dpi=100)
-  return out
+    _finish_axis(ax, name, name.replace('_', ' '), drawn)
+  return _save(fig, out_png)
