@@ -61,7 +61,10 @@ DRY_RUN = flags.DEFINE_bool(
     ' and every unset %gin.REQUIRED, then exit without training.')
 
 # Modules whose flags are recorded with the run (aliases left out).
-FLAG_MODULES = ('gintrain.runner.cli.flags', 'gintrain.runner.parallel.distributed', 'gintrain.runner.parallel.preemption')
+FLAG_MODULES = ('gintrain.runner.cli.flags',
+                'gintrain.runner.parallel.distributed',
+                'gintrain.runner.parallel.preemption',
+                'gintrain.runner.parallel.watchdog')
 ALIASES = ('gin_param',)
 
 if 'jax_platforms' not in flags.FLAGS:

@@ -96,6 +96,7 @@ from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import preemption
+from gintrain.runner.parallel import watchdog
 from gintrain.runner.training import trainer
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
@@ -251,10 +252,14 @@ def train(hooks=()) -> int:
              config.operative_config_str())
       written.append(step)
 
-  result = trainer.train(
-      cfg, workdir=workdir, resume=runner_flags.RESUME.value,
-      init_from=init_from, settings=settings,
-      hooks=[write_operative_config, *hooks])
+  watchdog.start_from_flags()  # multi-process runs: a hung step exits 3
+  try:
+    result = trainer.train(
+        cfg, workdir=workdir, resume=runner_flags.RESUME.value,
+        init_from=init_from, settings=settings,
+        hooks=[write_operative_config, *hooks])
+  finally:
+    watchdog.stop()
   if main:
     logging.info('Done at step %d%s: eval %s', result.step,
                  ' (early stopping)' if result.stopped_early else '',

@@ -54,6 +54,7 @@ from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import writers as writers_lib
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import partitioners
+from gintrain.runner.parallel import watchdog
 from gintrain.runner.tasks import base as task_base
 from gintrain.runner.tasks import classification
 from gintrain.runner.training import config as config_lib
@@ -541,6 +542,7 @@ class Trainer:
       else:
         self.dstate, sums = out
       step += 1
+      watchdog.beat(step)  # no host sync: see runner.parallel.watchdog
       if not rates.started:
         rates.after_first_step(step, sums)
       metrics = {}
