@@ -42,11 +42,26 @@ Holding that view also keeps a later ``donate_argnums`` call from reusing the
 buffer (jax skips donation of buffers with external references).
 
 Decoding never executes code: object dtypes are refused.
+
+**Object stores** (``s3://``, ``gs://``, ``memory://``; ``lib.storage``): a
+write streams the same segments into an upload that appears under the final
+name only when complete (an S3 multipart upload, completed by its last
+request; no temporary name, no rename); a read downloads the object into a
+local temporary staging file, decodes it as above and deletes it.
+
+**Integrity sidecar** (beyond flax): a save may write
+``<dir>/.<name>.xxh3`` holding the xxh3-64 hash and size of the main file
+(computed while streaming it; the main file's bytes do not change), before
+the main file is committed. A read verifies the file against its sidecar
+when there is one (a mismatch is a ``CheckpointReadError`` naming the file);
+files without one (flax's) read as before. Which saves write one:
+:func:`set_integrity_sidecar` (default ``'auto'``: saves to object stores).
 """
 
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat
@@ -56,10 +71,12 @@ from typing import Any
 import jax
 import msgpack
 import numpy as np
+import xxhash
 
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import errors
 from gintrain.lib import serialization
+from gintrain.lib import storage
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +92,9 @@ __all__ = [
     'NotARegularFileError',
     'CheckpointIsADirectoryError',
     'CheckpointWriteError',
+    'set_integrity_sidecar',
+    'integrity_sidecar',
+    'verify_sidecar',
 ]
 
 # Arrays smaller than this are packed into the framing bytes.
@@ -92,6 +112,51 @@ _READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
 _MAX_DEPTH = 1024
 # numpy's limit on the number of dimensions (numpy 2; numpy 1 has 32).
 _MAX_NDIM = 64
+# Integrity sidecars: '<algorithm> <16 hex digits> <size>\n'.
+_SIDECAR_ALGO = 'xxh3_64'
+_SIDECAR_MAX_BYTES = 256
+_HASH_PIECE_BYTES = 8 << 20
+_sidecar_mode = 'auto'
+
+
+def set_integrity_sidecar(mode: bool | str) -> None:
+  """Which saves write an integrity sidecar (restores always verify one).
+
+  Args:
+    mode: True (every save), False (none) or ``'auto'`` (the default: saves
+      to object stores, whose files cross a network; local directories
+      keep exactly flax's file set).
+  """
+  global _sidecar_mode
+  if mode not in (True, False, 'auto'):
+    raise ValueError(f'integrity sidecar mode must be True, False or'
+                     f' "auto", not {mode!r}')
+  _sidecar_mode = mode
+
+
+def integrity_sidecar(path: str) -> bool:
+  """Whether a save of ``path`` writes a sidecar now."""
+  if _sidecar_mode == 'auto':
+    return storage.is_url(path)
+  return bool(_sidecar_mode)
+
+
+def _sidecar_text(hasher, nbytes: int) -> bytes:
+  return f'{_SIDECAR_ALGO} {hasher.hexdigest()} {nbytes}\n'.encode('ascii')
+
+
+def _parse_sidecar(path: str, data: bytes) -> tuple[str, int]:
+  """``(hex digest, size)`` of a sidecar's bytes."""
+  try:
+    algo, digest, nbytes = data.decode('ascii').split()
+    if (algo != _SIDECAR_ALGO or len(digest) != 16 or
+        int(digest, 16) < 0 or not nbytes.isdigit()):
+      raise ValueError
+    return digest.lower(), int(nbytes)
+  except (ValueError, UnicodeDecodeError):
+    raise errors.CheckpointReadError(
+        path, f'its integrity sidecar {checkpoint_naming.sidecar_path(path)}'
+        ' is malformed') from None
 
 
 # ---------------------------------------------------------------------------
@@ -315,19 +380,35 @@ def _byte_view(arr: np.ndarray) -> memoryview:
   return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-def _write_array(fd: int, arr: np.ndarray) -> None:
+def _write_array(write, arr: np.ndarray) -> None:
+  """Passes ``arr``'s bytes to ``write`` (views; pieces if not contiguous)."""
   if arr.nbytes == 0:
     return
   if arr.flags.c_contiguous:
-    _write_all(fd, _byte_view(arr))
+    write(_byte_view(arr))
     return
   if arr.ndim == 0:
-    _write_all(fd, arr.tobytes())
+    write(arr.tobytes())
     return
   row_bytes = max(1, arr.nbytes // arr.shape[0])
   rows = max(1, _PIECE_BYTES // row_bytes)
   for start in range(0, arr.shape[0], rows):
-    _write_all(fd, _byte_view(np.ascontiguousarray(arr[start:start + rows])))
+    write(_byte_view(np.ascontiguousarray(arr[start:start + rows])))
+
+
+def _write_segments(tree: 'EncodedTree', write, hasher=None) -> None:
+  """Streams ``tree``'s bytes to ``write`` (and ``hasher``), in order."""
+  if hasher is not None:
+    plain = write
+
+    def write(data):
+      hasher.update(data)
+      plain(data)
+  for segment in tree.segments:
+    if isinstance(segment, np.ndarray):
+      _write_array(write, segment)
+    else:
+      write(segment)
 
 
 def fsync_dir(path: str) -> None:
@@ -426,7 +507,7 @@ def _remove_quietly(path: str) -> None:
 
 
 def write_file(tree, path: str, sort_keys: bool = False,
-               exclusive: bool = False) -> None:
+               exclusive: bool = False, hasher=None) -> None:
   """Writes ``tree`` (a state dict or an :class:`EncodedTree`) to ``path``.
 
   The file is created (or, unless ``exclusive``, a regular file there is
@@ -439,6 +520,7 @@ def write_file(tree, path: str, sort_keys: bool = False,
     path: the file to write.
     sort_keys: sort dict keys (ignored for an :class:`EncodedTree`).
     exclusive: fail with ``FileExistsError`` if anything exists at ``path``.
+    hasher: an ``xxhash`` hasher fed the file's bytes as they are written.
 
   Raises:
     NotARegularFileError: something other than a regular file is at
@@ -450,11 +532,7 @@ def write_file(tree, path: str, sort_keys: bool = False,
     tree = encode(tree, sort_keys=sort_keys)
   fd = _create_file(path, exclusive)
   try:
-    for segment in tree.segments:
-      if isinstance(segment, np.ndarray):
-        _write_array(fd, segment)
-      else:
-        _write_all(fd, segment)
+    _write_segments(tree, functools.partial(_write_all, fd), hasher)
     os.fsync(fd)
   except BaseException as e:
     os.close(fd)
@@ -468,10 +546,17 @@ def write_file(tree, path: str, sort_keys: bool = False,
 def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
   """Renames ``tmp_path`` to ``final_path`` and fsyncs the directory.
 
+  On an object store the rename is a copy and a delete.
+
   Raises:
     gintrain.lib.errors.AlreadyExistsError: ``final_path`` exists and not
       ``overwrite`` (only reachable when two writers race).
   """
+  if storage.is_url(final_path):
+    if not overwrite and storage.exists(final_path):
+      raise errors.AlreadyExistsError(final_path)
+    storage.move(tmp_path, final_path)
+    return
   if not overwrite and os.path.lexists(final_path):
     raise errors.AlreadyExistsError(final_path)
   os.replace(tmp_path, final_path)
@@ -479,7 +564,14 @@ def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
 
 
 def make_parent_dirs(path: str) -> None:
-  """Creates the directory of ``path`` (durably) if it does not exist."""
+  """Creates the directory of ``path`` (durably) if it does not exist.
+
+  For a URL only the store is checked (object stores have no directories;
+  uploads create what they need).
+  """
+  if storage.is_url(path):
+    storage.check(path)
+    return
   directory = os.path.dirname(path)
   if not directory or os.path.isdir(directory):
     return
@@ -488,7 +580,7 @@ def make_parent_dirs(path: str) -> None:
 
 
 def _write_tmp(tree, final_path: str, tmp_path: str | None,
-               sort_keys: bool, tmp_prefix: str) -> str:
+               sort_keys: bool, tmp_prefix: str, hasher=None) -> str:
   """Writes the temporary file of a save; returns its path.
 
   ``tmp_path`` None: a new unique name (``.<tmp_prefix>tmp-<token>``),
@@ -496,20 +588,20 @@ def _write_tmp(tree, final_path: str, tmp_path: str | None,
   """
   if tmp_path is not None:
     try:
-      write_file(tree, tmp_path, sort_keys, exclusive=True)
+      write_file(tree, tmp_path, sort_keys, exclusive=True, hasher=hasher)
     except FileExistsError:
       # A stale temporary of this exact name: replace it if it is a file.
       st = os.lstat(tmp_path)
       if not stat.S_ISREG(st.st_mode):
         raise _not_regular(tmp_path, st.st_mode) from None
       os.remove(tmp_path)
-      write_file(tree, tmp_path, sort_keys, exclusive=True)
+      write_file(tree, tmp_path, sort_keys, exclusive=True, hasher=hasher)
     return tmp_path
   dir_path = os.path.dirname(final_path)
   for attempt in range(8):
     tmp_path = checkpoint_naming.new_tmp_path(dir_path, tmp_prefix)
     try:
-      write_file(tree, tmp_path, sort_keys, exclusive=True)
+      write_file(tree, tmp_path, sort_keys, exclusive=True, hasher=hasher)
       return tmp_path
     except FileExistsError:
       if attempt == 7:
@@ -517,15 +609,81 @@ def _write_tmp(tree, final_path: str, tmp_path: str | None,
   raise AssertionError('unreachable')
 
 
+def _write_local_sidecar(final_path: str, hasher, nbytes: int) -> None:
+  """Writes (fsynced) or, with no ``hasher``, removes the sidecar."""
+  side = checkpoint_naming.sidecar_path(final_path)
+  if hasher is None:
+    try:
+      st = os.lstat(side)
+    except FileNotFoundError:
+      return
+    if stat.S_ISREG(st.st_mode):  # a stale one would not match
+      os.remove(side)
+    return
+  fd = _create_file(side, exclusive=False)
+  try:
+    _write_all(fd, _sidecar_text(hasher, nbytes))
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _as_oserror(e: BaseException) -> OSError:
+  return e if isinstance(e, OSError) else OSError(
+      errno.EIO, f'{type(e).__name__}: {e}')
+
+
+def _write_url_checkpoint(tree, final_path: str, overwrite: bool,
+                          sort_keys: bool) -> None:
+  """Uploads a checkpoint to an object store: sidecar, then the file.
+
+  The file appears only when its upload completes (after the sidecar).
+  """
+  if not isinstance(tree, EncodedTree):
+    tree = encode(tree, sort_keys=sort_keys)
+  if not overwrite and storage.exists(final_path):
+    raise errors.AlreadyExistsError(final_path)
+  hasher = xxhash.xxh3_64() if integrity_sidecar(final_path) else None
+  side = checkpoint_naming.sidecar_path(final_path)
+  upload = None
+  try:
+    upload = storage.Upload(final_path)
+    _write_segments(tree, upload.write, hasher)
+    if hasher is not None:
+      storage.write_bytes(side, _sidecar_text(hasher, tree.nbytes))
+    elif storage.exists(side):
+      storage.remove(side)
+    upload.commit()
+  except BaseException as e:
+    if upload is not None:
+      try:
+        upload.abort()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+      raise
+    if isinstance(e, errors.GintrainError):
+      raise
+    raise CheckpointWriteError(final_path, _as_oserror(e)) from e
+
+
 def _write_checkpoint(tree, final_path: str, tmp_path: str | None,
                       overwrite: bool, sort_keys: bool,
-                      tmp_prefix: str) -> str:
+                      tmp_prefix: str) -> str | None:
+  if storage.is_url(final_path):
+    _write_url_checkpoint(tree, final_path, overwrite, sort_keys)
+    return None
   make_parent_dirs(final_path)
+  if not isinstance(tree, EncodedTree):
+    tree = encode(tree, sort_keys=sort_keys)
+  hasher = xxhash.xxh3_64() if integrity_sidecar(final_path) else None
   try:
-    tmp_path = _write_tmp(tree, final_path, tmp_path, sort_keys, tmp_prefix)
+    tmp_path = _write_tmp(tree, final_path, tmp_path, sort_keys, tmp_prefix,
+                          hasher)
   except CheckpointWriteError as e:
     raise CheckpointWriteError(final_path, e.cause, e.path) from e.cause
   try:
+    _write_local_sidecar(final_path, hasher, tree.nbytes)
     commit_file(tmp_path, final_path, overwrite)
   except BaseException as e:
     _remove_quietly(tmp_path)
@@ -984,24 +1142,102 @@ def read_checkpoint_file(path: str, parallel: bool = True):
       blocks. A symlink to a regular file is followed.
     OSError: the file cannot be opened.
   """
+  if storage.is_url(path):
+    return _read_url_checkpoint(path, parallel)
+  return _read_local(path, parallel, path, _read_local_sidecar(path))
+
+
+def _read_local_sidecar(path: str) -> bytes | None:
+  """The bytes of ``path``'s sidecar, or None if it has none."""
+  side = checkpoint_naming.sidecar_path(path)
+  try:
+    fd = _open_regular(side, os.O_RDONLY, follow=False)
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise errors.CheckpointReadError(
+        path, f'its integrity sidecar {side} cannot be read: {e}') from e
+  try:
+    return os.read(fd, _SIDECAR_MAX_BYTES + 1)
+  finally:
+    os.close(fd)
+
+
+def _read_url_checkpoint(url: str, parallel: bool):
+  """Downloads ``url`` to a temporary staging file and reads that."""
+  fs, fs_path = storage.filesystem(url)
+  try:
+    info = fs.info(fs_path)
+  except FileNotFoundError:
+    raise FileNotFoundError(errno.ENOENT, 'No such checkpoint', url) from None
+  if info.get('type') == 'directory':
+    raise CheckpointIsADirectoryError(url)
+  try:
+    sidecar = storage.read_bytes(checkpoint_naming.sidecar_path(url),
+                                 limit=_SIDECAR_MAX_BYTES + 1)
+  except FileNotFoundError:
+    sidecar = None
+  try:
+    with storage.staged_download(url) as local:
+      return _read_local(local, parallel, url, sidecar)
+  except FileNotFoundError:
+    raise FileNotFoundError(errno.ENOENT, 'No such checkpoint', url) from None
+
+
+def _verify(fd: int, size: int, name: str, sidecar: bytes) -> None:
+  """Checks the file against its sidecar (size, then xxh3-64 hash)."""
+  if len(sidecar) > _SIDECAR_MAX_BYTES:
+    raise errors.CheckpointReadError(
+        name, f'its integrity sidecar {checkpoint_naming.sidecar_path(name)}'
+        ' is malformed')
+  digest, nbytes = _parse_sidecar(name, sidecar)
+  if nbytes != size:
+    raise errors.CheckpointReadError(
+        name, f'{size} bytes, but its integrity sidecar says {nbytes}'
+        ' (truncated or replaced)')
+  hasher = xxhash.xxh3_64()
+  buf = bytearray(min(_HASH_PIECE_BYTES, max(size, 1)))
+  view = memoryview(buf)
+  offset = 0
+  while offset < size:
+    piece = view[:min(len(buf), size - offset)]
+    _pread_into(fd, piece, offset)
+    hasher.update(piece)
+    offset += len(piece)
+  if hasher.hexdigest() != digest:
+    raise errors.CheckpointReadError(
+        name, f'its content does not match its integrity sidecar (xxh3_64'
+        f' {hasher.hexdigest()}, expected {digest}): corrupted')
+
+
+def _read_local(path: str, parallel: bool, name: str,
+                sidecar: bytes | None):
+  """Reads the local file ``path``; errors name ``name``."""
   fd = _open_regular(path, os.O_RDONLY, follow=True)
   pool = None
   try:
     st = os.fstat(fd)
+    if sidecar is not None:
+      try:
+        _verify(fd, st.st_size, name, sidecar)
+      except _Corrupt as e:
+        raise errors.CheckpointReadError(name, str(e)) from e
+      except OSError as e:
+        raise errors.CheckpointReadError(name, f'read failed: {e}') from e
     if parallel and st.st_size > 2 * _READ_PIECE_BYTES:
       pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS)
     try:
       return _decode(fd, st.st_size, _Reader(fd, pool))
     except _Corrupt as e:
-      raise errors.CheckpointReadError(path, str(e)) from e
+      raise errors.CheckpointReadError(name, str(e)) from e
     except RecursionError as e:
-      raise errors.CheckpointReadError(path, 'nesting too deep') from e
+      raise errors.CheckpointReadError(name, 'nesting too deep') from e
     except (ValueError, TypeError, OverflowError, MemoryError) as e:
       # e.g. a shape numpy cannot make: the message must name the file
       raise errors.CheckpointReadError(
-          path, f'{type(e).__name__}: {e}') from e
+          name, f'{type(e).__name__}: {e}') from e
     except OSError as e:
-      raise errors.CheckpointReadError(path, f'read failed: {e}') from e
+      raise errors.CheckpointReadError(name, f'read failed: {e}') from e
   finally:
     if pool is not None:  # no read may outlive the file descriptor
       pool.shutdown(wait=True, cancel_futures=True)

@@ -29,6 +29,13 @@ Everything here works on names only (no array I/O), with flax's exact rules:
 
 Listing uses glob matching of ``<prefix>*`` (``pathlib.PurePath.match``), so
 glob characters in a prefix are live, as in flax.
+
+* A checkpoint may have an integrity sidecar, ``<dir>/.<name>.xxh3``
+  (:func:`sidecar_path`): never listed as a checkpoint, deleted with its
+  checkpoint by retention.
+* Directories given as URLs (``s3://``, ``gs://``, ``memory://``; see
+  ``lib.storage``) are listed and pruned through fsspec with the same
+  rules; local paths stay on the ``os`` functions.
 """
 
 import hashlib
@@ -43,6 +50,7 @@ import time
 from typing import Iterable
 
 from gintrain.lib import errors
+from gintrain.lib import storage
 
 __all__ = [
     'SIGNED_FLOAT_RE',
@@ -64,6 +72,9 @@ __all__ = [
     'is_tmp_name',
     'remove_stale_tmp_files',
     'STALE_TMP_SECONDS',
+    'SIDECAR_SUFFIX',
+    'sidecar_path',
+    'is_sidecar_name',
 ]
 
 # A number with an optional captured sign, e.g. '-1.5e3', '+2', '.5'.
@@ -85,6 +96,8 @@ MP_ARRAY_POSTFIX = '_gda'
 ORBAX_TMP_DIR_SUFFIX = '.orbax-checkpoint-tmp'
 
 _TMP_STEP = 'tmp'
+# ``.<checkpoint name><SIDECAR_SUFFIX>``: the checkpoint file's hash.
+SIDECAR_SUFFIX = '.xxh3'
 # A temporary file (or its ``_gda`` directory) untouched for this long
 # belongs to a crashed writer and is removed by the next save.
 STALE_TMP_SECONDS = 6 * 3600
@@ -182,6 +195,22 @@ def is_tmp_name(name: str, prefix: str | None = None) -> bool:
       f'{prefix}{_TMP_STEP}', f'{prefix}{_TMP_STEP}{MP_ARRAY_POSTFIX}')
 
 
+def sidecar_path(ckpt_path: str) -> str:
+  """The integrity sidecar of a checkpoint file: ``<dir>/.<name>.xxh3``.
+
+  >>> sidecar_path('/r/checkpoint_5'), sidecar_path('s3://b/r/checkpoint_5')
+  ('/r/.checkpoint_5.xxh3', 's3://b/r/.checkpoint_5.xxh3')
+  """
+  head, _, name = ckpt_path.rpartition('/')
+  return f'{head}/.{name}{SIDECAR_SUFFIX}' if head or _ else (
+      f'.{name}{SIDECAR_SUFFIX}')
+
+
+def is_sidecar_name(name: str) -> bool:
+  """Whether ``name`` is a checkpoint's integrity sidecar."""
+  return name.startswith('.') and name.endswith(SIDECAR_SUFFIX)
+
+
 def natural_sort(file_list: Iterable[str], signed: bool = True) -> list[str]:
   """Sorts names so that numeric substrings compare as numbers.
 
@@ -249,15 +278,19 @@ def get_checkpoint_paths(
 
   Raises:
     ValueError: an invalid prefix (:func:`validate_prefix`).
+    gintrain.lib.storage.StorageError: a URL of an unknown store, or of
+      one whose package is not installed.
   """
   validate_prefix(prefix)
-  ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  ckpt_dir = safe_normpath(storage.check(os.fspath(ckpt_dir)))
   return (checkpoint_path(ckpt_dir, step, prefix),
           checkpoint_path(ckpt_dir, _TMP_STEP, prefix),
           os.path.join(ckpt_dir, prefix))
 
 
 def _listdir_or_empty(path: str) -> list[str]:
+  if storage.is_url(path):
+    return list(storage.list_entries(path))
   try:
     return os.listdir(path)
   except FileNotFoundError:
@@ -275,7 +308,7 @@ def _matching_paths(dir_path: str, prefix: str) -> list[str]:
     pure = pathlib.PurePath(name)
     if (pure.match(f'{prefix}*') and not pure.match(f'*{MP_ARRAY_POSTFIX}')
         and not pure.match(f'{prefix}{_TMP_STEP}')
-        and not is_tmp_name(name)):
+        and not is_tmp_name(name) and not is_sidecar_name(name)):
       paths.append(os.path.join(dir_path, name))
   return paths
 
@@ -288,14 +321,14 @@ def all_checkpoints(ckpt_dir: str | os.PathLike,
   ``.<prefix>tmp-*`` temporaries, ``*_gda`` array directories and Orbax's
   ``*.orbax-checkpoint-tmp*`` directories.
   """
-  ckpt_dir = os.fspath(ckpt_dir)
+  ckpt_dir = storage.check(os.fspath(ckpt_dir))
   paths = []
   for name in _listdir_or_empty(ckpt_dir):
     pure = pathlib.PurePath(name)
     if (pure.match(f'{prefix}*') and not pure.match(f'{prefix}{_TMP_STEP}')
         and not pure.match(f'*{MP_ARRAY_POSTFIX}')
         and not pure.match(f'*{ORBAX_TMP_DIR_SUFFIX}*')
-        and not is_tmp_name(name)):
+        and not is_tmp_name(name) and not is_sidecar_name(name)):
       paths.append(os.path.join(ckpt_dir, name))
   return natural_sort(paths)
 
@@ -327,8 +360,33 @@ def _remove_path(path: str, st: os.stat_result | None = None) -> bool:
   return True
 
 
+def _remove_url_checkpoint(path: str, has_mpa: bool) -> bool:
+  """Removes an object-store checkpoint (file or directory), its ``_gda``
+  directory (``has_mpa``) and its sidecar."""
+  if has_mpa:
+    storage.rmtree(path + MP_ARRAY_POSTFIX)
+  try:
+    storage.remove(sidecar_path(path))
+  except FileNotFoundError:
+    pass
+  try:
+    if storage.isdir(path):
+      storage.rmtree(path)
+    else:
+      storage.remove(path)
+  except FileNotFoundError:
+    return False
+  return True
+
+
 def _remove_checkpoint(path: str, has_mpa: bool) -> bool:
   logging.info('Removing checkpoint at %s', path)
+  if storage.is_url(path):
+    return _remove_url_checkpoint(path, has_mpa)
+  sidecar = sidecar_path(path)
+  sidecar_st = _lstat_or_none(sidecar)
+  if sidecar_st is not None and stat.S_ISREG(sidecar_st.st_mode):
+    os.remove(sidecar)
   if has_mpa:
     mpa_st = _lstat_or_none(path + MP_ARRAY_POSTFIX)
     if mpa_st is not None and stat.S_ISDIR(mpa_st.st_mode):
@@ -448,10 +506,15 @@ def remove_stale_tmp_files(dir_path: str, prefix: str,
   within minutes). Only regular files and directories are removed. Errors
   are logged, never raised: this is housekeeping after a committed save.
 
+  Object-store directories are skipped (their uploads are never visible
+  before they complete).
+
   Returns:
     The removed paths.
   """
   removed = []
+  if storage.is_url(dir_path):
+    return removed
   now = time.time()
   for name in _listdir_or_empty(dir_path):
     if not is_tmp_name(name, prefix):

@@ -21,6 +21,17 @@ and directories only) and removes temporaries left by crashed writers (see
 complete, and two writers on one directory never mix their data.
 :func:`latest_valid_checkpoint` finds the newest checkpoint that reads back.
 
+Object stores: every function here also takes a URL (``s3://bucket/run``,
+``gs://...``, ``memory://...``, any protocol fsspec knows; see
+``lib.storage``). A save streams the file into an upload that appears under
+its final name only when complete, so a killed save is never listed; a
+restore downloads into a temporary staging file. Local paths keep the
+``os`` code path above. An unknown scheme, or a store whose package is
+missing, raises ``lib.storage.StorageError`` (one line naming the extra to
+install) before anything is written. Saves to object stores also write an
+integrity sidecar ``.<name>.xxh3`` (``checkpoint_io.set_integrity_sidecar``
+for local ones); restores verify it when present.
+
 Differences from flax (deliberate): a failed :class:`AsyncManager` save is
 re-raised by the next wait or save; files and directory are fsynced;
 big-endian arrays are stored little-endian; restoring a path that does not
@@ -44,6 +55,7 @@ from gintrain.lib import errors
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
+from gintrain.lib import storage
 from gintrain.lib.async_manager import AsyncManager
 from gintrain.lib.checkpoint_naming import MODULE_NUM_RE
 from gintrain.lib.checkpoint_naming import MP_ARRAY_POSTFIX
@@ -141,6 +153,9 @@ def save_checkpoint(
   logger.info('Saving checkpoint at step: %s', step)
 
   if orbax_checkpointer is not None:
+    if storage.is_url(ckpt_path):
+      raise ValueError(f'{ckpt_path}: Orbax saves through this function take'
+                       ' local paths only; use Orbax directly for URLs.')
     if jax.process_count() > 1:
       logger.warning(
           'Multiple JAX processes detected when calling single-process'
@@ -209,8 +224,8 @@ def latest_valid_checkpoint(ckpt_dir: str | os.PathLike,
   """
   checkpoint_naming.validate_prefix(prefix)
   for path in reversed(checkpoint_naming.all_checkpoints(ckpt_dir, prefix)):
-    if os.path.isdir(path) and not os.path.islink(path):
-      if orbax_delegation.is_orbax_checkpoint(path):
+    if _isdir(path) and not os.path.islink(path):
+      if _is_orbax(path):
         return path
       logger.warning('Skipping checkpoint "%s": a directory that is not an'
                      ' Orbax checkpoint.', path)
@@ -238,6 +253,24 @@ def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
   for path in checkpoint_naming.all_checkpoints(ckpt_dir, prefix):
     steps.append(step_type(path[path.rfind(prefix) + len(prefix):]))
   return steps
+
+
+def _exists(path: str) -> bool:
+  return storage.exists(path) if storage.is_url(path) else os.path.exists(
+      path)
+
+
+def _isdir(path: str) -> bool:
+  return storage.isdir(path) if storage.is_url(path) else os.path.isdir(path)
+
+
+def _is_orbax(path: str) -> bool:
+  if storage.is_url(path):
+    return storage.isdir(path) and any(
+        storage.exists(storage.join(path, name))
+        for name in (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME,
+                     ORBAX_MANIFEST_OCDBT))
+  return orbax_delegation.is_orbax_checkpoint(path)
 
 
 def _wait_for_orbax(orbax_checkpointer) -> None:
@@ -292,20 +325,20 @@ def restore_checkpoint(
   """
   if orbax_checkpointer is not None:
     _wait_for_orbax(orbax_checkpointer)
-  ckpt_dir = safe_normpath(os.fspath(ckpt_dir))
+  ckpt_dir = safe_normpath(storage.check(os.fspath(ckpt_dir)))
   if step is not None:
     checkpoint_naming.validate_prefix(prefix)
     ckpt_path = checkpoint_naming.checkpoint_path(ckpt_dir, step, prefix)
-    if not os.path.exists(ckpt_path):
+    if not _exists(ckpt_path):
       raise ValueError(f'Matching checkpoint not found: {ckpt_path}')
-  elif not os.path.exists(ckpt_dir):
+  elif not _exists(ckpt_dir):
     logger.warning(
         'No checkpoint restored: "%s" does not exist; returning the target'
         ' unchanged.', ckpt_dir)
     return target
-  elif not os.path.isdir(ckpt_dir):
+  elif not _isdir(ckpt_dir):
     ckpt_path = ckpt_dir
-  elif orbax_delegation.is_orbax_checkpoint(ckpt_dir):
+  elif _is_orbax(ckpt_dir):
     ckpt_path = ckpt_dir
   else:
     ckpt_path = latest_checkpoint(ckpt_dir, prefix)
@@ -314,7 +347,7 @@ def restore_checkpoint(
                   prefix)
       return target
 
-  if orbax_delegation.is_orbax_checkpoint(ckpt_path):
+  if _is_orbax(ckpt_path):
     logger.info('Restoring orbax checkpoint from %s', ckpt_path)
     return orbax_delegation.restore_with_orbax(
         ckpt_path, target, orbax_checkpointer, orbax_transforms)

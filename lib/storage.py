@@ -1,0 +1,385 @@
+"""Object stores: checkpoint and run paths given as URLs (``s3://``, ``gs://``).
+
+A path with a URL scheme goes through `fsspec <https://filesystem-spec.
+readthedocs.io>`_ (``memory://`` for tests, ``s3://`` with s3fs, ``gs://``
+with gcsfs, any other protocol fsspec knows); every other path is a local
+path and never comes here (the callers keep the ``os`` code path for it).
+``file://`` URLs are local paths (:func:`local_path`).
+
+Rules this module enforces:
+
+* A URL never becomes a local folder: an unknown scheme (``foo://bar``) or
+  a store whose package is missing (``gs://`` without gcsfs) raises
+  :class:`StorageError` at once, with one line saying what to install.
+* Credentials and endpoints come only from each store's own environment
+  variables and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+  ``GOOGLE_APPLICATION_CREDENTIALS`` ...); nothing here reads or logs them.
+* Writes appear under their final name only when complete
+  (:class:`Upload`): on S3 and GCS a multipart / resumable upload completed
+  by its last request, elsewhere an upload to a hidden temporary name moved
+  into place. Data is streamed in blocks; the whole file is never held.
+* Listings are never cached (``use_listings_cache=False``): a checkpoint
+  written by another process is seen at once.
+
+  >>> is_url('s3://b/run'), is_url('/tmp/run'), is_url('file:///tmp/run')
+  (True, False, False)
+  >>> join('s3://b/run', 'checkpoints')
+  's3://b/run/checkpoints'
+"""
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+from gintrain.lib import errors
+
+__all__ = [
+    'StorageError',
+    'is_url',
+    'local_path',
+    'check',
+    'filesystem',
+    'join',
+    'list_entries',
+    'exists',
+    'isdir',
+    'isfile',
+    'size',
+    'makedirs',
+    'remove',
+    'rmtree',
+    'read_bytes',
+    'write_bytes',
+    'move',
+    'Upload',
+    'download',
+    'staged_download',
+    'upload_file',
+    'tensorstore_kvstore_spec',
+    'EXTRAS',
+]
+
+logger = logging.getLogger(__name__)
+
+# '<scheme>://<rest>' (a Windows drive 'C:\' has no '//').
+_URL_RE = re.compile(r'^(?P<scheme>[a-zA-Z][a-zA-Z0-9.+-]*)://(?P<rest>.*)$',
+                     re.S)
+# The gintrain extra that brings each store's fsspec package.
+EXTRAS = {'gs': 'gcs', 'gcs': 'gcs', 's3': 's3', 's3a': 's3'}
+# Stores whose writes stay invisible until the upload is completed.
+_ATOMIC_UPLOAD = frozenset({'s3', 's3a', 'gs', 'gcs'})
+# Upload block (S3 part) size: 5 MiB is S3's minimum part size.
+UPLOAD_BLOCK_BYTES = 32 << 20
+
+
+class StorageError(errors.GintrainError, ValueError):
+  """A URL that cannot be used: unknown scheme, or its package is missing."""
+
+  def __init__(self, url, reason, hint=''):
+    self.url, self.reason = url, reason
+    errors.GintrainError.__init__(self, f'{url}: {reason}', hint)
+
+
+def _scheme(path) -> str | None:
+  if not isinstance(path, str):
+    return None
+  match = _URL_RE.match(path)
+  return match.group('scheme').lower() if match else None
+
+
+def is_url(path) -> bool:
+  """Whether ``path`` is an object-store URL (``file://`` is local)."""
+  scheme = _scheme(path)
+  return scheme is not None and scheme != 'file'
+
+
+def local_path(path):
+  """``path`` with a ``file://`` scheme removed (others unchanged)."""
+  if _scheme(path) == 'file':
+    return _URL_RE.match(path).group('rest') or '/'
+  return path
+
+
+def join(url: str, *names: str) -> str:
+  """``url`` and ``names`` joined with ``/`` (for URLs and local paths)."""
+  if not is_url(url):
+    return os.path.join(url, *names)
+  out = url.rstrip('/')
+  for name in names:
+    out = f'{out}/{name.strip("/")}' if name else out
+  return out
+
+
+def filesystem(url: str):
+  """``(fsspec filesystem, path inside it)`` of ``url``.
+
+  Raises:
+    StorageError: an unknown scheme, or the store's package is not
+      installed (one line naming the extra to install).
+  """
+  scheme = _scheme(url)
+  if scheme is None:
+    raise StorageError(url, 'not a URL')
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    extra = EXTRAS.get(scheme, 's3')
+    raise StorageError(
+        url, f'{scheme}:// paths need fsspec, which is not installed;'
+        f" run: pip install 'gintrain[{extra}]'") from None
+  try:
+    cls = fsspec.get_filesystem_class(scheme)
+  except ValueError:
+    raise StorageError(
+        url, f'unknown storage scheme "{scheme}://" (use a local path, or a'
+        ' URL fsspec knows: s3://, gs://, memory://, ...)') from None
+  except ImportError:
+    extra = EXTRAS.get(scheme)
+    how = (f"pip install 'gintrain[{extra}]'" if extra else
+           f'install the fsspec implementation of {scheme}://')
+    raise StorageError(
+        url, f'{scheme}:// needs a package that is not installed; run:'
+        f' {how}') from None
+  # Endpoints and credentials: the store's own environment and config
+  # (fsspec caches the instance per process and thread).
+  fs = cls(use_listings_cache=False)
+  return fs, cls._strip_protocol(url)  # pylint: disable=protected-access
+
+
+def check(path):
+  """Returns ``path`` (``file://`` made local) if it can be used.
+
+  Local paths are returned as they are; a URL must name a store fsspec
+  knows and whose package is installed.
+
+  Raises:
+    StorageError: see :func:`filesystem`.
+  """
+  path = local_path(os.fspath(path) if isinstance(path, os.PathLike)
+                    else path)
+  if is_url(path):
+    filesystem(path)
+  return path
+
+
+def list_entries(url: str) -> dict[str, str]:
+  """``{name: 'file' | 'directory'}`` of the entries of ``url`` ({} if none)."""
+  fs, path = filesystem(url)
+  try:
+    entries = fs.ls(path, detail=True)
+  except FileNotFoundError:
+    return {}
+  out = {}
+  base = path.rstrip('/')
+  for entry in entries:
+    name = entry['name'].rstrip('/')
+    if name == base:  # a file, listed as itself
+      continue
+    out[name.rsplit('/', 1)[-1]] = entry.get('type', 'file')
+  return out
+
+
+def exists(url: str) -> bool:
+  fs, path = filesystem(url)
+  return bool(fs.exists(path))
+
+
+def isdir(url: str) -> bool:
+  fs, path = filesystem(url)
+  return bool(fs.isdir(path))
+
+
+def isfile(url: str) -> bool:
+  fs, path = filesystem(url)
+  return bool(fs.isfile(path))
+
+
+def size(url: str) -> int:
+  fs, path = filesystem(url)
+  return int(fs.size(path))
+
+
+def makedirs(url: str) -> None:
+  """Creates ``url`` as a directory (on S3/GCS: nothing, or the bucket)."""
+  fs, path = filesystem(url)
+  fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str) -> None:
+  fs, path = filesystem(url)
+  fs.rm_file(path)
+
+
+def rmtree(url: str) -> None:
+  fs, path = filesystem(url)
+  try:
+    fs.rm(path, recursive=True)
+  except FileNotFoundError:
+    pass
+
+
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+  """The object's bytes (at most ``limit`` of them)."""
+  fs, path = filesystem(url)
+  if limit is None:
+    return fs.cat_file(path)
+  return fs.cat_file(path, start=0, end=limit)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+  """Writes a small object in one request (it appears complete or not)."""
+  fs, path = filesystem(url)
+  if _scheme(url) in _ATOMIC_UPLOAD:
+    fs.pipe_file(path, bytes(data))
+    return
+  with Upload(url) as up:
+    up.write(data)
+
+
+def move(src: str, dst: str) -> None:
+  """Renames (on object stores: copies, then deletes) ``src`` to ``dst``."""
+  fs, src_path = filesystem(src)
+  _, dst_path = filesystem(dst)
+  fs.mv(src_path, dst_path, recursive=fs.isdir(src_path))
+
+
+class Upload:
+  """Writes one object that appears under ``url`` only when committed.
+
+  ``write`` takes bytes-like objects of any size and feeds the store in
+  blocks of ``block_bytes`` (never copying a large buffer whole);
+  ``commit`` completes the upload; ``abort`` (or an exception inside a
+  ``with`` block) discards it and nothing appears. A killed process leaves
+  an S3 multipart upload that is never completed (the bucket's lifecycle
+  rule for incomplete uploads removes its parts) or, on other stores, a
+  hidden ``.<name>.part-<random>`` temporary.
+  """
+
+  def __init__(self, url: str, block_bytes: int = UPLOAD_BLOCK_BYTES):
+    self.url = url
+    self.block = block_bytes
+    self.fs, path = filesystem(url)
+    if _scheme(url) in _ATOMIC_UPLOAD:
+      self._tmp = None
+      self._path = path
+    else:
+      parent, _, name = path.rpartition('/')
+      self._tmp = f'{parent}/.{name}.part-{secrets.token_hex(4)}'
+      self._path = path
+    self.fs.makedirs(self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
+    self._file = self.fs.open(self._tmp or self._path, 'wb',
+                              block_size=block_bytes)
+    self.done = False
+
+  def write(self, data) -> None:
+    view = memoryview(data).cast('B')
+    for start in range(0, view.nbytes, self.block):
+      self._file.write(view[start:start + self.block])
+
+  def commit(self) -> None:
+    self._file.close()
+    self.done = True
+    if self._tmp is not None:
+      self.fs.mv(self._tmp, self._path)
+
+  def abort(self) -> None:
+    if self.done:
+      return
+    self.done = True
+    try:
+      discard = getattr(self._file, 'discard', None)
+      if discard is not None:
+        discard()
+    finally:
+      try:
+        self._file.closed = True  # never committed by close() or __del__
+      except AttributeError:
+        pass
+      if self._tmp is not None:
+        try:
+          self.fs.rm_file(self._tmp)
+        except OSError:
+          pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *unused):
+    if exc_type is None:
+      self.commit()
+    else:
+      self.abort()
+
+
+def download(url: str, local: str) -> None:
+  """Copies the object ``url`` to the local file ``local``."""
+  fs, path = filesystem(url)
+  fs.get_file(path, local)
+
+
+def upload_file(local: str, url: str) -> None:
+  """Copies the local file ``local`` to ``url`` (appears when complete)."""
+  fs, path = filesystem(url)
+  fs.put_file(local, path)
+
+
+@contextlib.contextmanager
+def staged_download(url: str) -> Iterator[str]:
+  """A local temporary copy of the object ``url``, removed afterwards."""
+  staging = tempfile.mkdtemp(prefix='gintrain-stage-')
+  try:
+    local = os.path.join(staging, url.rstrip('/').rsplit('/', 1)[-1] or 'x')
+    download(url, local)
+    yield local
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def tensorstore_kvstore_spec(url: str) -> dict[str, Any]:
+  """A tensorstore kvstore spec for ``url`` (``s3://``, ``gs://``, local).
+
+  tensorstore ignores ``AWS_ENDPOINT_URL``, so the S3 endpoint is put into
+  the spec from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (absent:
+  AWS itself), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and
+  credentials are tensorstore's ``environment`` provider (the usual
+  ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` variables; never put in
+  the spec). GCS uses tensorstore's own credential search
+  (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud, metadata server).
+
+  >>> tensorstore_kvstore_spec('gs://b/run/ck_5_gda')
+  {'driver': 'gcs', 'bucket': 'b', 'path': 'run/ck_5_gda/'}
+
+  Raises:
+    StorageError: a scheme tensorstore has no kvstore for.
+  """
+  scheme = _scheme(url)
+  if scheme is None or scheme == 'file':
+    return {'driver': 'file', 'path': local_path(url)}
+  rest = _URL_RE.match(url).group('rest')
+  bucket, _, path = rest.partition('/')
+  path = path.strip('/')
+  path = path + '/' if path else ''
+  if scheme in ('gs', 'gcs'):
+    return {'driver': 'gcs', 'bucket': bucket, 'path': path}
+  if scheme in ('s3', 's3a'):
+    spec = {'driver': 's3', 'bucket': bucket, 'path': path,
+            'aws_credentials': {'type': 'environment'}}
+    endpoint = (os.environ.get('AWS_ENDPOINT_URL_S3') or
+                os.environ.get('AWS_ENDPOINT_URL'))
+    if endpoint:
+      spec['endpoint'] = endpoint
+    region = (os.environ.get('AWS_REGION') or
+              os.environ.get('AWS_DEFAULT_REGION'))
+    if region:
+      spec['aws_region'] = region
+    elif endpoint:
+      spec['aws_region'] = 'us-east-1'  # any region for S3-compatible stores
+    return spec
+  if scheme == 'memory':
+    return {'driver': 'memory', 'path': path}
+  raise StorageError(url, f'tensorstore has no kvstore for {scheme}://')
