@@ -69,7 +69,10 @@ A fault in the input (flags, gin, workdir, checkpoint) prints one line,
 file that cannot be written, e.g. a full disk, naming the path). A
 preempted run (SIGTERM/SIGUSR1) saves a checkpoint and exits with
 ``runner.parallel.preemption.PREEMPTED_EXIT_CODE`` (75); Ctrl-C (SIGINT)
-does the same and exits with 130; a second Ctrl-C aborts at once.
+does the same and exits with 130; a second Ctrl-C aborts at once. In a
+multi-process run, a step that hangs for ``--step_timeout`` seconds (600;
+0: off) prints every thread's stack and one ``gintrain: error:`` line, and
+exits with status 3 (:mod:`runner.parallel.watchdog`): relaunch to resume.
 """
 
 import os
@@ -207,9 +210,11 @@ def dry_run() -> int:
   print('# All %gin.REQUIRED bindings are set.')
   config.finalize()
   summary = trainer.dry_run(configurables.train())
+  layout = summary.pop('layout')
   print('# Built:')
   for key, value in summary.items():
     print(f'#   {key}: {value}')
+  print(trainer.format_layout(layout))
   return 0
 
 

@@ -119,18 +119,24 @@ class Watchdog:
   """Exits the process when :meth:`beat` is not called for ``timeout_s``.
 
   Disarmed until the first beat. ``process`` is ``(index, count)`` for the
-  message.
+  message. On a timeout it reports, waits ``exit_grace_s`` (default
+  ``min(5, timeout_s / 2)``: the peers report too) and exits.
   """
 
   def __init__(self, timeout_s: float, process: tuple[int, int] = (0, 1),
                poll_s: Optional[float] = None,
-               exit_code: int = HUNG_EXIT_CODE):
+               exit_code: int = HUNG_EXIT_CODE,
+               exit_grace_s: Optional[float] = None):
     if timeout_s <= 0:
       raise ValueError(f'timeout_s must be > 0, got {timeout_s}')
     self.timeout_s = timeout_s
     self.process = process
     self.exit_code = exit_code
     self.poll_s = poll_s or min(1.0, timeout_s / 10)
+    # Between the report and the exit: the peers, stuck since about the
+    # same step, report too before this exit breaks their connections.
+    self.exit_grace_s = (min(5.0, timeout_s / 2) if exit_grace_s is None
+                         else exit_grace_s)
     self._last: Optional[tuple[int, float]] = None  # (step, monotonic time)
     self._backstop_armed = 0.0
     self._stop = threading.Event()
@@ -193,6 +199,7 @@ class Watchdog:
         faulthandler.dump_traceback(file=stream, all_threads=True)
         stream.write(f'gintrain: error: {self.message(step)}\n')
         stream.flush()
+      time.sleep(self.exit_grace_s)
     finally:
       os._exit(self.exit_code)  # pylint: disable=protected-access
 
