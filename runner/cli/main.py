@@ -87,6 +87,7 @@ from absl import logging
 
 from gintrain.lib import checkpoint_io
 from gintrain.lib import errors as lib_errors
+from gintrain.lib import storage
 from gintrain.runner.cli import ckpt
 from gintrain.runner.cli import compare
 from gintrain.runner.cli import config
@@ -168,10 +169,30 @@ def _flags_file_text() -> str:
   return ''.join(f'{line}\n' for line in lines if line)
 
 
+def _prepare_url_workdir(workdir: str) -> str:
+  """Checks an object-store workdir (``s3://...``) by writing a probe."""
+  workdir = workdir.rstrip('/')
+  probe = storage.join(
+      workdir, f'.write_test.{os.getpid()}.{os.urandom(4).hex()}')
+  try:
+    storage.write_bytes(probe, b'ok')
+    storage.remove(probe)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RunnerError(f'--workdir={workdir} is not writable:'
+                      f' {type(e).__name__}: {e}.') from e
+  return workdir
+
+
 def _prepare_workdir(workdir: str | None) -> str:
   if not workdir:
     raise RunnerError('--workdir is required (the directory for configs,'
                       ' metrics and checkpoints).')
+  try:
+    workdir = storage.check(workdir)
+  except storage.StorageError as e:
+    raise RunnerError(f'--workdir={e}') from None
+  if storage.is_url(workdir):
+    return _prepare_url_workdir(workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
   try:
@@ -186,6 +207,9 @@ def _prepare_workdir(workdir: str | None) -> str:
 
 
 def _write(path: str, text: str) -> None:
+  if storage.is_url(path):
+    storage.write_bytes(path, text.encode('utf-8'))  # appears whole
+    return
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     f.write(text)
   os.replace(path + '.tmp', path)

@@ -7,6 +7,12 @@ with one line naming the holder. The operating system drops the lock when
 its process dies, however it dies, so a crashed run's lock is simply taken
 over by the next. In a multi-process run only process 0 takes it.
 
+A workdir on an object store (``s3://...``) is not locked: a store has no
+lock that its holder's death releases (a lease object would stay behind
+after a SIGKILL and block the relaunch, or need a timeout that a slow run
+outlives). ``acquire`` logs one info line saying so and returns; keeping
+one job per URL workdir is then the scheduler's job.
+
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
     >>> with WorkdirLock(d):
@@ -14,9 +20,11 @@ over by the next. In a multi-process run only process 0 takes it.
 """
 
 import fcntl
+import logging
 import os
 import socket
 
+from gintrain.lib import storage
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['WorkdirLock', 'LOCK_FILE']
@@ -33,10 +41,15 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = storage.join(workdir, LOCK_FILE)
     self._fd = None
 
   def acquire(self) -> 'WorkdirLock':
+    if storage.is_url(self.path):
+      logging.info('--workdir=%s is on an object store: not locked (no lock'
+                   ' there is released when its holder dies); run one job'
+                   ' per workdir.', os.path.dirname(self.path))
+      return self
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
       fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,14 +10,18 @@
     True
 
 Uses matplotlib's Agg canvas directly (no pyplot, no global backend change),
-so it is safe in headless runs and threads.
+so it is safe in headless runs and threads. Paths may be object-store URLs
+(``s3://...``; read and written whole through ``lib.storage``).
 """
 
+import io
 import json
 import math
 import os
 
 from absl import logging
+
+from gintrain.lib import storage
 
 __all__ = ['read_metrics', 'plot_metrics', 'panels', 'plot_runs']
 
@@ -41,8 +45,11 @@ def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
     FileNotFoundError: the file is missing.
   """
   path = os.fspath(metrics_jsonl)
-  with open(path, encoding='utf-8', errors='replace') as f:
-    lines = f.read().split('\n')
+  if storage.is_url(path):
+    lines = storage.read_bytes(path).decode('utf-8', 'replace').split('\n')
+  else:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      lines = f.read().split('\n')
   series: dict[tuple[str, str], dict[int, float]] = {}
   skipped = []
   for lineno, line in enumerate(lines, 1):
@@ -104,6 +111,11 @@ def _finish_axis(ax, name, title, shown):
 
 def _save(fig, out_png) -> str:
   out = os.fspath(out_png)
+  if storage.is_url(out):  # rendered in memory, uploaded whole
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=100)
+    storage.write_bytes(out, buf.getvalue())
+    return out
   if os.path.dirname(out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
   fig.savefig(out, format='png', dpi=100)

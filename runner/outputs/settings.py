@@ -5,7 +5,8 @@ Four sections: ``gin`` (every parsed binding, nested by its dotted name),
 packages) and ``devices`` (the topology). They are saved as
 ``<workdir>/settings.json``, written as hyperparameters next to the metrics,
 and compared on resume, where a difference is logged as a warning naming the
-changed settings::
+changed settings. The workdir may be an object-store URL (``s3://...``;
+``lib.storage``)::
 
     >>> cfg = build({'train.batch_size': 32, '%LR': 0.1}, {'workdir': '/w'},
     ...             versions={'jax': '0.10.2'}, devices={'count': 1})
@@ -24,6 +25,8 @@ import platform
 from typing import Any, Mapping
 
 import ml_collections
+
+from gintrain.lib import storage
 
 __all__ = ['SETTINGS_FILE', 'build', 'flatten', 'changes', 'load', 'save',
            'package_versions', 'device_topology', 'IGNORED_ON_RESUME']
@@ -141,8 +144,10 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any],
 def load(workdir: str) -> dict | None:
   """The flattened settings saved in ``workdir``, or None if there are none
   (or the file is unreadable, which is logged by the caller)."""
-  path = os.path.join(workdir, SETTINGS_FILE)
+  path = storage.join(workdir, SETTINGS_FILE)
   try:
+    if storage.is_url(path):
+      return flatten(json.loads(storage.read_bytes(path).decode('utf-8')))
     with open(path, encoding='utf-8') as f:
       return flatten(json.load(f))
   except FileNotFoundError:
@@ -151,9 +156,13 @@ def load(workdir: str) -> dict | None:
 
 def save(workdir: str, cfg) -> str:
   """Writes ``cfg`` as ``<workdir>/settings.json`` (atomically)."""
-  path = os.path.join(workdir, SETTINGS_FILE)
+  path = storage.join(workdir, SETTINGS_FILE)
+  text = json.dumps(_to_dict(cfg), indent=2, sort_keys=True,
+                    default=str) + '\n'
+  if storage.is_url(path):
+    storage.write_bytes(path, text.encode('utf-8'))  # appears whole
+    return path
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(_to_dict(cfg), f, indent=2, sort_keys=True, default=str)
-    f.write('\n')
+    f.write(text)
   os.replace(path + '.tmp', path)
   return path

@@ -43,6 +43,16 @@ Back ends (each takes the run directory ``workdir`` first):
 * :class:`WandbWriter`: a Weights & Biases run (``wandb/`` under ``workdir``;
   offline by default); needs ``pip install wandb``.
 
+A ``workdir`` on an object store (``s3://bucket/run``, ``gs://...``; see
+``lib.storage``), where objects cannot be appended to: the JSONL and
+TensorBoard writers write a local copy in a temporary staging directory
+(``metrics.jsonl`` first downloaded from the store when a run resumes) and
+upload it whole, at most every :data:`UPLOAD_SECS` seconds on a write, and
+on ``flush()`` and ``close()``; ``hparams.json`` is uploaded at once. A
+killed run loses at most the last ``UPLOAD_SECS`` of records (a resumed run
+writes the steps after its checkpoint again). The staging directory is
+removed on ``close()``.
+
 :class:`MultiWriter` fans calls out to several writers; :class:`NullWriter`
 does nothing and is for processes other than 0, which should not write.
 """
@@ -52,12 +62,16 @@ import json
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
+
+from gintrain.lib import storage
 
 __all__ = ['MetricWriter', 'JsonlWriter', 'TensorBoardWriter', 'WandbWriter',
            'MultiWriter', 'NullWriter', 'to_json_scalar', 'METRICS_FILE',
@@ -66,6 +80,8 @@ __all__ = ['MetricWriter', 'JsonlWriter', 'TensorBoardWriter', 'WandbWriter',
 METRICS_FILE = 'metrics.jsonl'
 HPARAMS_FILE = 'hparams.json'
 TENSORBOARD_DIR = 'tensorboard'
+# Object-store workdirs: the staged files are uploaded this often on writes.
+UPLOAD_SECS = 5.0
 
 # A Python or numpy number, or a size-1 numpy/JAX array.
 Scalar = Any
@@ -337,6 +353,33 @@ def repair_torn_tail(path: str | os.PathLike) -> str | None:
     os.close(fd)
 
 
+# --- Object-store staging ----------------------------------------------------
+
+
+class _Staged:
+  """A local staging copy of the object ``url``, uploaded whole."""
+
+  def __init__(self, url: str, download: bool, staging_dir=None,
+               local_path=None):
+    self.url = url
+    self.dir = staging_dir or tempfile.mkdtemp(prefix='gintrain-stage-')
+    self.path = local_path or os.path.join(
+        self.dir, url.rstrip('/').rsplit('/', 1)[-1])
+    self.last_upload = time.monotonic()
+    if download and storage.exists(url):
+      storage.download(url, self.path)
+
+  def upload(self, force: bool = True) -> None:
+    if not force and time.monotonic() - self.last_upload < UPLOAD_SECS:
+      return
+    if os.path.exists(self.path):
+      storage.upload_file(self.path, self.url)
+    self.last_upload = time.monotonic()
+
+  def remove(self) -> None:
+    shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --- Back ends ---------------------------------------------------------------
 
 
@@ -348,27 +391,39 @@ class JsonlWriter(MetricWriter):
   """
 
   def __init__(self, workdir: str | os.PathLike):
-    self.workdir = os.fspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    self.workdir = storage.check(os.fspath(workdir))
+    self._staged = None
+    local = self.metrics_path
+    if storage.is_url(self.workdir):
+      self._staged = _Staged(self.metrics_path, download=True)
+      local = self._staged.path
+    else:
+      os.makedirs(self.workdir, exist_ok=True)
     # A crash (or a full disk) may have cut the last record short: repair
     # the tail so that appended records start on a line of their own.
-    repair_torn_tail(self.metrics_path)
+    repair_torn_tail(local)
     # Line-buffered: every record reaches the OS as it is written, so a crash
     # loses at most a torn last line (which plots.read_metrics skips, and
     # the next JsonlWriter on the file truncates).
-    self._file = open(self.metrics_path, 'a', buffering=1, encoding='utf-8')
+    self._file = open(local, 'a', buffering=1, encoding='utf-8')
 
   @property
   def metrics_path(self) -> str:
-    return os.path.join(self.workdir, METRICS_FILE)
+    return storage.join(self.workdir, METRICS_FILE)
 
   def _write_scalars(self, step, scalars, split):
     record = {'step': step, 'split': split, 'time': time.time(), **scalars}
     self._file.write(json.dumps(record) + '\n')
+    if self._staged is not None:
+      self._staged.upload(force=False)
 
   def _write_hparams(self, hparams, metrics):
     del metrics  # hparams.json holds the hyperparameters only
-    path = os.path.join(self.workdir, HPARAMS_FILE)
+    path = storage.join(self.workdir, HPARAMS_FILE)
+    if storage.is_url(path):
+      storage.write_bytes(path, (json.dumps(
+          hparams, indent=2, sort_keys=True) + '\n').encode('utf-8'))
+      return
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(hparams, f, indent=2, sort_keys=True)
@@ -378,12 +433,16 @@ class JsonlWriter(MetricWriter):
   def _flush(self):
     self._file.flush()
     os.fsync(self._file.fileno())
+    if self._staged is not None:
+      self._staged.upload()
 
   def _close(self):
     try:
       self._flush()
     finally:
       self._file.close()
+      if self._staged is not None:
+        self._staged.remove()
 
 
 _HPARAMS_PLUGIN = 'hparams'
@@ -413,9 +472,16 @@ class TensorBoardWriter(MetricWriter):
   def __init__(self, workdir: str | os.PathLike):
     # pylint: disable-next=g-import-not-at-top
     from tensorboardX.event_file_writer import EventsWriter
-    self.workdir = os.fspath(workdir)
-    logdir = os.path.join(self.workdir, TENSORBOARD_DIR)
-    os.makedirs(logdir, exist_ok=True)
+    self.workdir = storage.check(os.fspath(workdir))
+    self._staged = None
+    if storage.is_url(self.workdir):
+      # Staged locally (event files are appended to; objects cannot be),
+      # uploaded whole on flush and close (module doc).
+      self._stage_dir = tempfile.mkdtemp(prefix='gintrain-stage-')
+      logdir = self._stage_dir
+    else:
+      logdir = os.path.join(self.workdir, TENSORBOARD_DIR)
+      os.makedirs(logdir, exist_ok=True)
     # tensorboardX names files by the second and host only and opens them
     # with 'wb': a unique suffix keeps a quickly restarted run (or a second
     # writer) from truncating the previous file.
@@ -425,6 +491,12 @@ class TensorBoardWriter(MetricWriter):
     # close() and, for live viewing, every FLUSH_SECS on a write.
     self._events = EventsWriter(os.path.join(logdir, 'events'), suffix)
     self._last_flush = time.monotonic()
+    if storage.is_url(self.workdir):
+      name = os.path.basename(self._events._file_name)  # pylint: disable=protected-access
+      self._staged = _Staged(
+          storage.join(self.workdir, TENSORBOARD_DIR, name), download=False,
+          staging_dir=self._stage_dir,
+          local_path=self._events._file_name)  # pylint: disable=protected-access
 
   def _add(self, summary, step=0):
     # pylint: disable-next=g-import-not-at-top
@@ -432,6 +504,9 @@ class TensorBoardWriter(MetricWriter):
     self._events.write_event(
         event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
     if time.monotonic() - self._last_flush > self.FLUSH_SECS:
+      self._flush()
+    elif self._staged is not None and (
+        time.monotonic() - self._staged.last_upload > UPLOAD_SECS):
       self._flush()
 
   def _write_scalars(self, step, scalars, split):
@@ -489,9 +564,16 @@ class TensorBoardWriter(MetricWriter):
   def _flush(self):
     self._events.flush()  # and fsync
     self._last_flush = time.monotonic()
+    if self._staged is not None:
+      self._staged.upload()
 
   def _close(self):
     self._events.close()
+    if self._staged is not None:
+      try:
+        self._staged.upload()
+      finally:
+        self._staged.remove()
 
 
 class WandbWriter(MetricWriter):

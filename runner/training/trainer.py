@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from gintrain.lib import serialization
+from gintrain.lib import storage
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import checkpoint as checkpoint_action
 from gintrain.runner.actions import early_stop
@@ -636,7 +637,8 @@ def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
   """
   if not workdir:
     raise RunnerError('train needs a workdir (--workdir).')
-  os.makedirs(workdir, exist_ok=True)
+  if not storage.is_url(workdir):  # object stores (s3://...) have no folders
+    os.makedirs(workdir, exist_ok=True)
   lock = lock_lib.WorkdirLock(workdir)
   if distributed.is_main_process():
     lock.acquire()  # a second run on this workdir stops here, at once
