@@ -8,6 +8,7 @@ subprocess with a timeout, so a regression fails instead of hanging.
 """
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -63,48 +64,67 @@ def tmp_names(d):
 # (a) Concurrent writers.
 
 _WRITER = '''
-    import os, sys, warnings
+    import json, os, sys, warnings
     import numpy as np
     from gintrain.lib import checkpoints, errors
     warnings.simplefilter('ignore')
     ckpt_dir, writer, saves = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    committed = 0
+    committed = []
     for i in range(saves):
-      step = 10 * i + writer  # both writers race on nearby steps
+      # Steps ending in the writer's number are its own; both writers save
+      # steps ending in 5 (without overwrite: at most one may succeed) and
+      # in 7 (with overwrite: the last one wins, whole).
+      kind = i % 3
+      step = 10 * i + (writer, 5, 7)[kind]
+      overwrite = kind == 2
       state = {'writer': writer, 'step': step,
                'w': np.full(50_000, writer * 1_000_000 + step, np.int64)}
       try:
         checkpoints.save_checkpoint(ckpt_dir, state, step, keep=0,
-                                    overwrite=i % 5 == 4)
-        committed += 1
+                                    overwrite=overwrite)
+        committed.append(step)
       except (errors.InvalidCheckpointError, errors.AlreadyExistsError):
         pass  # the other writer got ahead: refused, as documented
-    print(committed)
+    print(json.dumps(committed))
 '''
+
+SAVES = 200  # per writer
 
 
 def test_two_writer_processes_never_mix_data(tmp_path):
   ckpt_dir = str(tmp_path / 'ckpts')
-  saves = 150
   procs = [subprocess.Popen(
       [sys.executable, '-c', textwrap.dedent(_WRITER), ckpt_dir, str(w),
-       str(saves)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+       str(SAVES)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for w in (1, 2)]
-  committed = 0
-  for p in procs:
+  committed = {}
+  for w, p in zip((1, 2), procs):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    committed += int(out)
-  assert committed > 0
+    committed[w] = set(json.loads(out))
+  assert committed[1] and committed[2]
   files = checkpoints.available_steps(ckpt_dir)
   assert files, 'no checkpoint survived'
+  shared = {s for s in files if s % 10 in (5, 7)}
+  assert shared, 'no shared step survived: the race was not exercised'
   for step in files:
     got = checkpoints.restore_checkpoint(ckpt_dir, None, step=step)
-    writer = step % 10
-    assert got['writer'] == writer and got['step'] == step, (step, got)
+    writer = int(got['writer'])
+    # Whole, one writer's state for this step ...
+    assert got['step'] == step, (step, got)
     assert (got['w'] == writer * 1_000_000 + step).all(), step
+    # ... of a writer whose save of this step reported success (so no
+    # success was reported for a file that holds the other's data, unless
+    # both succeeded: an overwrite, or the file deleted in between).
+    assert step in committed[writer], (step, writer)
+    if step % 10 in (1, 2):
+      assert writer == step % 10, step
   assert tmp_names(ckpt_dir) == [], 'a writer left its temporary file'
-  print(f'{committed} saves committed, {len(files)} checkpoints kept')
+  both = committed[1] & committed[2]
+  assert all(s % 10 in (5, 7) for s in both), both
+  print(f'{len(committed[1]) + len(committed[2])} saves committed'
+        f' ({len(both)} steps by both writers), {len(files)} checkpoints'
+        f' kept ({len(shared)} shared steps)')
 
 
 def test_unique_tmp_names_and_flax_reads_our_directory(tmp_path):
