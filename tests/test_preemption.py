@@ -82,9 +82,16 @@ def _stops(launch):
   return out
 
 
+# The toy prints a line every step: silence this long, once it began, is a
+# hang (e.g. a broken agreement), which fails in about this long instead of
+# the generous whole-run bound.
+STALL_S = 15
+
+
 def _toy(tmp_path, *args):
   return harness.Launch([sys.executable, harness.TOY, *args],
-                        tmp_path / 'logs', environ=harness.env())
+                        tmp_path / 'logs', environ=harness.env(),
+                        stall_s=STALL_S)
 
 
 def test_two_processes_agree_on_stop_step(tmp_path):
@@ -146,15 +153,14 @@ def _signal_launcher(tmp_path, launcher, signum):
         stdout=out, stderr=subprocess.STDOUT, env=harness.env(),
         start_new_session=True)
     try:
-      deadline = time.monotonic() + 120
-      while not any(int(n) >= 3 for n in re.findall(r'step (\d+)',
-                                                      log.read_text())):
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            f'status {proc.poll()}:\n{harness.tail(log.read_text())}')
-        time.sleep(0.05)
+      stepping = lambda: any(int(n) >= 3 for n in re.findall(  # pylint: disable=g-long-lambda
+          r'step (\d+)', log.read_text()))
+      assert harness.wait_progress(proc, [log], 120, STALL_S,
+                                   until=stepping) is None, (
+          f'status {proc.poll()}:\n{harness.tail(log.read_text())}')
       time.sleep(0.5)  # both processes are in the loop by now
       proc.send_signal(signum)
-      status = proc.wait(120)
+      status = harness.wait_progress(proc, [log], 120, STALL_S)
     finally:
       if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -102,8 +102,9 @@ class Launch:
   """
 
   def __init__(self, command, log_dir, num_processes=2, devices=2,
-               port=None, environ=None):
+               port=None, environ=None, stall_s=None):
     self.log_dir = str(log_dir)
+    self.stall_s = stall_s  # see wait()
     os.makedirs(self.log_dir, exist_ok=True)
     self.port = port or free_port()
     self.launcher_log = os.path.join(self.log_dir, 'launcher.log')
@@ -141,14 +142,21 @@ class Launch:
     return {int(i): int(rc) for i, rc in re.findall(
         r'process (\d+) exited with status (\d+)', self.text())}
 
-  def wait(self, timeout=240) -> int:
+  def log_paths(self) -> list:
+    return [os.path.join(self.log_dir, f'process_{i}.log')
+            for i in range(self.num_processes)]
+
+  def wait(self, timeout=240, stall_s=None) -> int:
+    """The launcher's exit status; fails (killing everything) after
+    ``timeout`` s, or, with ``stall_s`` (default: the constructor's), as
+    soon as the processes' output stops growing for ``stall_s`` s once it
+    began: a hang fails in about ``stall_s`` s instead of ``timeout``."""
+    stall_s = self.stall_s if stall_s is None else stall_s
     try:
-      return self.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+      return wait_progress(self.proc, self.log_paths(), timeout, stall_s)
+    except AssertionError as e:
       self.kill()
-      raise AssertionError(
-          f'launch did not finish within {timeout} s; logs:\n'
-          + self.describe()) from None
+      raise AssertionError(f'{e}; logs:\n{self.describe()}') from None
     finally:
       self._log.close()
 
@@ -164,6 +172,47 @@ class Launch:
       with contextlib.suppress(OSError):
         parts.append(f'--- process {i}\n{tail(self.log(i))}')
     return '\n'.join(parts)
+
+
+def _size(path) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return -1
+
+
+def wait_progress(proc, log_paths, timeout=240, stall_s=None, until=None):
+  """``proc``'s exit status, polling every 50 ms (or None as soon as
+  ``until()`` is true, if given, while ``proc`` runs).
+
+  Raises AssertionError (without killing anything) after ``timeout`` s, or
+  with ``stall_s``, when the files ``log_paths`` (the processes' output)
+  have not grown for ``stall_s`` s since they first held output: a stuck
+  run is a failure in ``stall_s`` s, however long the generous ``timeout``
+  for a slow but progressing one. Start-up (no output yet) is bounded by
+  ``timeout`` only.
+  """
+  begun = time.monotonic()
+  sizes, changed = None, None
+  while True:
+    status = proc.poll()
+    if status is not None:
+      return status
+    if until is not None and until():
+      return None
+    now = time.monotonic()
+    if now - begun > timeout:
+      raise AssertionError(f'did not finish within {timeout} s')
+    if stall_s:
+      current = [_size(p) for p in log_paths]
+      if current != sizes:
+        sizes = current
+        changed = now if any(n > 0 for n in current) else None
+      elif changed is not None and now - changed > stall_s:
+        raise AssertionError(
+            f'no progress: no process wrote output for {stall_s} s (a hang;'
+            f' {now - begun:.0f} s after the start)')
+    time.sleep(0.05)
 
 
 def tail(text, lines=40) -> str:
