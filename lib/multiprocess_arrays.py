@@ -45,6 +45,7 @@ __all__ = [
     'save_multiprocess_arrays',
     'commit_array_dir',
     'restore_multiprocess_arrays',
+    'read_arrays',
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,66 @@ def _replace_leaves(tree: Any, new: dict, keys: tuple = ()) -> Any:
   return tree
 
 
+def _check_committed(ckpt_path: str, paths, step) -> None:
+  if is_remote_path(ckpt_path):
+    if not _has_commit_file(array_dir(ckpt_path)):
+      raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
+  else:
+    for path in paths:
+      if not os.path.isdir(path):
+        raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
+
+
+def _placeholder_path(ckpt_path: str, value: str) -> str:
+  subpath = _check_subpath(value[len(MP_ARRAY_PH):],
+                           f'Cannot restore {ckpt_path}')
+  return _array_path(array_dir(ckpt_path), subpath)
+
+
+def read_arrays(state_dict: Any, ckpt_path: str, shardings: Any,
+                step=None) -> Any:
+  """Puts the arrays of ``<ckpt_path>_gda`` in place of their placeholders,
+  each read straight into the sharding given for it.
+
+  Unlike :func:`restore_multiprocess_arrays`, the shardings may be any
+  (fully addressable ones included), so a checkpoint written by N
+  processes restores onto another mesh, process count or device count;
+  each process reads only the slices its devices hold.
+
+  Args:
+    state_dict: the decoded msgpack state dict.
+    ckpt_path: the checkpoint file's path.
+    shardings: a tree with the dict structure of ``state_dict`` (e.g.
+      ``to_state_dict`` of a tree of ``jax.sharding.Sharding``) whose leaf
+      at each placeholder's key path is the sharding to read into.
+    step: for error messages.
+
+  Raises:
+    gintrain.lib.errors.MPARestoreTargetRequiredError: a placeholder with no
+      sharding at its key path.
+    gintrain.lib.errors.MPARestoreDataCorruptedError: array data missing
+      (or never committed, on object stores).
+  """
+  flat = _flatten(state_dict)
+  placeholders = {k: v for k, v in flat.items() if _is_placeholder(v)}
+  if not placeholders:
+    return state_dict
+  flat_shardings = _flatten(shardings)
+  wanted = []
+  for key, value in placeholders.items():
+    sharding = flat_shardings.get(key)
+    if not isinstance(sharding, jax.sharding.Sharding):
+      raise errors.MPARestoreTargetRequiredError(
+          ckpt_path, step, '/'.join(map(str, key)) or None)
+    wanted.append((key, sharding, _placeholder_path(ckpt_path, value)))
+  _check_committed(ckpt_path, [p for _, _, p in wanted], step)
+  ser = _array_serialization()
+  arrays = ser.run_deserialization([s for _, s, _ in wanted],
+                                   [_read_spec(p) for _, _, p in wanted])
+  return _replace_leaves(state_dict, {
+      key: arr for (key, _, _), arr in zip(wanted, arrays)})
+
+
 def restore_multiprocess_arrays(state_dict: Any, target: Any, ckpt_path: str,
                                 step, gda_manager,
                                 allow_partial: bool = False) -> Any:
@@ -296,20 +357,11 @@ def restore_multiprocess_arrays(state_dict: Any, target: Any, ckpt_path: str,
           ' (allow_partial_mpa_restoration=True).',
           name, ckpt_path)
       continue
-    subpath = _check_subpath(value[len(MP_ARRAY_PH):],
-                             f'Cannot restore {ckpt_path}')
-    wanted.append((key, leaf.sharding,
-                   _array_path(array_dir(ckpt_path), subpath)))
+    wanted.append((key, leaf.sharding, _placeholder_path(ckpt_path, value)))
   if not wanted:
     return state_dict
   gda_manager.wait_until_finished()
-  if is_remote_path(ckpt_path):
-    if not _has_commit_file(array_dir(ckpt_path)):
-      raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
-  else:
-    for _, _, path in wanted:
-      if not os.path.isdir(path):
-        raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
+  _check_committed(ckpt_path, [p for _, _, p in wanted], step)
   arrays = gda_manager.deserialize([s for _, s, _ in wanted],
                                    [_read_spec(p) for _, _, p in wanted])
   return _replace_leaves(state_dict, {

@@ -82,6 +82,16 @@ def _stops(launch):
   return out
 
 
+def _assert_same_stop(launch, local, first, interval):
+  """Both processes stop at one step: the first check after the signal
+  (``first``) or the next one (the agreement holds a process at most one
+  interval after the last check it passed)."""
+  stops = _stops(launch)
+  assert {i: s and s[1] for i, s in stops.items()} == local, stops
+  steps = {s[0] for s in stops.values()}
+  assert len(steps) == 1 and steps <= {first, first + interval}, stops
+
+
 # The toy prints a line every step: silence this long, once it began, is a
 # hang (e.g. a broken agreement), which fails in about this long instead of
 # the generous whole-run bound.
@@ -95,14 +105,13 @@ def _toy(tmp_path, *args):
 
 
 def test_two_processes_agree_on_stop_step(tmp_path):
-  # Process 1 sends itself SIGUSR1 during step 7: both stop before step 8
-  # (the check is a barrier, so process 0 cannot have gone further), write
-  # nothing else, and exit with the preempted status.
+  # Process 1 sends itself SIGUSR1 during step 7: both stop at the same
+  # check (8 or 9), write nothing else, and exit with the preempted status.
   launch = _toy(tmp_path, '--steps=40', '--self_signal_at=7',
                 '--self_signal_process=1', '--resume_steps=12,12')
   assert launch.wait() == harness.PREEMPTED, launch.describe()
   assert launch.statuses() == {0: 75, 1: 75}
-  assert _stops(launch) == {0: (8, False), 1: (8, True)}
+  _assert_same_stop(launch, {0: False, 1: True}, 8, 1)
   for i in range(2):
     log = launch.log(i)
     assert 'GATHER p0,p1' in log  # all_gather: process order
@@ -111,12 +120,13 @@ def test_two_processes_agree_on_stop_step(tmp_path):
 
 
 def test_interval_and_sigterm_on_process_0(tmp_path):
-  # SIGTERM on process 0 during step 7, checks every 3 steps: stop at 9.
+  # SIGTERM on process 0 during step 7, checks every 3 steps: stop at 9
+  # (or 12).
   launch = _toy(tmp_path, '--steps=40', '--self_signal_at=7',
                 '--self_signal_process=0', '--self_signal=TERM',
                 '--preemption_check_interval=3')
   assert launch.wait() == harness.PREEMPTED, launch.describe()
-  assert _stops(launch) == {0: (9, True), 1: (9, False)}
+  _assert_same_stop(launch, {0: True, 1: False}, 9, 3)
 
 
 def test_no_signal_runs_to_the_end_and_disagreement_is_an_error(tmp_path):
@@ -137,7 +147,7 @@ def test_sigterm_during_startup_is_not_lost(tmp_path):
   launch = _toy(tmp_path, '--steps=5', '--signal_at_startup',
                 '--self_signal=TERM', '--self_signal_process=1')
   assert launch.wait() == harness.PREEMPTED, launch.describe()
-  assert _stops(launch) == {0: (0, False), 1: (0, True)}
+  _assert_same_stop(launch, {0: False, 1: True}, 0, 1)
 
 
 def _signal_launcher(tmp_path, launcher, signum):

@@ -58,4 +58,5 @@ class CheckPreemption(base.Action):
       raise Preempted(step, signum)
 
   def close(self):
+    preemption.close_agreement()
     preemption.uninstall()

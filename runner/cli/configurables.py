@@ -57,6 +57,7 @@ from gintrain.runner.models import plain as models
 from gintrain.runner.models import transformer
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import writers
+from gintrain.runner.parallel import partitioners
 from gintrain.runner.tasks import classification
 from gintrain.runner.tasks import lm
 from gintrain.runner.tasks import losses
@@ -117,6 +118,7 @@ def _init_from_rules(path=None, include=('.*',), exclude=(), rename=()):
 train = _register(config.TrainConfig, 'train', 'runner')
 init_from = _register(_init_from_rules, 'init_from', 'runner')
 _register(checkpoints.CheckpointPolicy, 'checkpoint_policy', 'runner')
+_register(partitioners.partitioner, 'partitioner', 'runner')
 _register(state.early_stopping, 'early_stopping', 'runner')
 _register(state.create_train_state, 'create_train_state', 'runner',
           denylist=['variables', 'apply_fn', 'tx'])

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from gintrain.lib import checkpoint_io
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
+from gintrain.lib import multiprocess_arrays
 from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
 from gintrain.runner.parallel import distributed
@@ -36,7 +38,7 @@ from gintrain.runner.errors import RunnerError
 
 __all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'load_params',
            'InitFrom', 'InitReport', 'select_params',
-           'read_runner_checkpoint',
+           'read_runner_checkpoint', 'read_arrays',
            'CHECKPOINT_DIR', 'BEST_DIR', 'CORRUPT_DIR']
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -44,6 +46,8 @@ BEST_DIR = 'best_checkpoints'
 # Where a resume moves checkpoints that do not read back (kept, not deleted).
 CORRUPT_DIR = 'corrupt_checkpoints'
 _MODES = ('min', 'max')
+# How long a sharded save waits for the slowest process's shards.
+_BARRIER_TIMEOUT_S = 600
 
 
 def _is_int(value, minimum):
@@ -155,10 +159,45 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
 
 
 def _read(path: str):
+  """The raw tree of the checkpoint file ``path``; arrays saved as sharded
+  files (``<path>_gda``) are left as placeholders (see :func:`read_arrays`)."""
   try:
-    return checkpoints.restore_checkpoint(path, target=None)
+    return checkpoint_io.read_checkpoint_file(path)
   except (OSError, ValueError, ImportError) as e:
     raise RunnerError(f'cannot read checkpoint {path}: {e}') from e
+
+
+def read_arrays(path: str, tree: Any, shardings: Any = None,
+                step: int | None = None) -> Any:
+  """``tree`` (read from checkpoint ``path``) with the arrays its writer
+  saved as sharded files (``<path>_gda``, multi-process runs) read in.
+
+  Args:
+    path: the checkpoint file.
+    tree: its raw tree (or a subtree, with ``shardings`` to match).
+    shardings: a tree of ``jax.sharding.Sharding`` with the structure of
+      the model's state (e.g. a partitioner's ``shardings``): each process
+      reads only the slices its devices hold, whatever mesh or process
+      count wrote the checkpoint. None: whole arrays on the host (numpy).
+
+  Raises:
+    RunnerError: the array files are missing or do not fit.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  to_host = shardings is None
+  if to_host:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: device, tree)
+  try:
+    out = multiprocess_arrays.read_arrays(
+        tree, path, serialization.to_state_dict(shardings), step)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, RunnerError):
+      raise
+    raise RunnerError(f'cannot read the sharded arrays of checkpoint {path}'
+                      f' ({multiprocess_arrays.array_dir(path)}):'
+                      f' {" ".join(str(e).split())}') from e
+  return jax.device_get(out) if to_host and out is not tree else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +309,7 @@ def _checkpoint_params(path: str, flag: str):
       raise RunnerError(f'{flag}={latest}: a directory, not a checkpoint'
                         ' file; give the checkpoint file itself.')
     path = latest
-  raw = _read(path)
+  raw = read_arrays(path, _read(path))
   if raw is None:
     raise RunnerError(f'{flag}={path}: the directory holds no'
                       ' checkpoint_* file.')
@@ -414,6 +453,7 @@ class Checkpointer:
     self.saves = 0  # files written (or started, when async) so far
     self._async = checkpoints.AsyncManager() if policy.async_save else None
     self._multiprocess = _process_count() > 1
+    self._gda = None  # jax's GlobalAsyncCheckpointManager, when needed
     self._checked = False  # latest_step has validated the resume point
     self._validated = None  # (step, raw tree) read by latest_step
 
@@ -473,7 +513,8 @@ class Checkpointer:
     for path in reversed(paths):
       step = self._step_of(path)
       try:
-        raw = checkpoints.restore_checkpoint(path, target=None)
+        raw = checkpoint_io.read_checkpoint_file(path)
+        _check_array_dir(path, raw)
       except (OSError, ValueError) as e:
         if distributed.is_main_process():
           logging.warning(
@@ -527,6 +568,10 @@ class Checkpointer:
     self._saved_steps.add(step)
     return raw
 
+  def read_arrays(self, step: int, tree: Any, shardings: Any) -> Any:
+    """:func:`read_arrays` of the checkpoint at ``step``."""
+    return read_arrays(self.path(step), tree, shardings, step)
+
   def restore_state(self, step: int, raw: dict, state: Any) -> Any:
     """``raw['state']`` restored into the structure of ``state``.
 
@@ -566,9 +611,22 @@ class Checkpointer:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', DeprecationWarning)
       if self._multiprocess:
-        checkpoints.save_checkpoint_multiprocess(directory, **kwargs)
+        checkpoints.save_checkpoint_multiprocess(
+            directory, gda_manager=self._gda_manager(tree), **kwargs)
       else:
         checkpoints.save_checkpoint(directory, **kwargs)
+
+  def _gda_manager(self, tree):
+    """jax's array checkpoint manager, if ``tree`` holds arrays split over
+    processes (each process writes its own shards into ``<ckpt>_gda``)."""
+    if self._gda is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      leaves = jax.tree_util.tree_leaves(tree)
+      if any(multiprocess_arrays.is_multiprocess_array(x) for x in leaves):
+        from jax.experimental.array_serialization import serialization  # pylint: disable=g-import-not-at-top
+        self._gda = serialization.GlobalAsyncCheckpointManager(
+            timeout_secs=_BARRIER_TIMEOUT_S)
+    return self._gda
 
   def due(self, step: int) -> bool:
     """Whether the policy saves at ``step`` (before the final one)."""
@@ -597,6 +655,8 @@ class Checkpointer:
       if self._async.save_future is not None:
         concurrent.futures.wait([self._async.save_future])  # no warning
       self._async.wait_previous_save()
+    if self._gda is not None:
+      self._gda.wait_until_finished()  # every process's shards committed
 
   def close(self) -> None:
     """Waits for the last save and stops the background thread."""
@@ -605,6 +665,23 @@ class Checkpointer:
         self.wait()
       finally:
         self._async.executor.shutdown(wait=True)
+
+
+def _has_placeholder(tree) -> bool:
+  if isinstance(tree, str):
+    return tree.startswith(multiprocess_arrays.MP_ARRAY_PH)
+  if isinstance(tree, dict):
+    return any(_has_placeholder(v) for v in tree.values())
+  return False
+
+
+def _check_array_dir(path: str, raw) -> None:
+  """Raises ValueError if ``raw`` names sharded arrays whose directory is
+  missing (a checkpoint that cannot be restored)."""
+  folder = multiprocess_arrays.array_dir(path)
+  if (_has_placeholder(raw) and not multiprocess_arrays.is_remote_path(path)
+      and not os.path.isdir(folder)):
+    raise ValueError(f'its sharded arrays ({folder}) are missing')
 
 
 def _remove(path):

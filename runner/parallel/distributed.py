@@ -50,7 +50,7 @@ from gintrain.runner.parallel import signals
 __all__ = [
     'DistributedConfigError', 'Plan', 'detect_environment', 'resolve',
     'initialize', 'is_initialized', 'is_main_process', 'barrier',
-    'all_gather', 'processes_with_flag', 'agree_on_step',
+    'all_gather', 'processes_with_flag', 'agree_on_step', 'barrier_timeout',
     'MULTIPROCESS_MODES',
 ]
 
@@ -376,6 +376,11 @@ def _next_key(name: str) -> str:
 def _check_name(name):
   if not re.fullmatch(r'[A-Za-z0-9_.\-]+', name):
     raise ValueError(f'barrier name {name!r} must match [A-Za-z0-9_.-]+')
+
+
+def barrier_timeout() -> float:
+  """``--barrier_timeout`` in seconds (its default if flags are not parsed)."""
+  return float(_flag_or_default('barrier_timeout', None))
 
 
 def _timeout_ms(timeout_s):

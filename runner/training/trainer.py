@@ -62,7 +62,8 @@ from gintrain.runner.training import config as config_lib
 from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
 
-__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'train', 'evaluate',
+__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'format_layout',
+           'state_maker', 'train', 'evaluate',
            'evaluate_checkpoint', 'Preempted', 'METRICS_PLOT']
 
 METRICS_PLOT = 'metrics.png'
@@ -230,26 +231,74 @@ def build(config: config_lib.TrainConfig) -> Run:
     if name and name not in eval_names:
       raise RunnerError(f'{what}={name!r} is not an eval metric; choose one'
                         f' of {", ".join(eval_names)}.')
-  return Run(config, model, task, source, partitioner, tx, lr_fn, total, spe,
-             config.eval_every or spe or config.log_every, policy, variables,
-             train_names, eval_names)
+  built = Run(config, model, task, source, partitioner, tx, lr_fn, total,
+              spe, config.eval_every or spe or config.log_every, policy,
+              variables, train_names, eval_names)
+  # Partition rules that cannot split the state fail here, on shapes.
+  partitioner.describe(jax.eval_shape(state_maker(built)))
+  return built
 
 
 def _shapes(tree):
   return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
 
 
+def state_maker(run: Run) -> Callable[[], Any]:
+  """A function building the fresh train state of ``run`` (for ``jax.jit``
+  or ``jax.eval_shape``: partitioners trace it, to create the state where
+  it belongs)."""
+  cfg = run.config
+  sample = run.source.sample()
+
+  def make():
+    variables = run.task.init(jax.random.key(cfg.seed), sample)
+    return cfg.state_factory(variables, run.model.apply, run.tx)
+  return make
+
+
 def describe(run: Run) -> dict:
-  """What a dry run prints: the pieces, step counts and parameter shapes."""
+  """What a dry run prints: the pieces, step counts, parameter shapes, and
+  how the partitioner lays out the train state (``layout``: per array its
+  shape, ``PartitionSpec`` and bytes per device; the total per device).
+
+  Raises:
+    RunnerError: a partition rule that cannot split an array.
+  """
   sizes = [int(np.prod(x.shape))
            for x in jax.tree_util.tree_leaves(run.variables['params'])]
+  layout = run.partitioner.describe(jax.eval_shape(state_maker(run)))
   return {'model': run.task.caller.name, 'task': run.task.name,
           'dataset': run.source.name, 'parallelism': run.partitioner.name,
           'devices': jax.device_count(), 'steps': run.total,
           'steps_per_epoch': run.steps_per_epoch, 'parameters': sum(sizes),
           'train_metrics': run.train_metrics,
           'eval_metrics': run.eval_metrics,
-          'param_shapes': _shapes(run.variables['params'])}
+          'param_shapes': _shapes(run.variables['params']),
+          'layout': layout}
+
+
+def _bytes(n: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return str(n)
+
+
+def format_layout(layout: dict) -> str:
+  """The ``layout`` of :func:`describe` as a table (one line per array)."""
+  rows = [(r['path'], 'x'.join(map(str, r['shape'])) or 'scalar', r['spec'],
+           _bytes(r['bytes_per_device'])) for r in layout['arrays']]
+  head = ('array', 'shape', 'PartitionSpec', 'bytes/device')
+  widths = [max(len(str(x[i])) for x in [head] + rows) for i in range(4)]
+  lines = [f'# State layout on mesh {layout["mesh"]}:']
+  for row in [head] + rows:
+    lines.append('#   ' + '  '.join(str(c).ljust(w) for c, w in
+                                      zip(row, widths)).rstrip())
+  lines.append(f'#   total state per device:'
+               f' {_bytes(layout["state_bytes_per_device"])}'
+               f' ({layout["state_bytes_per_device"]} bytes)')
+  return '\n'.join(lines)
 
 
 def dry_run(config: config_lib.TrainConfig) -> dict:
@@ -404,8 +453,10 @@ class Trainer:
 
   # -- resume -------------------------------------------------------------
 
-  def _resume_or_start(self, ckpt, state):
-    """``(state, start step, resumed)`` as ``--resume`` says."""
+  def _resume_or_start(self, ckpt, make):
+    """``(placed state, start step, resumed)`` as ``--resume`` says; the
+    fresh state is built by ``make`` where the partitioner places it."""
+    p = self.run.partitioner
     latest = ckpt.latest_step()
     if self.resume_mode == 'require' and latest is None:
       raise RunnerError(f'--resume=require but {ckpt.dir} holds no'
@@ -417,13 +468,20 @@ class Trainer:
           ' --workdir.')
     if latest is None:
       if self.init_from:
+        state = jax.device_get(jax.jit(make)())
         state = state.replace(params=checkpoints.load_params(
             self.init_from, state.params))
         if self.main:
           logging.info('Initialised params from %s.', self.init_from)
-      return state, 0, False
+        return p.put_state(state), 0, False
+      return p.create_state(make), 0, False
     raw = ckpt.read(latest)
-    state = ckpt.restore_state(latest, raw, state)
+    shapes = jax.eval_shape(make)
+    # Arrays saved as sharded files are read straight into their places
+    # (each process its own slices); the rest come from the msgpack file.
+    raw['state'] = ckpt.read_arrays(latest, raw['state'],
+                                    p.shardings(shapes))
+    state = p.put_state(ckpt.restore_state(latest, raw, shapes))
     step = int(np.asarray(state.step))
     data = raw.get('data') or {}
     if 'step' in data and int(data['step']) != step:
@@ -472,20 +530,16 @@ class Trainer:
       RunnerError: a checkpoint that does not fit, a bad resume mode.
       Preempted: after saving, when a preemption signal arrived.
     """
-    run, cfg = self.run, self.run.config
-    variables = jax.jit(run.task.init)(jax.random.key(cfg.seed),
-                                       run.source.sample())
-    state = jax.device_get(cfg.state_factory(variables, run.model.apply,
-                                             run.tx))
+    run = self.run
     ckpt = checkpoints.Checkpointer(self.workdir, run.policy)
     writer = self._writer()
     self.actions = []
     try:
       self.actions = self._actions(writer, ckpt)
-      state, start, resumed = self._resume_or_start(ckpt, state)
+      dstate, start, resumed = self._resume_or_start(ckpt, state_maker(run))
       if self.settings is not None and self.main:
         self._record_settings(writer, resumed)
-      result = self._loop(state, start)
+      result = self._loop(dstate, start)
     finally:
       try:
         for action in self.actions:
@@ -501,7 +555,7 @@ class Trainer:
                          os.path.join(self.workdir, METRICS_PLOT))
     return result
 
-  def _loop(self, state, start) -> TrainResult:
+  def _loop(self, dstate, start) -> TrainResult:
     run, cfg = self.run, self.run.config
     p = run.partitioner
     # Train step variants: with the gradient and parameter norms (log
@@ -511,7 +565,7 @@ class Trainer:
     self._eval_fn = steps.make_eval_step(run.task, p.axis_name)
     self._steps = {}
     _, self.eval_step = p.compile(lambda *a: None, self._eval_fn)
-    self.dstate = p.put_state(state)
+    self.dstate = dstate
     zero = p.put_state({k: np.zeros((), np.float32)
                         for k in run.train_metrics})
     sums, since = zero, start
@@ -559,7 +613,7 @@ class Trainer:
     self.report.write()
     self.save.save(step)
     self.save.checkpointer.wait()
-    return TrainResult(p.get(self.dstate), step, self.report.last,
+    return TrainResult(p.result(self.dstate), step, self.report.last,
                        self.eval_action.last, bool(self.early and
                                                    self.early.should_stop),
                        list(self.best.best) if self.best else [])
@@ -603,16 +657,14 @@ def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
     RunnerError: the file is unreadable or does not fit the model.
   """
   run = build(config)
-  variables = jax.jit(run.task.init)(jax.random.key(config.seed),
-                                     run.source.sample())
-  state = jax.device_get(config.state_factory(variables, run.model.apply,
-                                              run.tx))
+  p = run.partitioner
+  shapes = jax.eval_shape(state_maker(run))
   raw = checkpoints.read_runner_checkpoint(path)
-  checkpoints.check_tree(serialization.to_state_dict(state), raw['state'],
+  raw_state = checkpoints.read_arrays(path, raw['state'], p.shardings(shapes))
+  checkpoints.check_tree(serialization.to_state_dict(shapes), raw_state,
                          f'checkpoint {path}',
                          against='the model and optimizer')
-  state = serialization.from_state_dict(state, raw['state'])
-  p = run.partitioner
+  state = serialization.from_state_dict(shapes, raw_state)
   eval_fn = steps.make_eval_step(run.task, p.axis_name)
   _, eval_step = p.compile(
       steps.make_train_step(run.task, config.seed, p.axis_name), eval_fn)
