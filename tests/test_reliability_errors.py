@@ -132,3 +132,73 @@ def test_init_from_directory_named_like_a_checkpoint(tmp_path, capsys):
   assert (code, errors) == (1, [
       f'gintrain: error: --init_from={nested}/checkpoint_9: a directory, not'
       ' a checkpoint file; give the checkpoint file itself.']), err
+
+
+# --- OSErrors of the runner's own files: one line, path and operation -------
+
+_DIR = lambda name: lambda w: os.makedirs(w / name)  # pylint: disable=unnecessary-lambda-assignment
+
+
+def _file(name):
+  def make(w):
+    (w / name).write_text('in the way')
+  return make
+
+
+@pytest.mark.parametrize('name, make, expected', [
+    ('metrics', _DIR('metrics.jsonl'),
+     'writing the metrics: cannot open {w}/metrics.jsonl: Is a directory'
+     ' [Errno 21].'),
+    ('settings', _DIR('settings.json'),
+     'saving the settings: cannot rename {w}/settings.json.tmp to'
+     ' {w}/settings.json: Is a directory [Errno 21].'),
+    ('plot', _DIR('metrics.png'),
+     'writing the metrics plot: cannot open {w}/metrics.png: Is a directory'
+     ' [Errno 21].'),
+    ('tensorboard', _file('tensorboard'),
+     'writing the metrics: cannot create the directory {w}/tensorboard: File'
+     ' exists [Errno 17].'),
+    ('lock', _DIR('.gintrain.lock'),
+     'locking the workdir: cannot open {w}/.gintrain.lock: Is a directory'
+     ' [Errno 21].'),
+    ('config', _DIR('config.parsed.gin'),
+     "writing the run's config files: cannot rename {w}/config.parsed.gin.tmp"
+     ' to {w}/config.parsed.gin: Is a directory [Errno 21].'),
+    ('operative', _DIR('config.operative.gin'),
+     "writing the run's config files: cannot rename"
+     ' {w}/config.operative.gin.tmp to {w}/config.operative.gin: Is a'
+     ' directory [Errno 21].'),
+    ('checkpoints', _file('checkpoints'),
+     'writing or reading a checkpoint: cannot access {w}/checkpoints: Not a'
+     ' directory [Errno 20].'),
+])
+def test_os_error_of_a_runner_file_is_one_line(tmp_path, capsys, name, make,
+                                               expected):
+  make(tmp_path)
+  code, errors, err = run(tmp_path, capsys=capsys)
+  assert code == 1, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert errors == ['gintrain: error: ' + expected.format(w=tmp_path)], err
+  if name != 'settings':  # runner.outputs.settings leaves its .tmp (issue 12)
+    assert not list(tmp_path.glob('*.tmp')), 'a temporary file was left'
+
+
+@pytest.mark.parametrize('where', ['file', 'under_file', 'read_only'])
+def test_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys, where):
+  (tmp_path / 'a_file').write_text('')
+  if where == 'file':
+    workdir, reason = tmp_path / 'a_file', 'File exists'
+  elif where == 'under_file':
+    workdir, reason = tmp_path / 'a_file' / 'run', 'Not a directory'
+  elif os.geteuid() == 0:  # root writes through permissions: sysfs refuses
+    workdir, reason = '/sys/gintrain_test_run', None
+  else:
+    (tmp_path / 'ro').mkdir(mode=0o500)
+    workdir, reason = tmp_path / 'ro' / 'run', 'Permission denied'
+  code, errors, err = run(workdir, capsys=capsys)
+  assert code == 1 and 'Traceback' not in err, err[-3000:]
+  assert len(errors) == 1, err
+  assert errors[0].startswith(
+      f'gintrain: error: --workdir={workdir} is not writable: '), errors
+  if reason:
+    assert errors[0].endswith(f'{reason}.'), errors

@@ -210,9 +210,14 @@ def _write(path: str, text: str) -> None:
   if storage.is_url(path):
     storage.write_bytes(path, text.encode('utf-8'))  # appears whole
     return
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  try:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  except OSError:
+    if os.path.isfile(path + '.tmp'):
+      os.remove(path + '.tmp')  # no leftover; the error is reported
+    raise
 
 
 def _build_config():
@@ -320,7 +325,71 @@ def eval_only() -> int:
   return 0
 
 
+# The folder holding runner/ and lib/ (the repository, or site-packages'
+# gintrain/).
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+# What the runner was doing, by the innermost of its own frames in an
+# OSError's traceback (path fragment, activity).
+_ACTIVITIES = (
+    (('runner', 'outputs', 'writers'), 'writing the metrics'),
+    (('runner', 'outputs', 'settings'), 'saving the settings'),
+    (('runner', 'outputs', 'plots'), 'writing the metrics plot'),
+    (('runner', 'outputs', 'lock'), 'locking the workdir'),
+    (('runner', 'outputs', 'checkpoints'), 'handling the checkpoints'),
+    (('runner', 'actions'), 'running an action'),
+    (('runner', 'cli', 'main'), "writing the run's config files"),
+    (('runner', 'data'), 'reading the data'),
+    (('lib',), 'writing or reading a checkpoint'),
+)
+# The call on the failing line -> the operation.
+_CALLS = (('os.replace', 'rename'), ('os.rename', 'rename'),
+          ('makedirs', 'create the directory'), ('mkdir', 'create the directory'),
+          ('os.remove', 'remove'), ('os.unlink', 'remove'),
+          ('rmtree', 'remove'), ('savefig', 'write'), ('os.open', 'open'),
+          ('open(', 'open'), ('.write(', 'write to'), ('flush', 'write to'),
+          ('fsync', 'write to'), ('lockf', 'lock'), ('flock', 'lock'))
+
+
+def _os_error_line(error: OSError) -> str:
+  """``<activity>: cannot <operation> <path>: <reason> [Errno N]`` from
+  the traceback of an OSError that names its file."""
+  frames = traceback.extract_tb(error.__traceback__)
+  activity, operation = None, None
+  for frame in reversed(frames):
+    relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
+    parts = tuple(os.path.splitext(relative)[0].split(os.sep))
+    if operation is None:
+      if os.path.basename(frame.filename) in ('os.py', 'shutil.py'):
+        operation = {'makedirs': 'create the directory',
+                     'mkdir': 'create the directory',
+                     'replace': 'rename', 'rename': 'rename',
+                     'remove': 'remove', 'unlink': 'remove',
+                     'rmtree': 'remove'}.get(frame.name)
+      else:
+        line = frame.line or ''
+        operation = next((op for call, op in _CALLS if call in line), None)
+    for fragment, what in _ACTIVITIES:
+      if parts[:len(fragment)] == fragment:  # gintrain's own code only
+        activity = what
+        break
+    if activity:
+      break
+  if error.filename2 is not None:
+    target = f'{error.filename} to {error.filename2}'
+    operation = 'rename'
+  else:
+    target = str(error.filename)
+  reason = error.strerror or type(error).__name__
+  code = f' [Errno {error.errno}]' if error.errno else ''
+  return (f'{activity or "a file operation"}: cannot'
+          f' {operation or "access"} {target}: {reason}{code}.')
+
+
 def _one_line(error: BaseException) -> str:
+  if (isinstance(error, OSError) and error.filename is not None and
+      type(error).__module__ == 'builtins'):
+    return _os_error_line(error)
   lines = str(error).strip().split('\n')
   message = lines[0].strip() if lines else type(error).__name__
   match = _CONFIGURABLE_RE.search(str(error))
