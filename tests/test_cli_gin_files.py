@@ -36,6 +36,10 @@ RUNS = {
     'models/transformer.gin': ['lm.gin'],
     'datasets/text_files.gin': ['lm.gin'],
     'tasks/language_model.gin': ['lm.gin'],
+    'parallel/fsdp.gin': ['lm.gin', 'parallel/fsdp.gin'],
+    'parallel/tensor_parallel.gin': [  # one device here: a 1x1 mesh
+        'lm.gin', 'parallel/tensor_parallel.gin',
+        "--gin.partitioner.mesh_shape={'data': -1, 'model': 1}"],
 }
 
 
