@@ -38,11 +38,20 @@ setup(
         'tensorboardX>=2.6',
         'matplotlib>=3.8',
         'grain>=0.2.12',
+        'xxhash>=3.0',  # checkpoint integrity sidecars
     ],
     extras_require={
-        'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10'],
+        # The S3 tests run a real S3 API server (moto_server) on loopback.
+        # s3fs's aiobotocore pins botocore tightly; moto's boto3 follows
+        # botocore, so pip resolves both in one pass (about 20 s).
+        'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10',
+                 'fsspec>=2024.6', 's3fs>=2024.6', 'moto[s3]>=5.0',
+                 'flask>=3', 'flask-cors>=4'],
         'wandb': ['wandb>=0.19.10'],
         'orbax': ['orbax-checkpoint>=0.11'],
+        # Checkpoints and --workdir on object stores (lib/storage.py).
+        'gcs': ['fsspec>=2024.6', 'gcsfs>=2024.6'],
+        's3': ['fsspec>=2024.6', 's3fs>=2024.6'],
     },
     entry_points={'console_scripts': ['gintrain=gintrain.runner.cli.main:run']},
 )

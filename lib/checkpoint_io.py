@@ -530,6 +530,9 @@ def write_file(tree, path: str, sort_keys: bool = False,
   """
   if not isinstance(tree, EncodedTree):
     tree = encode(tree, sort_keys=sort_keys)
+  if storage.is_url(path):
+    _upload_file(tree, path, exclusive, hasher)
+    return
   fd = _create_file(path, exclusive)
   try:
     _write_segments(tree, functools.partial(_write_all, fd), hasher)
@@ -541,6 +544,27 @@ def write_file(tree, path: str, sort_keys: bool = False,
       raise CheckpointWriteError(path, e) from e
     raise
   os.close(fd)
+
+
+def _upload_file(tree: EncodedTree, url: str, exclusive: bool,
+                 hasher=None) -> None:
+  """:func:`write_file` to an object store (appears when complete)."""
+  if exclusive and storage.exists(url):
+    raise FileExistsError(errno.EEXIST, 'File exists', url)
+  upload = None
+  try:
+    upload = storage.Upload(url)
+    _write_segments(tree, upload.write, hasher)
+    upload.commit()
+  except BaseException as e:
+    if upload is not None:
+      try:
+        upload.abort()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if isinstance(e, Exception) and not isinstance(e, errors.GintrainError):
+      raise CheckpointWriteError(url, _as_oserror(e)) from e
+    raise
 
 
 def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
@@ -555,7 +579,10 @@ def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
   if storage.is_url(final_path):
     if not overwrite and storage.exists(final_path):
       raise errors.AlreadyExistsError(final_path)
-    storage.move(tmp_path, final_path)
+    side = checkpoint_naming.sidecar_path(final_path)
+    if storage.exists(side):  # an older file's: it would not match
+      storage.remove(side)
+    storage.move(tmp_path, final_path)  # a server-side copy, then a delete
     return
   if not overwrite and os.path.lexists(final_path):
     raise errors.AlreadyExistsError(final_path)

@@ -27,6 +27,7 @@ Rules this module enforces:
   's3://b/run/checkpoints'
 """
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -34,6 +35,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 from typing import Any, Iterator
 
 from gintrain.lib import errors
@@ -75,6 +77,8 @@ EXTRAS = {'gs': 'gcs', 'gcs': 'gcs', 's3': 's3', 's3a': 's3'}
 _ATOMIC_UPLOAD = frozenset({'s3', 's3a', 'gs', 'gcs'})
 # Upload block (S3 part) size: 5 MiB is S3's minimum part size.
 UPLOAD_BLOCK_BYTES = 32 << 20
+# S3 parts uploaded at once (memory: this many blocks, plus the one filling).
+UPLOAD_PARTS_IN_FLIGHT = 4
 
 
 class StorageError(errors.GintrainError, ValueError):
@@ -248,42 +252,123 @@ def move(src: str, dst: str) -> None:
   fs.mv(src_path, dst_path, recursive=fs.isdir(src_path))
 
 
+class _S3MultipartUpload:
+  """An S3 multipart upload with parts sent by a few threads at once.
+
+  The object appears when :meth:`commit` completes the upload (one
+  ``put_object`` if it fits in a single block); :meth:`abort` aborts it.
+  """
+
+  def __init__(self, fs, path: str, block: int, in_flight: int):
+    self.fs = fs
+    self.bucket, self.key, _ = fs.split_path(path)
+    self.block = block
+    self.buf = bytearray()
+    self.upload_id = None
+    self.futures = []
+    self.pool = concurrent.futures.ThreadPoolExecutor(in_flight)
+    self.slots = threading.BoundedSemaphore(in_flight)
+
+  def _call(self, method, **kwargs):
+    return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+  def _upload_part(self, number: int, data: bytes) -> dict:
+    try:
+      out = self._call('upload_part', UploadId=self.upload_id,
+                       PartNumber=number, Body=data)
+      return {'PartNumber': number, 'ETag': out['ETag']}
+    finally:
+      self.slots.release()
+
+  def _send(self) -> None:
+    for future in self.futures:  # fail early: a part already failed
+      if future.done() and future.exception() is not None:
+        raise future.exception()
+    if self.upload_id is None:
+      self.upload_id = self._call('create_multipart_upload')['UploadId']
+    data, self.buf = bytes(self.buf), bytearray()
+    self.slots.acquire()  # at most in_flight parts in memory
+    self.futures.append(self.pool.submit(
+        self._upload_part, len(self.futures) + 1, data))
+
+  def write(self, view: memoryview) -> None:
+    pos = 0
+    while pos < view.nbytes:
+      take = min(self.block - len(self.buf), view.nbytes - pos)
+      self.buf += view[pos:pos + take]
+      pos += take
+      if len(self.buf) >= self.block:
+        self._send()
+
+  def commit(self) -> None:
+    try:
+      if self.upload_id is None:
+        self._call('put_object', Body=bytes(self.buf))
+        return
+      if self.buf:
+        self._send()
+      parts = [future.result() for future in self.futures]
+      self._call('complete_multipart_upload', UploadId=self.upload_id,
+                 MultipartUpload={'Parts': parts})
+    finally:
+      self.pool.shutdown(wait=True)
+      self.fs.invalidate_cache()
+
+  def abort(self) -> None:
+    for future in self.futures:
+      future.cancel()
+    self.pool.shutdown(wait=True)
+    if self.upload_id is not None:
+      self._call('abort_multipart_upload', UploadId=self.upload_id)
+
+
 class Upload:
   """Writes one object that appears under ``url`` only when committed.
 
   ``write`` takes bytes-like objects of any size and feeds the store in
   blocks of ``block_bytes`` (never copying a large buffer whole);
   ``commit`` completes the upload; ``abort`` (or an exception inside a
-  ``with`` block) discards it and nothing appears. A killed process leaves
-  an S3 multipart upload that is never completed (the bucket's lifecycle
-  rule for incomplete uploads removes its parts) or, on other stores, a
-  hidden ``.<name>.part-<random>`` temporary.
+  ``with`` block) discards it and nothing appears. On S3 the blocks are the
+  parts of a multipart upload, :data:`UPLOAD_PARTS_IN_FLIGHT` of them sent
+  at once. A killed process leaves an S3 multipart upload that is never
+  completed (the bucket's lifecycle rule for incomplete uploads removes its
+  parts) or, on other stores, a hidden ``.<name>.part-<random>``
+  temporary.
   """
 
   def __init__(self, url: str, block_bytes: int = UPLOAD_BLOCK_BYTES):
     self.url = url
     self.block = block_bytes
     self.fs, path = filesystem(url)
-    if _scheme(url) in _ATOMIC_UPLOAD:
-      self._tmp = None
-      self._path = path
-    else:
+    self._tmp = None
+    self._path = path
+    self._s3 = None
+    self.done = False
+    if _scheme(url) in ('s3', 's3a') and hasattr(self.fs, 'call_s3'):
+      self._s3 = _S3MultipartUpload(self.fs, path, block_bytes,
+                                    UPLOAD_PARTS_IN_FLIGHT)
+      return
+    if _scheme(url) not in _ATOMIC_UPLOAD:
       parent, _, name = path.rpartition('/')
       self._tmp = f'{parent}/.{name}.part-{secrets.token_hex(4)}'
-      self._path = path
     self.fs.makedirs(self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
     self._file = self.fs.open(self._tmp or self._path, 'wb',
                               block_size=block_bytes)
-    self.done = False
 
   def write(self, data) -> None:
     view = memoryview(data).cast('B')
+    if self._s3 is not None:
+      self._s3.write(view)
+      return
     for start in range(0, view.nbytes, self.block):
       self._file.write(view[start:start + self.block])
 
   def commit(self) -> None:
-    self._file.close()
     self.done = True
+    if self._s3 is not None:
+      self._s3.commit()
+      return
+    self._file.close()
     if self._tmp is not None:
       self.fs.mv(self._tmp, self._path)
 
@@ -291,6 +376,9 @@ class Upload:
     if self.done:
       return
     self.done = True
+    if self._s3 is not None:
+      self._s3.abort()
+      return
     try:
       discard = getattr(self._file, 'discard', None)
       if discard is not None:

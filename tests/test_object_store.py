@@ -326,3 +326,21 @@ def test_integrity_sidecar_modes(tmp_path):
       checkpoint_io.set_integrity_sidecar('yes')
   finally:
     checkpoint_io.set_integrity_sidecar('auto')
+
+
+def test_multiprocess_commit_steps_of_the_main_file(url):
+  """The main-file steps save_checkpoint_multiprocess takes with ``_gda``
+  arrays: an exclusive temporary upload, then a commit (a server-side copy:
+  the checkpoint appears complete), which also drops a stale sidecar."""
+  tmp = checkpoint_naming.new_tmp_path(url, 'checkpoint_')
+  checkpoint_io.write_file({'a': np.arange(5)}, tmp, exclusive=True)
+  with pytest.raises(FileExistsError):
+    checkpoint_io.write_file({'a': 1}, tmp, exclusive=True)
+  assert names(url) == []  # a temporary is never listed
+  checkpoints.save_checkpoint(url, {'a': 0}, 3)  # leaves a sidecar
+  checkpoint_io.commit_file(tmp, f'{url}/checkpoint_3', overwrite=True)
+  assert names(url) == ['checkpoint_3'] and sidecars(url) == []
+  got = checkpoints.restore_checkpoint(url, None)
+  np.testing.assert_array_equal(got['a'], np.arange(5))
+  with pytest.raises(errors.AlreadyExistsError):
+    checkpoint_io.commit_file(tmp, f'{url}/checkpoint_3', overwrite=False)
