@@ -32,12 +32,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+import kills  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = 60
 SAVES = [10, 20, 30, 40, 50, 60]
 # Bounded failure detection for every run here (defaults are minutes).
-FAST_FAILURE = ('--heartbeat_timeout=5', '--barrier_timeout=60',
-                '--shutdown_timeout=20', '--initialization_timeout=60')
+FAST_FAILURE = kills.FAST_FAILURE
 
 
 @pytest.fixture(scope='module')
@@ -82,12 +82,7 @@ def _assert_close(workdir, reference, step=STEPS):
 
 
 def _assert_identical(workdir, reference, step=STEPS):
-  got = harness.flat(harness.final_state(workdir, step))
-  want = harness.flat(harness.final_state(reference, step))
-  assert got.keys() == want.keys()
-  for key in want:
-    assert np.asarray(got[key]).dtype == np.asarray(want[key]).dtype, key
-    assert np.array_equal(got[key], want[key]), key
+  kills.assert_identical(workdir, reference, step)
 
 
 def _assert_one_file_per_save(workdir, steps):
@@ -122,8 +117,7 @@ def test_sigkill_both_then_relaunch_is_bitwise_identical(cache, tmp_path,
   workdir, launch = _local(cache, tmp_path, 'killed')
   harness.wait_for_file(workdir / 'checkpoints' / 'checkpoint_20',
                         proc=launch.proc)
-  launch.kill()  # SIGKILL to local.sh and both processes
-  launch.wait()
+  kills.kill(launch)  # SIGKILL to local.sh and both processes
   assert max(harness.checkpoint_steps(workdir)) < STEPS  # really mid-run
   workdir, relaunch = _local(cache, tmp_path, 'killed')
   assert relaunch.wait() == 0, relaunch.describe()

@@ -96,10 +96,15 @@ def last_state(workdir):
   return harness.final_state(workdir, harness.checkpoint_steps(workdir)[-1])
 
 
-def assert_identical(workdir, reference) -> None:
-  """The latest checkpoints of both workdirs hold bitwise-equal states."""
-  got = harness.flat(last_state(workdir))
-  want = harness.flat(last_state(reference))
+def assert_identical(workdir, reference, step=None) -> None:
+  """The checkpoints of ``step`` (default: the latest) of both workdirs
+  hold bitwise-equal states."""
+  if step is None:
+    got, want = last_state(workdir), last_state(reference)
+  else:
+    got = harness.final_state(workdir, step)
+    want = harness.final_state(reference, step)
+  got, want = harness.flat(got), harness.flat(want)
   assert got.keys() == want.keys()
   for key in want:
     assert np.asarray(got[key]).dtype == np.asarray(want[key]).dtype, key
