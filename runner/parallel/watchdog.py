@@ -27,10 +27,14 @@ blocks in a collective holds its thread until all peers arrive. With more
 devices (virtual CPU devices) than cores, and other processes competing for
 the same cores, a rendezvous can wait for a partition that has no thread to
 run on: a deadlock that no timeout inside XLA breaks (gloo's collectives on
-CPU wait without a deadline). ``runner.parallel.partitioners`` places batches
-one device at a time for the same reason (see its ``put_batch``). It is
+CPU wait without a deadline; jax-ml/jax#38503 shows the same for a peer
+that is alive but stuck, on GPUs). ``runner.parallel.partitioners`` places
+batches explicitly because of a related deadlock of the gradient
+all-reduce when devices outnumber cores (see its ``put_batch``). It is
 rare, load-dependent and not reproducible on demand, hence a watchdog
-rather than a fix.
+rather than a fix; this module's tests check that the watchdog ends a
+process whose main thread is inside XLA's ``Execute`` (a long compiled
+loop, and a 2-process run whose peer hangs).
 
 How: a daemon thread polls the time of the last :func:`beat`, which the
 trainer calls once per step, right after the step is dispatched. The step
