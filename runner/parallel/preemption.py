@@ -95,6 +95,7 @@ def check_interval() -> int:
 # Coordination-service keys of the agreement (one run = one service).
 _NOTICE_KEY = 'gintrain/preempt/notice'
 _STEP_KEY = 'gintrain/preempt/step/'
+_DECISION_KEY = 'gintrain/preempt/stop_at'
 # Long-poll length of the watcher's wait for a notice (it re-asks after).
 _POLL_MS = 60_000
 _CLOSED = 'closed'  # what close() posts to wake this process's watcher
@@ -105,8 +106,9 @@ class _Agreement:
 
   A watcher thread waits on the coordination service for the notice key
   (a long poll: no request per step). Once it exists, the watcher holds
-  the loop at its next check, publishes the last check step the loop
-  passed, reads every process's, and decides ``stop_at = max + interval``:
+  the loop at its next check and publishes the last check step the loop
+  passed; process 0's watcher reads every process's and publishes
+  ``stop_at = max + interval`` (O(processes) requests per preemption):
   a check step every process can reach, since each is held at most one
   interval after the step it published (the signalled process holds
   itself at once, so it has not passed the check that posted the notice). The watchers, not the loops,
@@ -179,10 +181,14 @@ class _Agreement:
       client.key_value_set(f'{_STEP_KEY}{jax.process_index()}', str(mine),
                            allow_overwrite=True)
       timeout_ms = int(1000 * distributed.barrier_timeout())
-      steps = [int(client.blocking_key_value_get(f'{_STEP_KEY}{i}',
-                                                 timeout_ms))
-               for i in range(jax.process_count())]
-      self.stop_at = max(steps) + self.interval
+      if jax.process_index() == 0:  # decides; the others read the decision
+        steps = [int(client.blocking_key_value_get(f'{_STEP_KEY}{i}',
+                                                   timeout_ms))
+                 for i in range(jax.process_count())]
+        client.key_value_set(_DECISION_KEY, str(max(steps) + self.interval),
+                             allow_overwrite=True)
+      self.stop_at = int(client.blocking_key_value_get(_DECISION_KEY,
+                                                       timeout_ms))
       self.notice = notice
       logging.info('Preemption notice from process %s: every process stops'
                    ' at step %d.', notice, self.stop_at)
