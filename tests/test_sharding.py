@@ -43,11 +43,13 @@ text_files.max_eval_examples = 64
 train.batch_size = 8
 train.num_steps = 30
 train.log_every = 10
-train.eval_every = 30
+train.eval_every = 10
 train.eval_batch_size = 32
 train.actions = []
 checkpoint_policy.every_steps = 10
 checkpoint_policy.keep = 0
+checkpoint_policy.best_metric = 'loss'
+checkpoint_policy.best_mode = 'min'
 warmup_cosine_decay_schedule.warmup_steps = 5
 warmup_cosine_decay_schedule.decay_steps = 200
 train.parallelism = @partitioner()
@@ -249,7 +251,18 @@ def test_fsdp_on_two_processes_matches_one_device_and_writes_gda(
     # the split arrays are there (zarr), replicated ones in the msgpack file
     assert (gda / 'state' / 'params' / 'Embed_0' / 'embedding').is_dir()
   assert not (reference / 'checkpoints' / 'checkpoint_30_gda').exists()
+  # keep-best (keep_best=1): the evicted best checkpoints' arrays go too
+  best = sorted(os.listdir(workdir / 'best_checkpoints'))
+  assert len(best) == 2 and best[1] == best[0] + '_gda', best
+  assert best == [f'checkpoint_{s}{x}' for s in (reference_best(reference),)
+                  for x in ('', '_gda')]
   assert 'parallelism sharded on 4 device(s)' in launch.log(0)
+
+
+def reference_best(reference):
+  """The step of the one-device run's kept best checkpoint."""
+  (name,) = os.listdir(reference / 'best_checkpoints')
+  return int(name.rsplit('_', 1)[1])
 
 
 def _dry_run_bytes(cache, gin_file, tmp_path, *args):

@@ -685,10 +685,12 @@ def _check_array_dir(path: str, raw) -> None:
 
 
 def _remove(path):
-  if os.path.isdir(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.exists(path):
-    os.remove(path)
+  """Removes checkpoint ``path`` and its sharded arrays (``<path>_gda``)."""
+  for item in (path, multiprocess_arrays.array_dir(path)):
+    if os.path.isdir(item):
+      shutil.rmtree(item, ignore_errors=True)
+    elif os.path.exists(item):
+      os.remove(item)
 
 
 def _process_count():
