@@ -344,3 +344,9 @@ def test_multiprocess_commit_steps_of_the_main_file(url):
   np.testing.assert_array_equal(got['a'], np.arange(5))
   with pytest.raises(errors.AlreadyExistsError):
     checkpoint_io.commit_file(tmp, f'{url}/checkpoint_3', overwrite=False)
+
+
+def test_storage_doctests():
+  import doctest  # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(storage)
+  assert result.failed == 0 and result.attempted > 0
