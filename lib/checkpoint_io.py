@@ -56,6 +56,10 @@ the main file is committed. A read verifies the file against its sidecar
 when there is one (a mismatch is a ``CheckpointReadError`` naming the file);
 files without one (flax's) read as before. Which saves write one:
 :func:`set_integrity_sidecar` (default ``'auto'``: saves to object stores).
+A save without a sidecar removes a stale one of the same name. One window
+is left: an ``overwrite=True`` save of an existing step killed between
+writing the new sidecar and committing the new file leaves the old file
+with the new sidecar, which then reads as corrupt (never as wrong data).
 """
 
 import concurrent.futures
