@@ -178,3 +178,35 @@ def test_cli_bad_workdir_urls(tmp_path, bad, line):
                     ' fsspec knows: s3://, gs://, memory://, ...)'
                     if bad.startswith('foo') else f'gintrain: error: {line}']
   assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_latest_checkpoint_on_s3_is_moved_aside(s3, tmp_path):  # pylint: disable=redefined-outer-name
+  """A bit flipped in the latest S3 checkpoint (caught by its integrity
+  sidecar): the resume moves it to corrupt_checkpoints/ in the bucket,
+  resumes from the one before and writes the same checkpoint again."""
+  s3.create_bucket('corrupt')
+  url = 's3://corrupt/run'
+  environ = harness.env(tmp_path / 'jax_cache', devices=1)
+  command = harness.train_command(url, '--gin.slow_synthetic.delay=0',
+                                  "--gin.train.parallelism='single'")
+
+  def run():
+    result = subprocess.run(command, env=environ, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, harness.tail(result.stderr)
+    return result.stderr
+
+  run()
+  last = f'{url}/checkpoints/checkpoint_{STEPS}'
+  good = storage.read_bytes(last)
+  fs, key = storage.filesystem(last)
+  flipped = bytearray(good)
+  flipped[len(good) // 2] ^= 0x10
+  fs.pipe_file(key, bytes(flipped))
+  log = run()
+  assert f'Skipping checkpoint {last}' in log and 'sidecar' in log, (
+      harness.tail(log))
+  assert storage.read_bytes(
+      f'{url}/corrupt_checkpoints/checkpoint_{STEPS}') == bytes(flipped)
+  assert storage.read_bytes(last) == good  # trained again from step 50
+  assert os.listdir(tmp_path) == ['jax_cache']

@@ -33,6 +33,7 @@ from gintrain.lib import checkpoints
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
+from gintrain.lib import storage
 from gintrain.runner.parallel import distributed
 from gintrain.runner.errors import RunnerError
 
@@ -535,16 +536,21 @@ class Checkpointer:
   def _move_aside(self, paths) -> None:
     """Moves unreadable checkpoints to ``<workdir>/corrupt_checkpoints/``."""
     target = os.path.join(os.path.dirname(self.dir), CORRUPT_DIR)
+    url = storage.is_url(self.dir)  # object stores: a copy, then a delete
+    exists = storage.exists if url else os.path.lexists
     for path in paths:
       for source in (path, path + '_gda'):
-        if not os.path.lexists(source):
+        if not exists(source):
           continue
         dest = os.path.join(target, os.path.basename(source))
         n = 1
-        while os.path.lexists(dest):
+        while exists(dest):
           dest = os.path.join(target, f'{os.path.basename(source)}.{n}')
           n += 1
         try:
+          if url:
+            storage.move(source, dest)
+            continue
           os.makedirs(target, exist_ok=True)
           os.rename(source, dest)
         except OSError as e:
@@ -686,6 +692,11 @@ def _check_array_dir(path: str, raw) -> None:
 
 def _remove(path):
   """Removes checkpoint ``path`` and its sharded arrays (``<path>_gda``)."""
+  if storage.is_url(path):  # and its integrity sidecar
+    for item in (path, multiprocess_arrays.array_dir(path),
+                 checkpoint_naming.sidecar_path(path)):
+      storage.rmtree(item)
+    return
   for item in (path, multiprocess_arrays.array_dir(path)):
     if os.path.isdir(item):
       shutil.rmtree(item, ignore_errors=True)
