@@ -350,3 +350,56 @@ def test_storage_doctests():
   import doctest  # pylint: disable=g-import-not-at-top
   result = doctest.testmod(storage)
   assert result.failed == 0 and result.attempted > 0
+
+
+def test_runner_outputs_on_a_url(tmp_path, monkeypatch, caplog):
+  """The runner's writers, settings, plot and lock with a URL workdir
+  (memory://): files uploaded whole, metrics appended across writers (a
+  resume) after a torn tail is repaired, staging removed, nothing local."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import lock  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import plots  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import settings  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import writers  # pylint: disable=g-import-not-at-top
+  staging = tmp_path / 'staging'
+  staging.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(staging))
+  monkeypatch.chdir(tmp_path)
+  u = f'memory://outputs-{os.getpid()}/run'
+  w = writers.MultiWriter([writers.JsonlWriter(u),
+                           writers.TensorBoardWriter(u)])
+  w.write_scalars(1, {'loss': 0.5})
+  w.write_hparams({'lr': 0.1}, ['train/loss'])
+  assert len(os.listdir(staging)) == 2  # the local copies being written
+  w.close()
+  assert os.listdir(staging) == []
+  # a torn last line, as a killed upload of an older version could leave
+  data = storage.read_bytes(f'{u}/metrics.jsonl') + b'{"step": 2, "spl'
+  storage.write_bytes(f'{u}/metrics.jsonl', data)
+  with writers.JsonlWriter(u) as w2:
+    w2.write_scalars(2, {'loss': 0.25})
+  lines = storage.read_bytes(f'{u}/metrics.jsonl').decode().splitlines()
+  assert [json_step(l) for l in lines] == [1, 2]
+  assert plots.read_metrics(f'{u}/metrics.jsonl')[('train', 'loss')] == (
+      [1, 2], [0.5, 0.25])
+  plots.plot_metrics(f'{u}/metrics.jsonl', f'{u}/metrics.png')
+  assert storage.read_bytes(f'{u}/metrics.png')[:4] == b'\x89PNG'
+  assert 'lr' in storage.read_bytes(f'{u}/hparams.json').decode()
+  (event,) = storage.list_entries(f'{u}/tensorboard')
+  assert event.startswith('events.out.tfevents.')
+  cfg = settings.build({'train.batch_size': 32}, {'workdir': u},
+                       versions={'jax': 'x'}, devices={'count': 1})
+  assert settings.save(u, cfg) == f'{u}/settings.json'
+  assert settings.load(u)['gin.train.batch_size'] == 32
+  with caplog.at_level(logging.INFO):
+    with lock.WorkdirLock(u):
+      pass
+  assert 'not locked' in caplog.text
+  assert sorted(os.listdir(tmp_path)) == ['staging']
+  assert os.listdir(staging) == []
+
+
+def json_step(line):
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(line)['step']
