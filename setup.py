@@ -42,8 +42,10 @@ setup(
     ],
     extras_require={
         # The S3 tests run a real S3 API server (moto_server) on loopback.
-        # s3fs's aiobotocore pins botocore tightly; moto's boto3 follows
-        # botocore, so pip resolves both in one pass (about 20 s).
+        # s3fs's aiobotocore pins botocore tightly and moto's boto3 follows
+        # botocore: listed together (no boto3 of its own) pip resolves them
+        # without backtracking (a fresh '.[test,orbax]' dry-run: 52 s, 27 s
+        # without these five).
         'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10',
                  'fsspec>=2024.6', 's3fs>=2024.6', 'moto[s3]>=5.0',
                  'flask>=3', 'flask-cors>=4'],
