@@ -132,8 +132,8 @@ def test_negative_step_timeout_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('victim, check_interval', [
-    (1, 1000),  # the other waits inside the next step (XLA's Execute)
-    (0, 1),     # the other waits in the preemption agreement's barrier
+    (1, 1000),  # the coordinator waits inside the next step
+    (0, 1),     # the coordinator hangs; checks of a preemption every step
 ])
 def test_two_processes_one_hangs_both_exit_with_stacks(tmp_path, victim,
                                                        check_interval):
@@ -167,8 +167,7 @@ def test_two_processes_one_hangs_both_exit_with_stacks(tmp_path, victim,
   assert f'HANGING at step 15 on process {victim}' in hung
   assert 'faults.py' in hung  # its stack shows where it hangs
   waiting = _main_stack(launch.log(1 - victim))
-  assert 'in _loop' in waiting, waiting
-  assert ('in barrier' in waiting) == (check_interval == 1), waiting
+  assert 'in _loop' in waiting, waiting  # stuck in the loop, reported
 
 
 def _main_stack(log):
