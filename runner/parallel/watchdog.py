@@ -124,7 +124,8 @@ class Watchdog:
 
   Disarmed until the first beat. ``process`` is ``(index, count)`` for the
   message. On a timeout it reports, waits ``exit_grace_s`` (default
-  ``min(5, timeout_s / 2)``: the peers report too) and exits.
+  ``min(5, timeout_s / 2)``, twice that on process 0: the peers report
+  and exit first) and exits.
   """
 
   def __init__(self, timeout_s: float, process: tuple[int, int] = (0, 1),
@@ -139,8 +140,11 @@ class Watchdog:
     self.poll_s = poll_s or min(1.0, timeout_s / 10)
     # Between the report and the exit: the peers, stuck since about the
     # same step, report too before this exit breaks their connections.
-    self.exit_grace_s = (min(5.0, timeout_s / 2) if exit_grace_s is None
-                         else exit_grace_s)
+    # Process 0 hosts the coordination service, whose end makes JAX abort
+    # the others (status 134): it waits twice as long, exiting last.
+    if exit_grace_s is None:
+      exit_grace_s = min(5.0, timeout_s / 2) * (2 if process[0] == 0 else 1)
+    self.exit_grace_s = exit_grace_s
     self._last: Optional[tuple[int, float]] = None  # (step, monotonic time)
     self._backstop_armed = 0.0
     self._stop = threading.Event()
