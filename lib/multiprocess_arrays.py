@@ -126,11 +126,24 @@ def _array_serialization():
   return serialization
 
 
+def _array_spec(path: str) -> dict:
+  """jax's tensorstore spec for the array at ``path``; on object stores with
+  the kvstore of ``lib.storage`` (endpoint, region and credentials from the
+  store's usual environment variables, which tensorstore ignores)."""
+  ser = _array_serialization()
+  spec = ser.get_tensorstore_spec(path)
+  if is_remote_path(path):
+    from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+    kvstore = storage.tensorstore_kvstore_spec(path)
+    kvstore['path'] = kvstore.get('path', '').rstrip('/')
+    spec['kvstore'] = kvstore
+  return spec
+
+
 def _kvstore(directory: str):
   """A tensorstore key-value store rooted at ``directory`` (any driver)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  ser = _array_serialization()
-  spec = dict(ser.get_tensorstore_spec(directory)['kvstore'])
+  spec = dict(_array_spec(directory)['kvstore'])
   spec['path'] = spec.get('path', '').rstrip('/') + '/'
   return ts.KvStore.open(spec).result()
 
@@ -184,9 +197,8 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
   finished; ``gda_manager.wait_until_finished()`` waits for that and raises
   its errors.
   """
-  ser = _array_serialization()
   target_dir = array_dir(final_path if is_remote_path(final_path) else tmp_path)
-  specs = [ser.get_tensorstore_spec(_array_path(target_dir, subpath))
+  specs = [_array_spec(_array_path(target_dir, subpath))
            for subpath, _ in arrays]
   gda_manager.serialize([arr for _, arr in arrays], specs,
                         on_commit_callback=on_commit)
@@ -227,8 +239,7 @@ def _is_placeholder(value: Any) -> bool:
 
 
 def _read_spec(path: str) -> dict:
-  ser = _array_serialization()
-  spec = ser.get_tensorstore_spec(path)
+  spec = _array_spec(path)
   if not is_remote_path(path) and os.path.exists(
       os.path.join(path, 'zarr.json')):
     spec['driver'] = 'zarr3'

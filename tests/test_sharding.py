@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gintrain.lib import checkpoint_io
+from gintrain.lib import storage
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints as runner_ckpt
 from gintrain.runner.parallel import partitioners
@@ -424,3 +425,34 @@ def test_fsdp_under_slurm_with_no_coordinator_flag(cache, gin_file, tmp_path,
   assert text.count('jax.distributed.initialize via slurm') == 2, text
   assert (workdir / 'checkpoints' / 'checkpoint_30_gda').is_dir()
   _assert_close(workdir, reference)
+
+
+# -- on an object store: the _gda arrays through tensorstore's s3 kvstore ---
+
+from s3_server import s3  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position,wrong-import-order
+
+
+def _url_state(url, step=STEPS):
+  path = f'{url}/checkpoints/checkpoint_{step}'
+  raw = runner_ckpt.read_arrays(path, checkpoint_io.read_checkpoint_file(path))
+  return harness.flat(raw['state'])
+
+
+def test_fsdp_on_s3_saves_gda_there_and_resumes_from_it(
+    s3, cache, gin_file, tmp_path, fsdp_run):  # pylint: disable=redefined-outer-name
+  s3.create_bucket('shard')
+  url = 's3://shard/run'
+  _, launch = _launch(cache, tmp_path, 'first', gin_file, f'--workdir={url}',
+                      '--gin.train.num_steps=20')
+  assert launch.wait() == 0, launch.describe()
+  gda = f'{url}/checkpoints/checkpoint_20_gda'
+  assert storage.exists(f'{gda}/commit_success.txt')  # written last
+  assert storage.isdir(f'{gda}/state/params/Embed_0/embedding')
+  _, launch = _launch(cache, tmp_path, 'second', gin_file, f'--workdir={url}')
+  assert launch.wait() == 0, launch.describe()
+  assert 'checkpoint_20 (step 20)' in launch.log(0)  # resumed from S3
+  got, want = _url_state(url), _state(fsdp_run[0])
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert not any('s3:' in d for d, _, _ in os.walk(tmp_path))
