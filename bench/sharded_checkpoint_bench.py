@@ -17,7 +17,9 @@ of ``--gib`` GiB (float32 arrays of 4096 rows) on a 1-D ``data`` mesh:
 * ``numpy``: each process ``tofile`` + fsync of the bytes it holds of the
   sharded state (half of it), then ``np.fromfile``: what the disk allows.
 
-Times are the slower process's (the save is done when the last one is).
+Times are the slower process's (the save is done when the last one is);
+each save ends with ``os.sync()`` (tensorstore does not fsync, and unflushed
+pages would otherwise be written back during the next measurement).
 Restores read a warm page cache (the files were just written).
 
   python bench/sharded_checkpoint_bench.py [--gib 1] [--port 24380]
@@ -90,6 +92,7 @@ def _worker(args, flags):
         os.path.join(root, 'sharded'), {'state': sharded}, 1,
         gda_manager=manager)
     manager.wait_until_finished()
+    os.sync()  # durable, like the others (tensorstore does not fsync)
   timed('sharded save', save_sharded)
   path = os.path.join(root, 'sharded', 'checkpoint_1')
 
@@ -112,6 +115,7 @@ def _worker(args, flags):
             for k, v in replicated.items()}
     checkpoints.save_checkpoint_multiprocess(
         os.path.join(root, 'replicated'), {'state': host}, 1)
+    os.sync()
   timed('replicated save', save_replicated)
   del replicated
   rpath = os.path.join(root, 'replicated', 'checkpoint_1')

@@ -307,11 +307,35 @@ def read_arrays(state_dict: Any, ckpt_path: str, shardings: Any,
           ckpt_path, step, '/'.join(map(str, key)) or None)
     wanted.append((key, sharding, _placeholder_path(ckpt_path, value)))
   _check_committed(ckpt_path, [p for _, _, p in wanted], step)
-  ser = _array_serialization()
-  arrays = ser.run_deserialization([s for _, s, _ in wanted],
-                                   [_read_spec(p) for _, _, p in wanted])
+  arrays = _read_into([s for _, s, _ in wanted],
+                      [_read_spec(p) for _, _, p in wanted])
   return _replace_leaves(state_dict, {
       key: arr for (key, _, _), arr in zip(wanted, arrays)})
+
+
+def _read_into(shardings, specs) -> list:
+  """The arrays stored at ``specs``, each placed with its sharding; every
+  process reads only its devices' slices, all reads in flight at once.
+
+  Written here rather than through jax's ``run_deserialization``, which
+  copies every slice once more on the host (an ``astype``): measured at
+  about half of a 1 GiB restore on 2 processes.
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  stores = [ts.open(spec, open=True) for spec in specs]
+  stores = [future.result() for future in stores]
+  pending = []  # (array index, device, read future)
+  for i, (sharding, store) in enumerate(zip(shardings, stores)):
+    shape = tuple(store.shape)
+    for device, index in sharding.addressable_devices_indices_map(
+        shape).items():
+      pending.append((i, device, store[index].read()))
+  per_array = [[] for _ in stores]
+  for i, device, future in pending:
+    per_array[i].append(jax.device_put(future.result(), device))
+  return [jax.make_array_from_single_device_arrays(
+      tuple(store.shape), sharding, shards)
+          for store, sharding, shards in zip(stores, shardings, per_array)]
 
 
 def restore_multiprocess_arrays(state_dict: Any, target: Any, ckpt_path: str,
