@@ -17,7 +17,6 @@ Use from a test module::
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ import urllib.request
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 PORT_RANGE = (24500, 24600)
-
-
-def _port_free(port: int) -> bool:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    try:
-      s.bind(('127.0.0.1', port))
-    except OSError:
-      return False
-    return True
 
 
 def _moto_command(port: int) -> list:
@@ -57,7 +51,7 @@ class S3Server:
                   " 'gintrain[test]'")
     self.log = open(log_path, 'w', encoding='utf-8')
     for port in range(*PORT_RANGE):
-      if _port_free(port):
+      if harness.port_free(port):
         break
     else:
       raise RuntimeError('no free port in 24500-24599')

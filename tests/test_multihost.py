@@ -244,14 +244,7 @@ def test_slurm_sbatch_auto_detection_preemption_and_requeue(
   output = tmp_path / 'job.out'
   port = harness.free_port()
   with harness.SlurmCluster() as slurm:
-    environ = slurm.client_env(harness.env(
-        cache, devices=2, GINTRAIN_PYTHON=sys.executable,
-        JAX_COORDINATOR_PORT=port,
-        JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}'))
-    if not harness.node_name_resolves():
-      # JAX takes the coordinator host from SLURM_STEP_NODELIST (this
-      # machine's short name); count and index are still auto-detected.
-      environ['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
+    environ = slurm.job_env(cache, port)
     submit = subprocess.run(
         ['sbatch', '--parsable', '--ntasks=2', '--ntasks-per-node=2',
          f'--chdir={harness.REPO}', f'--output={output}',

@@ -408,12 +408,7 @@ def test_fsdp_under_slurm_with_no_coordinator_flag(cache, gin_file, tmp_path,
   output = tmp_path / 'job.out'
   port = harness.free_port()
   with harness.SlurmCluster() as slurm:
-    environ = slurm.client_env(harness.env(
-        cache, devices=2, GINTRAIN_PYTHON=sys.executable,
-        JAX_COORDINATOR_PORT=port,
-        JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}'))
-    if not harness.node_name_resolves():
-      environ['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
+    environ = slurm.job_env(cache, port)
     result = subprocess.run(
         ['sbatch', '--wait', '--ntasks=2', '--ntasks-per-node=2',
          f'--chdir={harness.REPO}', f'--output={output}',

@@ -321,6 +321,19 @@ class SlurmCluster:
   def client_env(self, base) -> dict:
     return dict(base, SLURM_CONF=self.conf)
 
+  def job_env(self, cache_dir, port) -> dict:
+    """The environment of a runner job submitted here: 2 CPU devices per
+    task, the coordinator on 127.0.0.1:``port``; JAX detects the rest."""
+    environ = self.client_env(env(
+        cache_dir, devices=2, GINTRAIN_PYTHON=sys.executable,
+        JAX_COORDINATOR_PORT=port,
+        JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}'))
+    if not node_name_resolves():
+      # JAX takes the coordinator host from SLURM_STEP_NODELIST (this
+      # machine's short name); count and index are still auto-detected.
+      environ['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
+    return environ
+
   def job_field(self, job, field) -> str:
     out = subprocess.run(['scontrol', 'show', 'job', str(job)],
                          env=self.client_env(os.environ), capture_output=True,
