@@ -39,6 +39,9 @@ setup(
         'matplotlib>=3.8',
         'grain>=0.2.12',
         'xxhash>=3.0',  # checkpoint integrity sidecars
+        'tokenizers>=0.15',  # tokenizer.json (runner.data.tokenizer)
+        'array-record>=0.5',  # prepared shards (runner.data.sources)
+        'pyarrow>=14',  # Parquet sources
     ],
     extras_require={
         # The S3 tests run a real S3 API server (moto_server) on loopback.
