@@ -287,8 +287,8 @@ class _Encoder:
     # immutable, and converted big-endian arrays are private copies already.
     private = private or isinstance(x, jax.Array)
     arr = np.asarray(x)
-    if arr.dtype.byteorder == '>':  # stored little-endian (flax: garbage)
-      arr, private = arr.astype(arr.dtype.newbyteorder('<')), True
+    if not arr.dtype.isnative:  # stored little-endian (flax: garbage)
+      arr, private = serialization._as_little_endian(arr), True  # pylint: disable=protected-access
     try:
       header, nbytes = serialization.array_header(arr.shape, arr.dtype)
     except ValueError as e:

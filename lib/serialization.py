@@ -285,8 +285,36 @@ def _as_little_endian(arr: np.ndarray) -> np.ndarray:
   :func:`array_header` must pass their arrays through this first.
   """
   if not arr.dtype.isnative:
-    return arr.astype(arr.dtype.newbyteorder('<'))
+    return _zero_padding(arr.astype(arr.dtype.newbyteorder('<')))
   return arr
+
+
+# x86's long double (numpy's longdouble/clongdouble there) holds 10 bytes of
+# x87 extended precision in a 16-byte slot. numpy leaves the other 6 bytes as
+# whatever the allocation held whenever it converts a value (a scalar to an
+# array, a byte swap, ``astype``): two saves of one scalar differed, and heap
+# contents leaked into the file. Copies made here for writing get those bytes
+# zeroed; an array's own bytes are written as its memory holds them (the same
+# on every save, and flax's bytes).
+_LONGDOUBLE_VALUE_BYTES = (10 if np.finfo(np.longdouble).nmant == 63
+                           and np.dtype(np.longdouble).itemsize > 10 else 0)
+
+
+def _zero_padding(arr: np.ndarray) -> np.ndarray:
+  """Zeroes the padding of a private, native ``arr`` of long doubles."""
+  dtype = arr.dtype
+  if (_LONGDOUBLE_VALUE_BYTES and arr.size and
+      dtype.kind in 'fc' and dtype.base in (np.dtype(np.longdouble),
+                                            np.dtype(np.clongdouble))):
+    slots = arr.reshape(-1).view(np.uint8).reshape(
+        -1, np.dtype(np.longdouble).itemsize)
+    slots[:, _LONGDOUBLE_VALUE_BYTES:] = 0
+  return arr
+
+
+def _scalar_as_array(x: np.generic) -> np.ndarray:
+  """A numpy scalar as a 0-d array whose every byte is defined."""
+  return _zero_padding(np.array(x))
 
 
 def _check_dtype(dtype: np.dtype):
@@ -421,7 +449,8 @@ def _msgpack_ext_pack(x):
   if isinstance(x, (np.ndarray, jax.Array)):
     return msgpack.ExtType(_ExtType.ndarray, _ndarray_to_bytes(x))
   if isinstance(x, np.generic):
-    return msgpack.ExtType(_ExtType.npscalar, _ndarray_to_bytes(np.asarray(x)))
+    return msgpack.ExtType(_ExtType.npscalar,
+                           _ndarray_to_bytes(_scalar_as_array(x)))
   if isinstance(x, complex):
     return msgpack.ExtType(
         _ExtType.native_complex, msgpack.packb((x.real, x.imag)))
