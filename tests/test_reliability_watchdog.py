@@ -116,13 +116,15 @@ def test_compilation_holds_the_clock(monkeypatch):
   assert seen
 
 
-def test_single_process_runs_have_no_watchdog(tmp_path):
-  import time  # pylint: disable=g-import-not-at-top
-  def slow(step):
+def test_single_process_runs_have_a_watchdog_too(tmp_path):
+  # Issue 18: 1-process runs are watched too (their exit 3 is tested in a
+  # subprocess by tests/test_reliability_round3.py); stopped at the end.
+  seen = []
+  def look(step):
     if step == 2:
-      time.sleep(3)
-      assert watchdog.active() is None
-  assert run(tmp_path, '--step_timeout=1', hooks=[slow]) == 0
+      seen.append(watchdog.active())
+  assert run(tmp_path, hooks=[look]) == 0
+  assert seen[0] is not None and seen[0].process == (0, 1)
   assert watchdog.active() is None
 
 

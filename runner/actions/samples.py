@@ -8,6 +8,7 @@ import numpy as np
 from absl import logging
 
 from gintrain.runner.actions import base
+from gintrain.runner.parallel import watchdog
 
 __all__ = ['WriteSamples', 'SAMPLES_FILE', 'sample']
 
@@ -40,9 +41,17 @@ def sample(apply_fn, temperature: float = 0.8):
 
 
 class WriteSamples(base.Action):
-  """At the end (process 0), continues the first ``prompt_length`` bytes of
-  ``num`` held-out examples and writes prompts and continuations to
+  """At the end, continues the first ``prompt_length`` bytes of ``num``
+  held-out examples and writes prompts and continuations to
   ``<workdir>/samples.txt``. For byte-level language models (``tokens``).
+
+  Every process runs it: the parameters are fetched to the host with the
+  partitioner, which for arrays split over several processes is a
+  cross-process gather that all of them must join (a gather on process 0
+  alone waits forever for the others, issue 18). Process 0 then samples on
+  its own devices and writes the file; the others go on at once. A
+  finished gather and a finished sampling count as progress for the step
+  watchdog (``runner.parallel.watchdog.touch``).
 
   Args:
     num: how many samples.
@@ -61,10 +70,16 @@ class WriteSamples(base.Action):
     self.run, self.workdir = run, workdir
 
   def due(self, step, last):
-    return last and jax.process_index() == 0
+    return last  # on every process: see the class doc
 
   def __call__(self, step, state, metrics):
     run = self.run
+    # Collective in a multi-process sharded run: every process takes part.
+    params, model_state = run.partitioner.get(
+        (state.params, state.model_state))
+    watchdog.touch()
+    if jax.process_index() != 0:
+      return
     prompts = []
     for batch in run.source.eval_batches():
       tokens = np.asarray(batch[run.task.input_key])
@@ -76,11 +91,12 @@ class WriteSamples(base.Action):
       return
     tokens = np.stack(prompts[:self.num])[:, :-1].astype(np.int32)
     length = min(self.prompt_length, tokens.shape[1] - 1)
-    host = run.partitioner.get(state)
-    apply_fn = lambda p, t: run.task.apply_eval(p, host.model_state, t)  # pylint: disable=unnecessary-lambda-assignment
+    apply_fn = lambda p, t: run.task.apply_eval(p, model_state, t)  # pylint: disable=unnecessary-lambda-assignment
     fill = jax.jit(sample(apply_fn, self.temperature), static_argnums=0)
+    # Host inputs: this process's first device only (no collective).
     out = np.asarray(fill(length, jnp.asarray(tokens),
-                          jax.random.key(self.seed), host.params))
+                          jax.random.key(self.seed), params))
+    watchdog.touch()
     path = os.path.join(self.workdir, SAMPLES_FILE)
     with open(path, 'w', encoding='utf-8') as f:
       for row in out:

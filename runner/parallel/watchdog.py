@@ -57,7 +57,19 @@ instead, a second, GIL-free backstop (``faulthandler.dump_traceback_later``,
 armed at every beat for twice the timeout) dumps the stacks and exits with
 status 1.
 
-Single-process runs do not start it (they have no peers to wait for).
+Single-process runs start it too (issue 18: a run whose object store froze
+printed nothing for minutes): a stalled write, a hung read or an action
+that never returns ends the run the same way, with status 3.
+
+Progress reports: while no step completes, the watchdog thread logs one
+line every ``--progress_report_s`` seconds (default 30; 0: off), from the
+start of the run (before the first step too), naming what the main thread
+is doing: its innermost frame in gintrain and its innermost frame overall,
+e.g. ``no step completed for 60 s (after step 40): the main thread is in
+gintrain/lib/storage.py:233 put, in ssl.py:1134 read``. A stalled upload
+of a checkpoint or a config file to an object store is then visible within
+30 s, whatever the store's client timeouts. Actions that take long on
+purpose (sampling at the end) call :func:`touch`: progress without a step.
 """
 
 import faulthandler
@@ -70,19 +82,27 @@ from typing import Optional
 from absl import flags
 from absl import logging
 
-__all__ = ['HUNG_EXIT_CODE', 'DEFAULT_STEP_TIMEOUT_S', 'Watchdog', 'start',
-           'start_from_flags', 'stop', 'beat', 'active']
+__all__ = ['HUNG_EXIT_CODE', 'DEFAULT_STEP_TIMEOUT_S',
+           'DEFAULT_PROGRESS_REPORT_S', 'Watchdog', 'start',
+           'start_from_flags', 'stop', 'beat', 'touch', 'active',
+           'main_thread_place']
 
 HUNG_EXIT_CODE = 3
 DEFAULT_STEP_TIMEOUT_S = 600
+DEFAULT_PROGRESS_REPORT_S = 30
 
 _STEP_TIMEOUT = flags.DEFINE_integer(
     'step_timeout', DEFAULT_STEP_TIMEOUT_S,
-    'Multi-process runs: if no training step completes within this many'
-    ' seconds (one step plus the actions due after it, e.g. an evaluation;'
-    ' compilation excluded), every process prints its thread stacks and'
-    f' exits with status {HUNG_EXIT_CODE}, so that the launcher can relaunch'
-    ' (resume). 0: off.', lower_bound=0)
+    'If no training step completes within this many seconds (one step plus'
+    ' the actions due after it, e.g. an evaluation; compilation excluded),'
+    ' every process prints its thread stacks and exits with status'
+    f' {HUNG_EXIT_CODE}, so that the launcher can relaunch (resume). 0: off.',
+    lower_bound=0)
+_PROGRESS_REPORT = flags.DEFINE_integer(
+    'progress_report_s', DEFAULT_PROGRESS_REPORT_S,
+    'While no training step completes (a stalled upload, a slow evaluation,'
+    ' start-up), log every this many seconds what the main thread is doing.'
+    ' 0: off.', lower_bound=0)
 
 # Functions of jax/_src whose presence on a thread's stack means "tracing,
 # lowering or compiling" (the clock is held meanwhile).
@@ -109,6 +129,34 @@ def _compiling() -> bool:
   return False
 
 
+_HERE = os.path.abspath(__file__)
+# The package's root (the folder holding lib/ and runner/).
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE))) + os.sep
+
+
+def main_thread_place() -> str:
+  """Where the main thread is, for the progress reports: ``"the main
+  thread is in <our innermost frame>, in <its innermost frame>"``, each as
+  ``file:line function`` (our files relative to the package root)."""
+  frame = sys._current_frames().get(threading.main_thread().ident)  # pylint: disable=protected-access
+  if frame is None:
+    return 'the main thread has ended'
+  inner = ours = None
+  while frame is not None:
+    name = os.path.abspath(frame.f_code.co_filename)
+    mine = (name.startswith(_ROOT) and name != _HERE and
+            'site-packages' not in name)
+    short = name[len(_ROOT):] if mine else os.path.basename(name)
+    where = f'{short}:{frame.f_lineno} {frame.f_code.co_name}'
+    inner = inner or where
+    if mine and ours is None:
+      ours = where
+    frame = frame.f_back
+  if ours is None or ours == inner:
+    return f'the main thread is in {inner}'
+  return f'the main thread is in {ours}, in {inner}'
+
+
 def _stderr():
   for stream in (sys.stderr, sys.__stderr__):
     try:
@@ -131,19 +179,26 @@ class Watchdog:
   def __init__(self, timeout_s: float, process: tuple[int, int] = (0, 1),
                poll_s: Optional[float] = None,
                exit_code: int = HUNG_EXIT_CODE,
-               exit_grace_s: Optional[float] = None):
-    if timeout_s <= 0:
-      raise ValueError(f'timeout_s must be > 0, got {timeout_s}')
-    self.timeout_s = timeout_s
+               exit_grace_s: Optional[float] = None,
+               report_s: float = 0.0):
+    if timeout_s < 0 or (not timeout_s and not report_s):
+      raise ValueError(f'timeout_s must be > 0 (or 0 with report_s > 0),'
+                       f' got {timeout_s}')
+    self.timeout_s = timeout_s  # 0: reports only, never exits
+    self.report_s = report_s
     self.process = process
     self.exit_code = exit_code
-    self.poll_s = poll_s or min(1.0, timeout_s / 10)
+    self.poll_s = poll_s or min(1.0, (timeout_s or report_s) / 10,
+                                (report_s or timeout_s) / 10)
+    self._started = time.monotonic()
+    self._reported = self._started  # time of the last report (or beat)
     # Between the report and the exit: the peers, stuck since about the
     # same step, report too before this exit breaks their connections.
     # Process 0 hosts the coordination service, whose end makes JAX abort
     # the others (status 134): it waits twice as long, exiting last.
     if exit_grace_s is None:
-      exit_grace_s = min(5.0, timeout_s / 2) * (2 if process[0] == 0 else 1)
+      exit_grace_s = (0.0 if process[1] < 2 else  # no peers to wait for
+                      min(5.0, timeout_s / 2) * (2 if process[0] == 0 else 1))
     self.exit_grace_s = exit_grace_s
     self._last: Optional[tuple[int, float]] = None  # (step, monotonic time)
     self._backstop_armed = 0.0
@@ -157,12 +212,23 @@ class Watchdog:
     re-arm of the GIL-free backstop)."""
     now = time.monotonic()
     self._last = (step, now)
+    self._reported = now
+    if not self.timeout_s:
+      return
     if now - self._backstop_armed > self.timeout_s / 4:
       self._backstop_armed = now
       stream = _stderr()
       if stream is not None:
         faulthandler.dump_traceback_later(2 * self.timeout_s + 5, exit=True,
                                           file=stream)
+
+  def touch(self) -> None:
+    """Progress without a new step (e.g. an action's long work done): the
+    clock restarts at the last step's number; nothing before the first
+    beat."""
+    last = self._last
+    if last is not None:
+      self.beat(last[0])
 
   def stop(self) -> None:
     """Disarms and ends the thread (idempotent)."""
@@ -173,10 +239,28 @@ class Watchdog:
     if self._thread is not threading.current_thread():
       self._thread.join(timeout=5)
 
+  def _report(self, last):
+    """One progress line when no step completed for ``report_s``."""
+    now = time.monotonic()
+    if not self.report_s or now - self._reported < self.report_s:
+      return
+    self._reported = now
+    if last is None:
+      what = f'no step completed for {now - self._started:.0f} s (start-up)'
+    else:
+      what = (f'no step completed for {now - last[1]:.0f} s (after step'
+              f' {last[0]})')
+    try:
+      logging.warning('%s: %s%s.', what, main_thread_place(),
+                      ' (compiling)' if _compiling() else '')
+    except Exception:  # pylint: disable=broad-except
+      pass  # a report must never end the run
+
   def _watch(self):
     while not self._stop.wait(self.poll_s):
       last = self._last
-      if last is None:
+      self._report(last)
+      if last is None or not self.timeout_s:
         continue
       step, then = last
       if time.monotonic() - then < self.timeout_s:
@@ -215,27 +299,27 @@ class Watchdog:
 _current: list = []
 
 
-def start(timeout_s: float, process: tuple[int, int] = (0, 1)
-          ) -> Optional[Watchdog]:
+def start(timeout_s: float, process: tuple[int, int] = (0, 1),
+          report_s: float = 0.0) -> Optional[Watchdog]:
   """Starts the process's watchdog (replacing a running one); None if
-  ``timeout_s`` is 0."""
+  ``timeout_s`` and ``report_s`` are 0."""
   stop()
-  if not timeout_s:
+  if not timeout_s and not report_s:
     return None
-  dog = Watchdog(timeout_s, process)
+  dog = Watchdog(timeout_s, process, report_s=report_s)
   _current.append(dog)
   return dog
 
 
 def start_from_flags() -> Optional[Watchdog]:
-  """:func:`start` with ``--step_timeout`` in a multi-process run (JAX
-  initialized); None in a single-process run or with ``--step_timeout=0``."""
+  """:func:`start` with ``--step_timeout`` and ``--progress_report_s``
+  (JAX initialized; every run, one process or several); None if both
+  are 0."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() < 2:
-    return None
   timeout = _STEP_TIMEOUT.value
-  dog = start(timeout, (jax.process_index(), jax.process_count()))
-  if dog is not None:
+  dog = start(timeout, (jax.process_index(), jax.process_count()),
+              _PROGRESS_REPORT.value)
+  if dog is not None and timeout and jax.process_index() == 0:
     logging.info('Step watchdog: a step that takes over %d s ends the run'
                  ' (status %d; --step_timeout).', timeout, HUNG_EXIT_CODE)
   return dog
@@ -255,3 +339,10 @@ def beat(step: int) -> None:
   """Tells the running watchdog (if any) that ``step`` completed."""
   if _current:
     _current[-1].beat(step)
+
+
+def touch() -> None:
+  """Tells the running watchdog (if any) that the run made progress
+  without completing a step (see :meth:`Watchdog.touch`)."""
+  if _current:
+    _current[-1].touch()
