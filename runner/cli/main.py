@@ -75,6 +75,7 @@ multi-process run, a step that hangs for ``--step_timeout`` seconds (600;
 exits with status 3 (:mod:`runner.parallel.watchdog`): relaunch to resume.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -95,26 +96,29 @@ from gintrain.runner.cli import configurables
 from gintrain.runner.cli import evaluate
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import help as help_lib
+from gintrain.runner.cli import tokenizer as tokenizer_cli
 from gintrain.runner.errors import RunnerError
-from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import preemption
 from gintrain.runner.parallel import watchdog
+from gintrain.runner.training import init_from as init_from_lib
 from gintrain.runner.training import trainer
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
            'FLAGS_FILE']
 
 FLAGS = flags.FLAGS
-PARSED_CONFIG = 'config.parsed.gin'
-OPERATIVE_CONFIG = 'config.operative.gin'
-FLAGS_FILE = 'flags.txt'
+PARSED_CONFIG = workdir_lib.PARSED_CONFIG
+OPERATIVE_CONFIG = workdir_lib.OPERATIVE_CONFIG
+FLAGS_FILE = workdir_lib.FLAGS_FILE
 _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
 # Subcommands (the first argument); none: train. Those without absl flags
 # take ``main(args) -> exit status``.
 EVAL = 'eval'
-TOOLS = {'ckpt': ckpt.main, 'compare': compare.main}
+TOOLS = {'ckpt': ckpt.main, 'compare': compare.main,
+         'tokenizer': tokenizer_cli.main}
 
 
 def help_groups() -> list:
@@ -169,62 +173,35 @@ def _flags_file_text() -> str:
   return ''.join(f'{line}\n' for line in lines if line)
 
 
-def _prepare_url_workdir(workdir: str) -> str:
-  """Checks an object-store workdir (``s3://...``) by writing a probe."""
-  workdir = workdir.rstrip('/')
-  probe = storage.join(
-      workdir, f'.write_test.{os.getpid()}.{os.urandom(4).hex()}')
-  try:
-    storage.write_bytes(probe, b'ok')
-    storage.remove(probe)
-  except Exception as e:  # pylint: disable=broad-except
-    raise RunnerError(f'--workdir={workdir} is not writable:'
-                      f' {type(e).__name__}: {e}.') from e
-  return workdir
-
-
-def _prepare_workdir(workdir: str | None) -> str:
-  if not workdir:
-    raise RunnerError('--workdir is required (the directory for configs,'
-                      ' metrics and checkpoints).')
-  try:
-    workdir = storage.check(workdir)
-  except storage.StorageError as e:
-    raise RunnerError(f'--workdir={e}') from None
-  if storage.is_url(workdir):
-    return _prepare_url_workdir(workdir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise RunnerError(f'--workdir={workdir} is not writable:'
-                      f' {e.strerror or e}.') from e
-  return workdir
-
-
-def _write(path: str, text: str) -> None:
-  if storage.is_url(path):
-    storage.write_bytes(path, text.encode('utf-8'))  # appears whole
-    return
-  try:
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
-  except OSError:
-    if os.path.isfile(path + '.tmp'):
-      os.remove(path + '.tmp')  # no leftover; the error is reported
-    raise
-
-
 def _build_config():
   """Parses gin and builds the checked TrainConfig (no JAX work)."""
   files = runner_flags.GIN_FILE.value or [config.DEFAULT_GIN_FILE]
   config.parse(files, runner_flags.GIN_BINDINGS.value or [],
                runner_flags.GIN_SEARCH_PATHS.value or [])
+
+
+def _bytes(n: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return str(n)
+
+
+def format_layout(layout: dict) -> str:
+  """The ``layout`` of :func:`describe` as a table (one line per array)."""
+  rows = [(r['path'], 'x'.join(map(str, r['shape'])) or 'scalar', r['spec'],
+           _bytes(r['bytes_per_device'])) for r in layout['arrays']]
+  head = ('array', 'shape', 'PartitionSpec', 'bytes/device')
+  widths = [max(len(str(x[i])) for x in [head] + rows) for i in range(4)]
+  lines = [f'# State layout on mesh {layout["mesh"]}:']
+  for row in [head] + rows:
+    lines.append('#   ' + '  '.join(str(c).ljust(w) for c, w in
+                                      zip(row, widths)).rstrip())
+  lines.append(f'#   total state per device:'
+               f' {_bytes(layout["state_bytes_per_device"])}'
+               f' ({layout["state_bytes_per_device"]} bytes)')
+  return '\n'.join(lines)
 
 
 def dry_run() -> int:
@@ -243,13 +220,13 @@ def dry_run() -> int:
   print('# Built:')
   for key, value in summary.items():
     print(f'#   {key}: {value}')
-  print(trainer.format_layout(layout))
+  print(format_layout(layout))
   return 0
 
 
 def _init_from():
   """What ``--init_from`` and ``runner.init_from`` ask for: None, a path
-  (load every leaf), or a ``checkpoints.InitFrom`` with rules."""
+  (load every leaf), or a ``init_from.InitFrom`` with rules."""
   rules = configurables.init_from()
   bound_path = rules.pop('path')
   path = runner_flags.INIT_FROM.value or bound_path
@@ -260,7 +237,7 @@ def _init_from():
     return None
   if all(rules[k] == configurables.INIT_FROM_DEFAULTS[k] for k in rules):
     return path
-  return checkpoints.InitFrom(path, **rules)
+  return init_from_lib.InitFrom(path, **rules)
 
 
 def train(hooks=()) -> int:
@@ -272,18 +249,18 @@ def train(hooks=()) -> int:
   config.finalize()
   cfg = configurables.train()  # every bad value fails here, before JAX work
   init_from = _init_from()
-  workdir = _prepare_workdir(runner_flags.WORKDIR.value)
+  workdir = workdir_lib.resolve(runner_flags.WORKDIR.value)
   main = distributed.is_main_process()
-  if main:
-    _write(os.path.join(workdir, PARSED_CONFIG), config.config_str())
-    _write(os.path.join(workdir, FLAGS_FILE), _flags_file_text())
+  # Written by the trainer once the resume check passed.
+  files = {PARSED_CONFIG: config.config_str(),
+           FLAGS_FILE: _flags_file_text()}
   settings = settings_lib.build(config.bound_parameters(), _flag_values())
   written = []
 
   def write_operative_config(step):
     if main and not written:
-      _write(os.path.join(workdir, OPERATIVE_CONFIG),
-             config.operative_config_str())
+      workdir_lib.write_text(workdir, OPERATIVE_CONFIG,
+                             config.operative_config_str())
       written.append(step)
 
   watchdog.start_from_flags()  # multi-process runs: a hung step exits 3
@@ -291,7 +268,7 @@ def train(hooks=()) -> int:
     result = trainer.train(
         cfg, workdir=workdir, resume=runner_flags.RESUME.value,
         init_from=init_from, settings=settings,
-        hooks=[write_operative_config, *hooks])
+        hooks=[write_operative_config, *hooks], files=files)
   finally:
     watchdog.stop()
   if main:
@@ -307,18 +284,19 @@ def eval_only() -> int:
   if not runner_flags.WORKDIR.value:
     raise RunnerError('gintrain eval needs --workdir (the run whose'
                       ' checkpoint to evaluate).')
-  workdir = os.path.abspath(os.path.expanduser(runner_flags.WORKDIR.value))
-  if not os.path.isdir(workdir):
+  workdir = workdir_lib.resolve(runner_flags.WORKDIR.value)
+  if not storage.isdir(workdir):
     raise RunnerError(f'--workdir={workdir}: no such directory.')
   files = runner_flags.GIN_FILE.value
-  if not files:
-    parsed = os.path.join(workdir, PARSED_CONFIG)
-    if not os.path.isfile(parsed):
-      raise RunnerError(f'--workdir={workdir} holds no {PARSED_CONFIG}; give'
-                        ' the run\'s --gin_file flags.')
-    files = [parsed]
-  config.parse(files, runner_flags.GIN_BINDINGS.value or [],
-               runner_flags.GIN_SEARCH_PATHS.value or [])
+  with contextlib.ExitStack() as stack:
+    if not files:
+      parsed = workdir_lib.path(workdir, PARSED_CONFIG)
+      if not storage.isfile(parsed):
+        raise RunnerError(f'--workdir={workdir} holds no {PARSED_CONFIG};'
+                          ' give the run\'s --gin_file flags.')
+      files = [stack.enter_context(storage.staged_download(parsed))]
+    config.parse(files, runner_flags.GIN_BINDINGS.value or [],
+                 runner_flags.GIN_SEARCH_PATHS.value or [])
   config.finalize()
   cfg = configurables.train()
   evaluate.evaluate(cfg, workdir, evaluate.CHECKPOINT.value)
