@@ -4,17 +4,23 @@
 #
 #   launch/local.sh [-n N] [-p PORT] [-d DEVICES] [-g] [-l LOGDIR] -- CMD [ARGS...]
 #
-#   launch/local.sh -n 2 -p 24200 -d 2 -- python -m gintrain.runner.train \
+#   launch/local.sh -n 2 -d 2 -- python -m gintrain.runner.train \
 #       --gin_file=default.gin --workdir=/tmp/run
 #
 # Process i runs `CMD ARGS... --coordinator_address=127.0.0.1:PORT
-# --process_count=N --process_index=i` (absl flags of runner/distributed.py),
-# with JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:PORT so that process 0's
-# coordination service listens on loopback only.
+# --process_count=N --process_index=i` (absl flags of
+# runner/parallel/distributed.py), with
+# JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:PORT so that process 0's
+# coordination service listens on loopback only. Without -p, PORT is a free
+# port that the kernel picks (so several jobs can share one host); a port
+# given with -p that is in use is refused with one line (exit 2) before any
+# process starts: a second coordinator on a busy port would abort the job
+# already there.
 #
 # Options:
 #   -n N       number of processes (default 2)
-#   -p PORT    coordinator port on 127.0.0.1 (default 24200)
+#   -p PORT    coordinator port on 127.0.0.1 (default: a free one, printed;
+#              taken from GINTRAIN_PORT_RANGE=LO-HI if that is set)
 #   -d D       CPU only: D virtual CPU devices per process (sets JAX_PLATFORMS=cpu
 #              and XLA_FLAGS=--xla_force_host_platform_device_count=D)
 #   -g         one GPU per process: CUDA_VISIBLE_DEVICES=i for process i
@@ -35,8 +41,8 @@
 # killed by signal N; 130 after Ctrl-C). It waits for all processes; when one
 # dies, the runner's heartbeat/barrier timeouts make the others exit.
 set -u
-N=2; PORT=24200; DEVICES=""; GPU=0; LOGDIR=""
-usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+N=2; PORT=""; DEVICES=""; GPU=0; LOGDIR=""
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while getopts "n:p:d:gl:h" opt; do
   case $opt in
     n) N=$OPTARG ;; p) PORT=$OPTARG ;; d) DEVICES=$OPTARG ;; g) GPU=1 ;;
@@ -47,8 +53,47 @@ shift $((OPTIND - 1))
 [[ ${1:-} == -- ]] && shift
 (($# > 0)) || { echo "local.sh: no command given" >&2; usage; }
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "local.sh: -n $N: not a positive integer" >&2; exit 2; }
-[[ $PORT =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) \
-  || { echo "local.sh: -p $PORT: not a port number" >&2; exit 2; }
+# port_state PORT: "free" or "busy" (127.0.0.1 cannot bind it); with PORT 0,
+# a free port: in $GINTRAIN_PORT_RANGE (LO-HI) if set, else one the kernel
+# picks.
+PY=${GINTRAIN_PYTHON:-python3}
+port_state() {
+  "$PY" - "$1" "${GINTRAIN_PORT_RANGE:-}" <<'PYEOF' 2>/dev/null
+import os, socket, sys
+def bindable(port):
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('127.0.0.1', port))
+    except OSError:
+      return 0
+    return s.getsockname()[1]
+port, span = int(sys.argv[1]), sys.argv[2]
+if port:
+  print('free' if bindable(port) else 'busy')
+elif span:
+  lo, hi = map(int, span.split('-'))
+  first = lo + os.getpid() % (hi - lo + 1)
+  for i in range(hi - lo + 1):
+    if bindable(lo + (first - lo + i) % (hi - lo + 1)):
+      print(lo + (first - lo + i) % (hi - lo + 1))
+      break
+else:
+  print(bindable(0))
+PYEOF
+}
+if [[ -z $PORT ]]; then
+  PORT=$(port_state 0)
+  [[ $PORT =~ ^[0-9]+$ ]] || { echo "local.sh: error: cannot find a free port on 127.0.0.1 ($PY failed); pass -p PORT" >&2; exit 2; }
+  echo "local.sh: coordinator port $PORT (free; -p to choose one)" >&2
+else
+  [[ $PORT =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) \
+    || { echo "local.sh: -p $PORT: not a port number" >&2; exit 2; }
+  state=$(port_state "$PORT")
+  if [[ $state == busy ]] || { [[ -z $state ]] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }; then
+    echo "local.sh: error: -p $PORT: port $PORT on 127.0.0.1 is in use (another job's coordinator?); choose another port or leave -p out to pick a free one" >&2
+    exit 2
+  fi
+fi
 
 export JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:$PORT
 if [[ -n $DEVICES ]]; then

@@ -9,7 +9,7 @@
 #   launch/mpirun.sh -n 8 -p 24220 -H hosts.txt -- python -m gintrain.runner.train \
 #       --gin_file=... --workdir=/shared/run                        # a cluster
 #
-# runner/distributed.py (--multiprocess=auto) calls jax.distributed.initialize(),
+# runner/parallel/distributed.py (--multiprocess=auto) calls jax.distributed.initialize(),
 # which reads the rank count and rank from OMPI_COMM_WORLD_* and the
 # coordinator host from OMPI_MCA_orte_hnp_uri (Open MPI 4.x; Open MPI 5 sets no
 # such variable: pass --coordinator_address=HOST:PORT there).
