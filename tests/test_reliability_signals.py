@@ -137,7 +137,8 @@ def test_local_sh_processes_do_not_ignore_sigint(tmp_path, logs):
   show = ['bash', '-c', 'grep SigIgn /proc/$$/status']
   args = ['-l', str(tmp_path)] if logs else []
   proc = subprocess.run(
-      [os.path.join(harness.LAUNCH, 'local.sh'), '-n', '2', '-p',
+      [*harness.DEFAULT_SIGNALS, os.path.join(harness.LAUNCH, 'local.sh'),
+       '-n', '2', '-p',
        str(harness.free_port()), *args, '--', *show],
       capture_output=True, text=True, timeout=60, env=harness.env(),
       stdin=subprocess.DEVNULL)
@@ -161,7 +162,7 @@ def _is_zombie(pid):
 def test_ctrl_c_before_the_loop_is_one_line_and_130(tmp_path):
   # The console script: Ctrl-C during start-up (no handler yet).
   proc = subprocess.Popen(
-      [sys.executable, '-c',
+      [*harness.DEFAULT_SIGNALS, sys.executable, '-c',
        'import sys; sys.argv[0] = "gintrain";'
        ' from gintrain.runner.cli.main import run; run()',
        f'--workdir={tmp_path}', *TINY, '--gin.train.num_steps=100000',

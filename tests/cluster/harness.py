@@ -57,6 +57,23 @@ def free_port(port_range: tuple[int, int] = PORT_RANGE) -> int:
   raise RuntimeError(f'no free port in {lo}-{hi - 1} on 127.0.0.1')
 
 
+# Prefix for a command that must start with SIGINT and SIGQUIT at their
+# defaults, whatever this process inherited. A non-interactive shell starts its
+# background jobs with both ignored, and an ignored disposition survives
+# ``exec``: a suite started that way (``bash .ci/run &`` in a script) would hand
+# it on to every process it starts. A POSIX shell cannot undo it ("signals
+# ignored upon entry to a non-interactive shell cannot be trapped or reset"),
+# so launch/local.sh started with SIGINT ignored could not give its trainers
+# Ctrl-C. Tests that send SIGINT start their processes through this (an exec
+# wrapper rather than ``preexec_fn``, which would fork a threaded process).
+DEFAULT_SIGNALS = [
+    sys.executable, '-c',
+    'import os, signal, sys;'
+    ' signal.signal(signal.SIGINT, signal.SIG_DFL);'
+    ' signal.signal(signal.SIGQUIT, signal.SIG_DFL);'
+    ' os.execvp(sys.argv[1], sys.argv[1:])']
+
+
 def env(cache_dir=None, devices=None, **extra) -> dict:
   """The environment of a test process (from a clean copy of ours).
 
@@ -110,7 +127,8 @@ class Launch:
     self.launcher_log = os.path.join(self.log_dir, 'launcher.log')
     self._log = open(self.launcher_log, 'w', encoding='utf-8')
     self.proc = subprocess.Popen(
-        [os.path.join(LAUNCH, 'local.sh'), '-n', str(num_processes), '-p',
+        [*DEFAULT_SIGNALS, os.path.join(LAUNCH, 'local.sh'),
+         '-n', str(num_processes), '-p',
          str(self.port), '-d', str(devices), '-l', self.log_dir, '--',
          *command],
         stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
