@@ -6,7 +6,7 @@ botocore, with the endpoint and credentials taken from the usual variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which the fixture sets
 for the test process and which subprocesses inherit.
 
-Ports: 24500-24599 (the first free one).
+Ports: 24500-24559 (the first free one of this xdist worker's share).
 
 Use from a test module::
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PORT_RANGE = (24500, 24600)
+PORT_RANGE = harness.worker_ports(24500, 24560)
 
 
 def _moto_command(port: int) -> list:
@@ -40,7 +40,7 @@ def _moto_command(port: int) -> list:
 
 
 class S3Server:
-  """``moto_server`` on a free port of 24500-24599, until :meth:`stop`."""
+  """``moto_server`` on a free port of :data:`PORT_RANGE`, until :meth:`stop`."""
 
   def __init__(self, log_path: str):
     try:
@@ -54,7 +54,7 @@ class S3Server:
       if harness.port_free(port):
         break
     else:
-      raise RuntimeError('no free port in 24500-24599')
+      raise RuntimeError(f'no free port in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1}')
     self.port = port
     self.endpoint = f'http://127.0.0.1:{port}'
     self.proc = subprocess.Popen(

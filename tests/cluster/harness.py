@@ -12,6 +12,7 @@ SLURM uses 24610-24650 (slurm_local.sh).
 """
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -28,10 +29,27 @@ LAUNCH = os.path.join(REPO, 'launch')
 GIN_FILE = os.path.join(HERE, 'multihost.gin')
 TOY = os.path.join(HERE, 'preempt_toy.py')
 SLURM_LOCAL = os.path.join(HERE, 'slurm_local.sh')
-PORT_RANGE = (24200, 24400)
+SLURM_LOCK = '/tmp/gintrain-slurm-cluster.lock'
 PREEMPTED = 75
 
-_next_port = [PORT_RANGE[0] + os.getpid() % 97]
+
+def worker_ports(lo: int, hi: int) -> tuple[int, int]:
+  """This test process's share of the ports ``lo``-``hi - 1``.
+
+  Under pytest-xdist (``.ci/run`` runs several workers) each worker gets its
+  own slice, so two workers never pick the same free port between the check
+  and the bind; a plain run gets the whole range.
+  """
+  worker = os.environ.get('PYTEST_XDIST_WORKER', '')
+  count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1') or 1)
+  if not worker.startswith('gw') or count <= 1:
+    return lo, hi
+  index, size = int(worker[2:]), (hi - lo) // count
+  return lo + index * size, lo + (index + 1) * size
+
+
+PORT_RANGE = (24200, 24400)
+_next_port = [0]
 
 
 def port_free(port: int) -> bool:
@@ -45,10 +63,12 @@ def port_free(port: int) -> bool:
 
 
 def free_port(port_range: tuple[int, int] = PORT_RANGE) -> int:
-  """A port of ``port_range`` (24200-24399 by default) that 127.0.0.1 can
-  bind now, taken round robin so consecutive tests get different ports."""
-  lo, hi = port_range
-  start = _next_port[0] if lo <= _next_port[0] < hi else lo
+  """A port of ``port_range`` (24200-24399 by default; this xdist worker's
+  share of it, see :func:`worker_ports`) that 127.0.0.1 can bind now, taken
+  round robin so consecutive tests get different ports."""
+  lo, hi = worker_ports(*port_range)
+  start = (_next_port[0] if lo <= _next_port[0] < hi else
+           lo + os.getpid() % (hi - lo))
   for i in range(hi - lo):
     port = lo + (start - lo + i) % (hi - lo)
     if port_free(port):
@@ -314,6 +334,10 @@ class SlurmCluster:
     self.conf = os.path.join(self.state_dir, 'slurm.conf')
 
   def __enter__(self):
+    # One cluster at a time on this machine (fixed ports 24610/24611): a
+    # second test process (an xdist worker) waits for the first to finish.
+    self._lock = open(SLURM_LOCK, 'w', encoding='utf-8')
+    fcntl.flock(self._lock, fcntl.LOCK_EX)
     result = subprocess.run(['bash', SLURM_LOCAL, 'up'], env=self.env,
                             capture_output=True, text=True, timeout=120)
     if result.returncode:
@@ -325,8 +349,11 @@ class SlurmCluster:
   def __exit__(self, exc_type=None, *exc_info):
     if exc_type is not None:  # shown by pytest with the failure
       print(self.logs())
-    subprocess.run(['bash', SLURM_LOCAL, 'down'], env=self.env,
-                   capture_output=True, text=True, timeout=120)
+    try:
+      subprocess.run(['bash', SLURM_LOCAL, 'down'], env=self.env,
+                     capture_output=True, text=True, timeout=120)
+    finally:
+      self._lock.close()  # releases the flock
 
   def logs(self, lines=60) -> str:
     parts = []
