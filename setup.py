@@ -49,7 +49,8 @@ setup(
         # botocore: listed together (no boto3 of its own) pip resolves them
         # without backtracking (a fresh '.[test,orbax]' dry-run: 52 s, 27 s
         # without these five).
-        'test': ['pytest>=8', 'flax==0.12.8', 'wandb>=0.19.10',
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'flax==0.12.8',
+                 'wandb>=0.19.10',
                  'fsspec>=2024.6', 's3fs>=2024.6', 'moto[s3]>=5.0',
                  'flask>=3', 'flask-cors>=4'],
         'wandb': ['wandb>=0.19.10'],
