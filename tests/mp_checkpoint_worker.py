@@ -128,8 +128,11 @@ def main(root):
   names = sorted(os.listdir(d))
   check(names == ['checkpoint_2', 'checkpoint_2_gda', 'checkpoint_3',
                   'checkpoint_3_gda'], f'after keep=2: {names}')
-  check(sorted(os.listdir(os.path.join(d, 'checkpoint_3_gda'))) == ['params'],
-        'array dir layout')
+  check(sorted(os.listdir(os.path.join(d, 'checkpoint_3_gda'))) == [
+      '.gintrain_integrity', 'params'], 'array dir layout')
+  check(sorted(os.listdir(os.path.join(d, 'checkpoint_3_gda',
+                                       '.gintrain_integrity'))) == [
+      'process_0.json', 'process_1.json'], 'one manifest per process')
   log(f'saved 3 steps, keep=2 left {names}')
 
   # The file holds placeholders and everything else, keys sorted.
@@ -209,6 +212,26 @@ def main(root):
   sync('flax saved')
   check_restored(restore(fd, make_target(), gda_manager=mgr), make_target(), 4)
   log('flax restores ours and we restore flax\'s')
+
+  # A chunk only process 1 writes and reads, overwritten: both processes
+  # raise naming the array (the check is agreed), in a full check and in a
+  # restore.
+  from gintrain.lib import multiprocess_arrays as mpa
+  wdir = os.path.join(d, 'checkpoint_2_gda', 'params', 'w')
+  if PID == 0:
+    with open(os.path.join(wdir, '1.1'), 'r+b') as f:  # rows 4:8, cols 3:6
+      size = len(f.read())
+      f.seek(0)
+      f.write(b'\x00' * size)
+  sync('chunk damaged')
+  state = checkpoint_io.read_checkpoint_file(os.path.join(d, 'checkpoint_2'))
+  e = raises(errors.CheckpointReadError, mpa.verify_arrays,
+             os.path.join(d, 'checkpoint_2'), state)
+  check(f'"{wdir}"' in str(e), str(e))
+  e = raises(errors.CheckpointReadError, restore, d,
+             make_target(P('data', 'model'), P()), gda_manager=mgr)
+  check(f'"{wdir}"' in str(e), str(e))
+  log('a damaged chunk raises on every process, naming the array')
 
   # Arrays lost after the commit: a clear error, not a tensorstore one.
   if PID == 0:
