@@ -22,6 +22,8 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``datasets.digits/synthetic/diabetes``  ``data.datasets`` (in memory)
 ``data.iterable_source``    ``data.iterable`` (any iterable of batches)
 ``data.text_files``         ``data.text`` (byte-level text, grain)
+``data.jsonl/parquet/array_record/packed_text_files``  ``data.corpora``
+                            (documents packed into rows, any tokenizer)
 ``tasks.classification/regression/language_model``  ``tasks``
 ``losses.cross_entropy_loss/accuracy``  ``tasks.losses``
 ``writers.jsonl/tensorboard/wandb``  ``outputs.writers`` (``train.writers``)
@@ -49,6 +51,7 @@ import optax
 
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import samples
+from gintrain.runner.data import corpora
 from gintrain.runner.data import datasets
 from gintrain.runner.data import iterable
 from gintrain.runner.data import text
@@ -131,6 +134,8 @@ for _name in ('digits', 'synthetic', 'diabetes'):
   _register(getattr(datasets, _name), _name, 'datasets')
 _register(iterable.iterable_source, 'iterable_source', 'data')
 _register(text.text_files, 'text_files', 'data')
+for _name in ('jsonl', 'parquet', 'array_record', 'packed_text_files'):
+  _register(getattr(corpora, _name), _name, 'data')
 _register(classification.classification, 'classification', 'tasks',
           denylist=['model'])
 _register(regression.regression, 'regression', 'tasks', denylist=['model'])

@@ -16,6 +16,13 @@ of processes. The position is the grain iterator's own ``get_state()``
 ``set_state`` continues with exactly the next batch, mid-epoch included.
 Eval batches cover the eval examples once, in order, padded and masked.
 
+A ``train`` with ``endless = True`` (``runner.data.packing.Rows``,
+``runner.data.mixture.Mixture``) indexes past its first epoch itself (with
+its own per-epoch order) and is taken as it is: no shuffle, no repeat; its
+``rows_per_epoch`` is the epoch. ``wait_seconds`` adds up the time
+``next_batch`` waited for data; ``take_wait_fraction()`` is that time over
+the wall time since the last call (``data_wait_fraction`` of a record).
+
     >>> import numpy as np
     >>> from gintrain.runner.data import base
     >>> examples = [{'x': np.full((2,), i, np.float32)} for i in range(10)]
@@ -32,6 +39,7 @@ Eval batches cover the eval examples once, in order, padded and masked.
 """
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -88,6 +96,8 @@ class GrainSource(base.DataSource):
     self._info, self._name = dict(info or {}), name
     self._dataset = None
     self._iterator = None
+    self.wait_seconds = 0.0
+    self._wait_mark = None
 
   @property
   def name(self) -> str:
@@ -99,6 +109,8 @@ class GrainSource(base.DataSource):
 
   @property
   def num_train(self) -> int:
+    if getattr(self._train, 'endless', False):
+      return self._train.rows_per_epoch
     return len(self._train)
 
   @property
@@ -111,10 +123,13 @@ class GrainSource(base.DataSource):
 
   def bind(self, spec: base.Spec) -> None:
     super().bind(spec)
-    examples = grain.MapDataset.source(self._train)
-    if self.shuffle:
-      examples = examples.shuffle(seed=spec.seed)
-    examples = examples.repeat(None)
+    if getattr(self._train, 'endless', False):
+      examples = self._train  # its own epochs and order
+    else:
+      examples = grain.MapDataset.source(self._train)
+      if self.shuffle:
+        examples = examples.shuffle(seed=spec.seed)
+      examples = examples.repeat(None)
     share = spec.local_batch_size
     rows = _Rows(examples, spec.batch_size, spec.process_index * share,
                  share)
@@ -134,7 +149,22 @@ class GrainSource(base.DataSource):
     return collate([self._train[0]])
 
   def next_batch(self) -> dict:
-    return next(self._iter())
+    start = time.perf_counter()
+    if self._wait_mark is None:
+      self._wait_mark = (start, self.wait_seconds)
+    batch = next(self._iter())
+    self.wait_seconds += time.perf_counter() - start
+    return batch
+
+  def take_wait_fraction(self) -> float | None:
+    """Time ``next_batch`` waited over the wall time since the previous
+    call (the first call: since the first batch); None before any batch."""
+    if self._wait_mark is None:
+      return None
+    now = time.perf_counter()
+    since, waited = self._wait_mark
+    self._wait_mark = (now, self.wait_seconds)
+    return (self.wait_seconds - waited) / max(now - since, 1e-9)
 
   def eval_batches(self) -> Iterator[dict]:
     if self._eval is None:

@@ -46,12 +46,13 @@ def _layer_norm(p, x, eps=1e-6):
 
 
 def _rotary(x, positions):
-  """Rotary position embedding on the last axis of ``x`` (..., T, H, D)."""
+  """Rotary position embedding on the last axis of ``x`` (B, T, H, D), at
+  ``positions`` (T,) or (B, T)."""
   d = x.shape[-1] // 2
   freq = 1.0 / (10000 ** (jnp.arange(d, dtype=jnp.float32) / d))
-  angle = positions[:, None].astype(jnp.float32) * freq[None]  # (T, d)
-  sin = jnp.sin(angle)[:, None, :].astype(x.dtype)
-  cos = jnp.cos(angle)[:, None, :].astype(x.dtype)
+  angle = positions[..., None].astype(jnp.float32) * freq  # (..., T, d)
+  sin = jnp.sin(angle)[..., None, :].astype(x.dtype)
+  cos = jnp.cos(angle)[..., None, :].astype(x.dtype)
   x1, x2 = x[..., :d], x[..., d:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -123,7 +124,7 @@ class Transformer:
                            'bias': zeros(self.vocab_size)}
     return {'params': params}
 
-  def _attention(self, p, x, positions):
+  def _attention(self, p, x, positions, segment_ids=None):
     dt = x.dtype
     q, k, v = (jnp.einsum('btw,whd->bthd', x, p[n]['kernel'].astype(dt))
                + p[n]['bias'].astype(dt) for n in ('query', 'key', 'value'))
@@ -132,15 +133,24 @@ class Transformer:
     t = x.shape[1]
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     logits = logits / math.sqrt(q.shape[-1])
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if segment_ids is not None:  # packed rows: attend within a document
+      same = segment_ids[:, :, None] == segment_ids[:, None, :]
+      allowed = allowed & same[:, None]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     return (jnp.einsum('bqhd,hdw->bqw', out, p['out']['kernel'].astype(dt))
             + p['out']['bias'].astype(dt))
 
-  def apply(self, variables, tokens) -> jax.Array:
-    """Logits ``(batch, time, vocab)`` for int tokens ``(batch, time)``."""
+  def apply(self, variables, tokens, segment_ids=None,
+            positions=None) -> jax.Array:
+    """Logits ``(batch, time, vocab)`` for int tokens ``(batch, time)``.
+
+    ``segment_ids`` (batch, time): a token attends only to earlier tokens
+    of its own segment (packed documents); ``positions`` (batch, time):
+    each token's position in its document (default ``0 .. time - 1``).
+    """
     params = variables['params']
     dt = _DTYPES[self.dtype]
     t = tokens.shape[1]
@@ -148,13 +158,17 @@ class Transformer:
       raise ValueError(f'{self.name}: sequences of {t} tokens exceed max_len'
                        f' {self.max_len}.')
     x = jnp.take(params['Embed_0']['embedding'], tokens, axis=0).astype(dt)
-    positions = jnp.arange(t)
+    if positions is None:
+      positions = jnp.arange(t)
     if self.positions == 'learned':
-      x = x + params['Embed_1']['embedding'][:t].astype(dt)
+      table = params['Embed_1']['embedding']
+      x = x + (table[:t] if positions.ndim == 1 else
+               jnp.take(table, positions, axis=0)).astype(dt)
     for i in range(self.depth):
       p = params[f'Block_{i}']
       x = x + self._attention(p['Attention_0'],
-                              _layer_norm(p['LayerNorm_0'], x), positions)
+                              _layer_norm(p['LayerNorm_0'], x), positions,
+                              segment_ids)
       y = _layer_norm(p['LayerNorm_1'], x)
       y = jax.nn.gelu(y @ p['Dense_0']['kernel'].astype(dt)
                       + p['Dense_0']['bias'].astype(dt))
