@@ -96,6 +96,7 @@ from gintrain.runner.cli import configurables
 from gintrain.runner.cli import evaluate
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import help as help_lib
+from gintrain.runner.cli import sweep as sweep_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
@@ -118,7 +119,7 @@ _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
 # take ``main(args) -> exit status``.
 EVAL = 'eval'
 TOOLS = {'ckpt': ckpt.main, 'compare': compare.main,
-         'tokenizer': tokenizer_cli.main}
+         'tokenizer': tokenizer_cli.main, 'sweep': sweep_cli.main}
 
 
 def help_groups() -> list:
