@@ -97,6 +97,7 @@ from gintrain.runner.cli import evaluate
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import help as help_lib
 from gintrain.runner.cli import sweep as sweep_cli
+from gintrain.runner.cli import data as data_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
@@ -119,7 +120,8 @@ _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
 # take ``main(args) -> exit status``.
 EVAL = 'eval'
 TOOLS = {'ckpt': ckpt.main, 'compare': compare.main,
-         'tokenizer': tokenizer_cli.main, 'sweep': sweep_cli.main}
+         'tokenizer': tokenizer_cli.main, 'sweep': sweep_cli.main,
+         'data': data_cli.main}
 
 
 def help_groups() -> list:
