@@ -51,7 +51,7 @@ __all__ = [
     'DistributedConfigError', 'Plan', 'detect_environment', 'resolve',
     'initialize', 'is_initialized', 'is_main_process', 'barrier',
     'all_gather', 'processes_with_flag', 'agree_on_step', 'barrier_timeout',
-    'MULTIPROCESS_MODES',
+    'MULTIPROCESS_MODES', 'QUIET_JAX_LOGGERS', 'quiet_jax_loggers',
 ]
 
 MULTIPROCESS_MODES = ('auto', 'on', 'off')
@@ -337,10 +337,25 @@ def initialize(multiprocess: Optional[str] = None,
   # Take over now, so that it is honoured at that check.
   if threading.current_thread() is threading.main_thread():
     signals.install()
+  quiet_jax_loggers()
   logging.info('Process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return plan
+
+
+# JAX modules that log several INFO lines per sharded checkpoint on every
+# process ("Error check finished successfully", "Starting commit to storage
+# layer", barrier keys, ...): a 2-process run printed dozens per checkpoint
+# (issue 18). Their warnings and errors still show.
+QUIET_JAX_LOGGERS = ('jax.experimental.array_serialization',)
+
+
+def quiet_jax_loggers() -> None:
+  """Raises :data:`QUIET_JAX_LOGGERS` to WARNING (called by
+  :func:`initialize` once the distributed runtime is up)."""
+  for name in QUIET_JAX_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _client():

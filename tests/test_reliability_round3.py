@@ -1,0 +1,252 @@
+"""Reliability, round three (issue 18): the README's 2-process
+tensor-parallel LM with every built-in action, two jobs on one host, the
+step watchdog of 1-process runs and its progress reports, launch docs.
+
+Multi-process runs are real processes on 127.0.0.1 started by
+launch/local.sh (ports from tests/cluster/harness.py's range).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from gintrain.runner.parallel import watchdog  # pylint: disable=wrong-import-position
+
+REPO = harness.REPO
+BIN = os.path.dirname(sys.executable)
+PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       'user_plugins')
+PORTS = f'{harness.PORT_RANGE[0]}-{harness.PORT_RANGE[1] - 1}'
+
+# The README's tensor-parallel LM, shortened (a tiny transformer, 6 steps),
+# with every built-in action switched on: report and eval (every 3 steps),
+# early stopping, keep-best, checkpoints (every 3), the preemption check
+# (always on), the profiler (steps 2-3) and samples (lm.gin's action).
+SHORT = (
+    '--gin.transformer.width=32', '--gin.transformer.depth=1',
+    '--gin.transformer.heads=2', '--gin.transformer.max_len=32',
+    '--gin.text_files.length=32', '--gin.text_files.max_eval_examples=64',
+    '--gin.train.batch_size=8', '--gin.train.num_steps=6',
+    '--gin.train.log_every=3', '--gin.train.eval_every=3',
+    '--gin.train.eval_batch_size=32', '--gin.checkpoint_policy.every_steps=3',
+    "--gin.checkpoint_policy.best_metric='loss'",
+    "--gin.train.early_stopping=@runner.early_stopping()",
+    '--gin.early_stopping.patience=100', "--gin.train.profile_steps=(2,3)",
+    '--gin.write_samples.num=2', '--gin.write_samples.prompt_length=8',
+    '--gin.warmup_cosine_decay_schedule.warmup_steps=1',
+    '--heartbeat_timeout=10', '--barrier_timeout=120',
+    '--shutdown_timeout=30', '--step_timeout=300')
+
+
+def _readme_sharded_command() -> str:
+  """The README's 2-process tensor-parallel example (one shell line)."""
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  blocks = re.findall(r'^```sh\n(.*?)^```', text, re.M | re.S)
+  (block,) = [b for b in blocks if 'launch/local.sh' in b and
+              'tensor_parallel.gin' in b]
+  lines = [l for l in block.splitlines() if not l.lstrip().startswith('#')]
+  return ' '.join(l.rstrip('\\').strip() for l in lines)
+
+
+def _env(cache, **extra):
+  environ = harness.env(cache, GINTRAIN_PORT_RANGE=PORTS, **extra)
+  environ['PATH'] = BIN + os.pathsep + environ.get('PATH', '')
+  return environ
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+def _local_sh(*args, environ, **kwargs):
+  return subprocess.run([os.path.join(harness.LAUNCH, 'local.sh'), *args],
+                        env=environ, capture_output=True, text=True,
+                        cwd=REPO, timeout=120, check=False, **kwargs)
+
+
+# -- items 2 and 8: every action over 2 processes; two jobs on one host --------
+
+
+def test_readme_sharded_lm_runs_every_action_beside_a_second_job(
+    cache, tmp_path):
+  command = _readme_sharded_command()
+  assert ' -p ' not in command, command  # item 8: no fixed port
+  command = command.replace('/tmp/', f'{tmp_path}/') + ' ' + ' '.join(
+      f"'{a}'" if ("'" not in a and ('(' in a or '@' in a)) else
+      f'"{a}"' if "'" in a else a for a in SHORT)
+  workdir = tmp_path / 'lm_tp'
+  out_path = tmp_path / 'readme_job.log'
+  environ = _env(cache)
+  with open(out_path, 'w', encoding='utf-8') as out:
+    first = subprocess.Popen(['bash', '-c', command], env=environ, cwd=REPO,
+                             stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+  try:
+    deadline = time.monotonic() + 60
+    port = None
+    while port is None and time.monotonic() < deadline:
+      match = re.search(r'coordinator port (\d+)', out_path.read_text())
+      port = match and int(match.group(1))
+      time.sleep(0.05)
+    assert port, out_path.read_text()
+    lo, hi = harness.PORT_RANGE
+    assert lo <= port < hi
+    while harness.port_free(port):  # until process 0's coordinator listens
+      assert first.poll() is None and time.monotonic() < deadline + 60, (
+          out_path.read_text())
+      time.sleep(0.05)
+    # A second job on the first one's port: refused at once, one line, and
+    # nothing of it starts (the first one is unharmed, checked below).
+    marker = tmp_path / 'second_started'
+    refused = _local_sh('-p', str(port), '--', 'touch', str(marker),
+                        environ=environ)
+    assert refused.returncode == 2, refused
+    assert refused.stdout == '' and refused.stderr.count('\n') == 1, refused
+    assert (f'local.sh: error: -p {port}: port {port} on 127.0.0.1 is in use'
+            in refused.stderr), refused.stderr
+    assert not marker.exists()
+    # A second job with no -p on the same host: its own free port.
+    second_dir = tmp_path / 'second'
+    second = _local_sh(
+        '-n', '2', '-d', '1', '-l', str(tmp_path / 'second_logs'), '--',
+        *harness.train_command(second_dir, '--gin.train.num_steps=10',
+                               '--gin.slow_synthetic.delay=0',
+                               '--heartbeat_timeout=10'),
+        environ=environ)
+    assert second.returncode == 0, second.stderr + ''.join(
+        (tmp_path / 'second_logs' / f'process_{i}.log').read_text()[-2000:]
+        for i in range(2))
+    second_port = int(re.search(r'coordinator port (\d+)',
+                                second.stderr).group(1))
+    assert second_port != port
+    assert harness.checkpoint_steps(second_dir) == [10]
+    status = harness.wait_progress(first, [str(out_path)], timeout=400,
+                                   stall_s=200)
+  finally:
+    if first.poll() is None:
+      os.killpg(first.pid, signal.SIGKILL)
+      first.wait(30)
+  output = out_path.read_text()
+  assert status == 0, harness.tail(output, 80)
+  # Every action did its work, on both processes, to the end.
+  assert harness.checkpoint_steps(workdir) == [3, 6]
+  assert (workdir / 'checkpoints' / 'checkpoint_6_gda').is_dir()
+  assert os.listdir(workdir / 'best_checkpoints')
+  samples = (workdir / 'samples.txt').read_text(errors='replace')
+  assert samples.count('=== prompt (step 6) ===') == 2, samples
+  assert any(files for _, _, files in os.walk(workdir / 'profile'))
+  records = [json.loads(l) for l in
+             (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert any('eval/loss' in json.dumps(r) or r.get('split') == 'eval'
+             for r in records), records[-3:]
+  assert 'local.sh: process 0 exited with status 0' in output
+  assert 'local.sh: process 1 exited with status 0' in output
+  # Item 9: no per-checkpoint chatter of jax's serialization (4 checkpoint
+  # writes, 2 of them sharded best copies, on 2 processes).
+  assert 'serialization.py' not in output, harness.tail(output, 80)
+  assert 'Error check finished' not in output
+
+
+def test_local_sh_refuses_a_busy_port_with_one_line(tmp_path):
+  with socket.socket() as busy:
+    busy.bind(('127.0.0.1', 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    marker = tmp_path / 'started'
+    result = _local_sh('-n', '1', '-p', str(port), '--', 'touch',
+                       str(marker), environ=harness.env())
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f'local.sh: error: -p {port}: port {port} on 127.0.0.1 is in use'
+      " (another job's coordinator?); choose another port or leave -p out"
+      ' to pick a free one']
+  assert not marker.exists()
+
+
+def test_local_sh_picks_a_free_port_in_the_range(tmp_path):
+  marker = tmp_path / 'started'
+  result = _local_sh('-n', '1', '--', 'sh', '-c', f'echo "$@" > {marker}',
+                     'sh', environ=harness.env(GINTRAIN_PORT_RANGE=PORTS))
+  assert result.returncode == 0, result.stderr
+  port = int(re.search(r'coordinator port (\d+)', result.stderr).group(1))
+  assert harness.PORT_RANGE[0] <= port < harness.PORT_RANGE[1]
+  assert f'--coordinator_address=127.0.0.1:{port}' in marker.read_text()
+
+
+def test_launch_docs_name_files_that_exist():
+  """Every repository path named in launch/ exists (item 9)."""
+  missing = []
+  for name in os.listdir(harness.LAUNCH):
+    with open(os.path.join(harness.LAUNCH, name), encoding='utf-8') as f:
+      text = f.read()
+    for path in set(re.findall(
+        r'\b((?:runner|lib|tests|launch|gin|bench|docs)/[\w/.-]+'
+        r'\.(?:py|sh|gin|md|sbatch|yaml))', text)):
+      if not os.path.exists(os.path.join(REPO, path)):
+        missing.append(f'{name}: {path}')
+    for module in set(re.findall(r'\b(runner(?:\.\w+)+)\b', text)):
+      parts = module.split('.')
+      found = False
+      for cut in range(len(parts), 0, -1):  # a module, then an attribute
+        base = os.path.join(REPO, *parts[:cut])
+        if os.path.exists(base + '.py') or os.path.isdir(base):
+          found = True
+          break
+      if not found:
+        missing.append(f'{name}: {module}')
+  assert not missing, missing
+
+
+# -- item 5: the step watchdog in 1-process runs -------------------------------
+
+
+def _tiny_command(workdir, *args):
+  return [sys.executable, '-m', 'gintrain.runner.train',
+          f'--workdir={workdir}', '--gin_file=run.gin',
+          '--gin_file=models/mlp.gin', '--gin_file=datasets/synthetic.gin',
+          '--gin_file=optimizers/adam.gin', '--gin.mlp.features=(16,)',
+          '--gin.mlp.num_classes=4', '--gin.train.batch_size=32',
+          '--gin.train.num_epochs=None', '--gin.train.num_steps=12',
+          '--gin.train.log_every=4', '--gin.train.eval_every=4',
+          '--gin.checkpoint_policy.every_steps=4', *args]
+
+
+def test_one_process_hang_reports_progress_then_exits_3(tmp_path):
+  environ = harness.env(PYTHONPATH=os.pathsep.join(
+      [PLUGINS, harness.env()['PYTHONPATH']]))
+  begun = time.monotonic()
+  result = subprocess.run(
+      _tiny_command(tmp_path / 'w', '--gin_bindings=import faults',
+                    '--gin.train.actions=[@faults.HangAt()]',
+                    '--gin.HangAt.step=5', '--gin.HangAt.process=0',
+                    '--step_timeout=4', '--progress_report_s=1'),
+      env=environ, capture_output=True, text=True, timeout=120, cwd=REPO,
+      check=False)
+  took = time.monotonic() - begun
+  err = result.stderr
+  assert result.returncode == watchdog.HUNG_EXIT_CODE, err[-3000:]
+  errors = [l for l in err.splitlines() if l.startswith('gintrain: error:')]
+  assert errors == [
+      'gintrain: error: no training step completed within --step_timeout=4'
+      ' s after step 5 (process 0 of 1): hung; thread stacks above. Exiting'
+      ' with status 3 so that the launcher relaunches (resume from the'
+      ' latest checkpoint).'], err[-3000:]
+  # Progress reports while stuck name where the main thread waits.
+  reports = re.findall(r'no step completed for (\d+) s \(after step 5\): the'
+                       r' main thread is in ([^\n]*)', err)
+  assert len(reports) >= 2, err[-3000:]
+  assert all('faults.py' in where for _, where in reports), reports
+  assert took < 90
