@@ -58,6 +58,8 @@ setup(
         # Checkpoints and --workdir on object stores (lib/storage.py).
         'gcs': ['fsspec>=2024.6', 'gcsfs>=2024.6'],
         's3': ['fsspec>=2024.6', 's3fs>=2024.6'],
+        # gintrain sweep --search=optuna (runner/sweep/search.py).
+        'sweep': ['optuna>=3.6'],
     },
     entry_points={'console_scripts': ['gintrain=gintrain.runner.cli.main:run']},
 )

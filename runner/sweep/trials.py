@@ -415,7 +415,7 @@ class TrialProcess:
     self.proc.wait()
     self._log.close()
     error = None
-    if self.pruned is not None and rc in (0, _PREEMPTED):
+    if self.pruned is not None and rc == _PREEMPTED:
       status = 'pruned'
     elif rc == 0:
       status = 'done'

@@ -1,0 +1,201 @@
+"""``--search=optuna``: an Optuna study over the sweep file's distributions.
+
+Needs the ``[sweep]`` extra (``pip install 'gintrain[sweep]'``: optuna).
+Each swept binding becomes an Optuna parameter: ``uniform``/``loguniform``
+a float (log scale for the latter), ``intuniform`` an int, a list or
+``choice`` a categorical over the values' gin text. The study lives in
+``<sweep_dir>/optuna.db`` (SQLite) unless ``storage`` names another
+database URL; every ``gintrain sweep --search=optuna`` process on it is a
+worker, and together they run ``n_trials`` trials: a worker asks for a
+trial only while the study holds fewer (counted under the sweep dir's lock,
+so two workers on one machine or a shared filesystem never run more).
+Worker ``k`` (in the order they joined) seeds its sampler with
+``seed + k``, so two workers do not sample the same start-up trials.
+
+Trials run as any sweep trial (a runner subprocess in its hashed workdir;
+a config another worker already finished is not run again, its result is
+told). While a trial runs, its eval records (``metrics.jsonl``) are
+reported to Optuna as intermediate values; when the pruner
+(``MedianPruner``: after 3 finished trials, a trial whose metric at a step
+is worse than the median of the others' at that step) says so, the trial
+gets SIGTERM (the runner checkpoints and exits), its record says
+``pruned`` and why, and ``gintrain sweep trial`` would exit with
+:data:`runner.sweep.trials.PRUNED_EXIT_CODE`.
+"""
+
+import json
+import math
+import os
+
+from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import writers
+from gintrain.runner.sweep import executors
+from gintrain.runner.sweep import spec as spec_lib
+from gintrain.runner.sweep import status as status_lib
+from gintrain.runner.sweep import trials as trials_lib
+
+__all__ = ['run_study', 'distributions']
+
+_WORKERS_FILE = 'optuna_workers.json'
+
+
+def _optuna():
+  try:
+    import optuna  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise RunnerError("--search=optuna needs optuna: pip install"
+                      " 'gintrain[sweep]' (or pip install optuna).") from None
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  return optuna
+
+
+def distributions(specs) -> tuple[dict, dict]:
+  """``({binding key: optuna distribution}, {binding key: 'file:line'})``
+  of the sweep files' axes.
+
+  Raises:
+    RunnerError: no axes, an empty list, or a key in two files.
+  """
+  optuna = _optuna()
+  dists, where = {}, {}
+  for spec in specs:
+    for axis in spec.axes:
+      if axis.key in dists:
+        raise RunnerError(f'{axis.where}: {axis.key} is swept twice (also at'
+                          f' {where[axis.key]}).')
+      where[axis.key] = axis.where
+      values = axis.values
+      if isinstance(values, spec_lib.Distribution):
+        if values.kind == 'choice':
+          values = values.args[0]
+        else:
+          lo, hi = values.args
+          dists[axis.key] = (
+              optuna.distributions.IntDistribution(lo, hi)
+              if values.kind == 'intuniform' else
+              optuna.distributions.FloatDistribution(
+                  lo, hi, log=values.kind == 'loguniform'))
+          continue
+      if not values:
+        raise RunnerError(f'{axis.where}: {axis.key} = [] has no values.')
+      choices = list(dict.fromkeys(spec_lib.format_value(v) for v in values))
+      dists[axis.key] = optuna.distributions.CategoricalDistribution(choices)
+  if not dists:
+    raise RunnerError('--search=optuna: the sweep files sweep nothing.')
+  return dists, where
+
+
+def _eval_records(trial_dir, split, name) -> list:
+  """``[(step, value)]`` of ``metrics.jsonl`` records of ``split`` with
+  ``name`` (finite values), in file order."""
+  path = os.path.join(trial_dir, writers.METRICS_FILE)
+  out = []
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if (isinstance(record, dict) and record.get('split') == split and
+            isinstance(record.get(name), (int, float)) and
+            math.isfinite(record[name]) and isinstance(record.get('step'),
+                                                        int)):
+          out.append((record['step'], float(record[name])))
+  except OSError:
+    pass
+  return out
+
+
+def _worker_index(sweep) -> int:
+  with sweep.locked():
+    path = os.path.join(sweep.path, _WORKERS_FILE)
+    try:
+      with open(path, encoding='utf-8') as f:
+        count = int(json.load(f)['workers'])
+    except (OSError, ValueError, KeyError, TypeError):
+      count = 0
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'workers': count + 1}, f)
+  return count
+
+
+def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
+              study_name='sweep', sampler='tpe', pruner='median', seed=0,
+              metric='accuracy', goal='max', environ=None) -> dict:
+  """Runs this worker's share of the study; returns ``{status: n}``.
+
+  Raises:
+    RunnerError: no ``n_trials``, a bad distribution, optuna missing.
+  """
+  optuna = _optuna()
+  if not n_trials or n_trials < 1:
+    raise RunnerError('--search=optuna needs --trials=N (the study\'s size,'
+                      ' all workers together).')
+  dists, where = distributions(specs)
+  storage = storage or f'sqlite:///{os.path.join(sweep.path, "optuna.db")}'
+  worker = _worker_index(sweep)
+  make_sampler = {'tpe': optuna.samplers.TPESampler,
+                  'random': optuna.samplers.RandomSampler}[sampler]
+  the_pruner = (optuna.pruners.MedianPruner(n_startup_trials=3)
+                if pruner == 'median' else optuna.pruners.NopPruner())
+  with sweep.locked():  # creating the tables: one worker at a time
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, load_if_exists=True,
+        direction='maximize' if goal == 'max' else 'minimize',
+        sampler=make_sampler(seed=seed + worker), pruner=the_pruner)
+  split, name = status_lib.split_metric(metric)
+  live = {}  # trial name -> (optuna trial, reported steps)
+  counted = (optuna.trial.TrialState.COMPLETE,
+             optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
+             optuna.trial.TrialState.RUNNING)
+
+  def next_trial():
+    with sweep.locked():
+      if len(study.get_trials(deepcopy=False, states=counted)) >= n_trials:
+        return None
+      asked = study.ask(dists)
+    bindings = {k: (v if isinstance(v, str) else spec_lib.format_value(v))
+                for k, v in asked.params.items()}
+    label = f't{asked.number:03d},' + spec_lib.label_of(bindings)
+    trial_spec = spec_lib.TrialSpec(bindings, label, where)
+    try:
+      trial = trials_lib.resolve(base, [trial_spec], parse)[0]
+    except RunnerError:
+      study.tell(asked, state=optuna.trial.TrialState.FAIL)
+      raise
+    digest = trials_lib.base_digest(base, parse)
+    sweep.register(base, digest, [trial])
+    live[trial.name] = (asked, set())
+    return trial
+
+  def monitor(proc):
+    asked, seen = live[proc.trial.name]
+    for step, value in _eval_records(proc.dir, split, name):
+      if step in seen:
+        continue
+      seen.add(step)
+      asked.report(value, step)
+      if proc.pruned is None and asked.should_prune():
+        proc.prune(f'pruned by Optuna ({type(the_pruner).__name__}) at step'
+                   f' {step}: {metric}={value:.4f} is worse than the median'
+                   ' of the earlier trials at that step')
+
+  def on_end(trial, status):
+    asked, _ = live.pop(trial.name)
+    if status == 'done':
+      points = _eval_records(sweep.trial_dir(trial), split, name)
+      if points:
+        study.tell(asked, points[-1][1])
+        return
+      status = 'failed'
+    state = {'pruned': optuna.trial.TrialState.PRUNED}.get(
+        status, optuna.trial.TrialState.FAIL)
+    study.tell(asked, state=state)
+
+  counts = executors.run_local(sweep, [], parallel=parallel,
+                               environ=environ, monitor=monitor,
+                               next_trial=next_trial, on_end=on_end)
+  for asked, _ in live.values():  # stopped by a signal
+    study.tell(asked, state=optuna.trial.TrialState.FAIL)
+  return counts
