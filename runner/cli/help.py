@@ -24,8 +24,9 @@ Usage:
       train (or resume) the run in DIR; default config: gin/default.gin
   gintrain eval --workdir=DIR [--checkpoint=STEP|PATH] [--gin_file=...]
       evaluate a checkpoint with the run's own config; no training
-  gintrain ckpt ls DIR | inspect PATH | diff A B
-      list, look inside (no array data read) and compare checkpoints
+  gintrain ckpt ls DIR | inspect PATH | diff A B | convert SRC DST
+      list, look inside (no array data read) and compare checkpoints;
+      convert flax msgpack <-> Orbax
   gintrain compare RUN_DIR... --out=PNG
       plot several runs' curves on one figure
 """
