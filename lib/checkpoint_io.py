@@ -141,7 +141,7 @@ def set_integrity_sidecar(mode: bool | str) -> None:
 def integrity_sidecar(path: str) -> bool:
   """Whether a save of ``path`` writes a sidecar now."""
   if _sidecar_mode == 'auto':
-    return storage.is_url(path)
+    return storage.local_file(path) is None
   return bool(_sidecar_mode)
 
 
@@ -534,7 +534,7 @@ def write_file(tree, path: str, sort_keys: bool = False,
   """
   if not isinstance(tree, EncodedTree):
     tree = encode(tree, sort_keys=sort_keys)
-  if storage.is_url(path):
+  if storage.local_file(path) is None:
     _upload_file(tree, path, exclusive, hasher)
     return
   fd = _create_file(path, exclusive)
@@ -580,7 +580,7 @@ def commit_file(tmp_path: str, final_path: str, overwrite: bool) -> None:
     gintrain.lib.errors.AlreadyExistsError: ``final_path`` exists and not
       ``overwrite`` (only reachable when two writers race).
   """
-  if storage.is_url(final_path):
+  if storage.local_file(final_path) is None:
     if not overwrite and storage.exists(final_path):
       raise errors.AlreadyExistsError(final_path)
     side = checkpoint_naming.sidecar_path(final_path)
@@ -600,7 +600,7 @@ def make_parent_dirs(path: str) -> None:
   For a URL only the store is checked (object stores have no directories;
   uploads create what they need).
   """
-  if storage.is_url(path):
+  if storage.local_file(path) is None:
     storage.check(path)
     return
   directory = os.path.dirname(path)
@@ -701,7 +701,7 @@ def _write_url_checkpoint(tree, final_path: str, overwrite: bool,
 def _write_checkpoint(tree, final_path: str, tmp_path: str | None,
                       overwrite: bool, sort_keys: bool,
                       tmp_prefix: str) -> str | None:
-  if storage.is_url(final_path):
+  if storage.local_file(final_path) is None:
     _write_url_checkpoint(tree, final_path, overwrite, sort_keys)
     return None
   make_parent_dirs(final_path)
@@ -1173,7 +1173,7 @@ def read_checkpoint_file(path: str, parallel: bool = True):
       blocks. A symlink to a regular file is followed.
     OSError: the file cannot be opened.
   """
-  if storage.is_url(path):
+  if storage.local_file(path) is None:
     return _read_url_checkpoint(path, parallel)
   return _read_local(path, parallel, path, _read_local_sidecar(path))
 

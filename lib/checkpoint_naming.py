@@ -288,13 +288,17 @@ def get_checkpoint_paths(
           os.path.join(ckpt_dir, prefix))
 
 
+def is_orbax_dir(path: str) -> bool:
+  """Whether ``path`` (a local path or URL) is an Orbax checkpoint
+  directory: it holds a ``checkpoint``, ``_METADATA`` or ``manifest.ocdbt``
+  entry (flax's test)."""
+  return storage.isdir(path) and any(
+      storage.exists(storage.join(path, name))
+      for name in ('checkpoint', '_METADATA', 'manifest.ocdbt'))
+
+
 def _listdir_or_empty(path: str) -> list[str]:
-  if storage.is_url(path):
-    return list(storage.list_entries(path))
-  try:
-    return os.listdir(path)
-  except FileNotFoundError:
-    return []
+  return storage.listdir(path)
 
 
 def _matching_paths(dir_path: str, prefix: str) -> list[str]:
@@ -381,7 +385,7 @@ def _remove_url_checkpoint(path: str, has_mpa: bool) -> bool:
 
 def _remove_checkpoint(path: str, has_mpa: bool) -> bool:
   logging.info('Removing checkpoint at %s', path)
-  if storage.is_url(path):
+  if storage.local_file(path) is None:
     return _remove_url_checkpoint(path, has_mpa)
   sidecar = sidecar_path(path)
   sidecar_st = _lstat_or_none(sidecar)
@@ -513,7 +517,7 @@ def remove_stale_tmp_files(dir_path: str, prefix: str,
     The removed paths.
   """
   removed = []
-  if storage.is_url(dir_path):
+  if storage.local_file(dir_path) is None:
     return removed
   now = time.time()
   for name in _listdir_or_empty(dir_path):

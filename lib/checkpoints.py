@@ -153,7 +153,7 @@ def save_checkpoint(
   logger.info('Saving checkpoint at step: %s', step)
 
   if orbax_checkpointer is not None:
-    if storage.is_url(ckpt_path):
+    if storage.local_file(ckpt_path) is None:
       raise ValueError(f'{ckpt_path}: Orbax saves through this function take'
                        ' local paths only; use Orbax directly for URLs.')
     if jax.process_count() > 1:
@@ -255,22 +255,11 @@ def available_steps(ckpt_dir: str | os.PathLike, prefix: str = 'checkpoint_',
   return steps
 
 
-def _exists(path: str) -> bool:
-  return storage.exists(path) if storage.is_url(path) else os.path.exists(
-      path)
+_exists = storage.exists
+_isdir = storage.isdir
 
 
-def _isdir(path: str) -> bool:
-  return storage.isdir(path) if storage.is_url(path) else os.path.isdir(path)
-
-
-def _is_orbax(path: str) -> bool:
-  if storage.is_url(path):
-    return storage.isdir(path) and any(
-        storage.exists(storage.join(path, name))
-        for name in (ORBAX_CKPT_FILENAME, ORBAX_METADATA_FILENAME,
-                     ORBAX_MANIFEST_OCDBT))
-  return orbax_delegation.is_orbax_checkpoint(path)
+_is_orbax = checkpoint_naming.is_orbax_dir
 
 
 def _wait_for_orbax(orbax_checkpointer) -> None:

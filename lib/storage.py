@@ -1,10 +1,13 @@
 """Object stores: checkpoint and run paths given as URLs (``s3://``, ``gs://``).
 
-A path with a URL scheme goes through `fsspec <https://filesystem-spec.
-readthedocs.io>`_ (``memory://`` for tests, ``s3://`` with s3fs, ``gs://``
-with gcsfs, any other protocol fsspec knows); every other path is a local
-path and never comes here (the callers keep the ``os`` code path for it).
-``file://`` URLs are local paths (:func:`local_path`).
+Every function takes a local path or a URL alike. A path with a URL scheme
+goes through `fsspec <https://filesystem-spec.readthedocs.io>`_
+(``memory://`` for tests, ``s3://`` with s3fs, ``gs://`` with gcsfs, any
+other protocol fsspec knows); a local path takes the ``os`` fast path
+(no fsspec import). ``file://`` URLs are local paths (:func:`local_path`).
+Callers never branch on the kind of path; code with a faster local route
+(file descriptors, fsync, rename) asks :func:`local_file` for the local
+path, which is None on an object store.
 
 Rules this module enforces:
 
@@ -23,6 +26,8 @@ Rules this module enforces:
 
   >>> is_url('s3://b/run'), is_url('/tmp/run'), is_url('file:///tmp/run')
   (True, False, False)
+  >>> local_file('file:///tmp/run'), local_file('s3://b/run')
+  ('/tmp/run', None)
   >>> join('s3://b/run', 'checkpoints')
   's3://b/run/checkpoints'
 """
@@ -44,6 +49,11 @@ __all__ = [
     'StorageError',
     'is_url',
     'local_path',
+    'local_file',
+    'listdir',
+    'read_text',
+    'write_text',
+    'open_read',
     'check',
     'filesystem',
     'join',
@@ -171,15 +181,32 @@ def check(path):
   return path
 
 
-def list_entries(url: str) -> dict[str, str]:
-  """``{name: 'file' | 'directory'}`` of the entries of ``url`` ({} if none)."""
-  fs, path = filesystem(url)
+def local_file(path) -> str | None:
+  """The local filesystem path of ``path`` (``file://`` removed), or None
+  when it is on an object store: for code with a faster local route."""
+  path = os.fspath(path) if isinstance(path, os.PathLike) else path
+  return None if is_url(path) else local_path(path)
+
+
+def list_entries(path: str) -> dict[str, str]:
+  """``{name: 'file' | 'directory'}`` of the entries of ``path`` ({} if
+  nothing is there; a local file raises NotADirectoryError). Locally, a symlink or special file is listed as ``'file'``
+  (``os.path.isdir`` decides; links are not followed)."""
+  local = local_file(path)
+  if local is not None:
+    try:
+      with os.scandir(local) as it:
+        return {e.name: ('directory' if e.is_dir(follow_symlinks=False)
+                         else 'file') for e in it}
+    except FileNotFoundError:
+      return {}
+  fs, fs_path = filesystem(path)
   try:
-    entries = fs.ls(path, detail=True)
+    entries = fs.ls(fs_path, detail=True)
   except FileNotFoundError:
     return {}
   out = {}
-  base = path.rstrip('/')
+  base = fs_path.rstrip('/')
   for entry in entries:
     name = entry['name'].rstrip('/')
     if name == base:  # a file, listed as itself
@@ -188,65 +215,134 @@ def list_entries(url: str) -> dict[str, str]:
   return out
 
 
-def exists(url: str) -> bool:
-  fs, path = filesystem(url)
-  return bool(fs.exists(path))
+def listdir(path: str) -> list[str]:
+  """The sorted names in the directory ``path`` ([] if it does not exist)."""
+  return sorted(list_entries(path))
 
 
-def isdir(url: str) -> bool:
-  fs, path = filesystem(url)
-  return bool(fs.isdir(path))
+def exists(path: str, follow_symlinks: bool = True) -> bool:
+  """Whether anything is at ``path`` (``follow_symlinks=False``: a local
+  dangling symlink counts too)."""
+  local = local_file(path)
+  if local is not None:
+    return (os.path.exists if follow_symlinks else os.path.lexists)(local)
+  fs, fs_path = filesystem(path)
+  return bool(fs.exists(fs_path))
 
 
-def isfile(url: str) -> bool:
-  fs, path = filesystem(url)
-  return bool(fs.isfile(path))
+def isdir(path: str) -> bool:
+  local = local_file(path)
+  if local is not None:
+    return os.path.isdir(local)
+  fs, fs_path = filesystem(path)
+  return bool(fs.isdir(fs_path))
 
 
-def size(url: str) -> int:
-  fs, path = filesystem(url)
-  return int(fs.size(path))
+def isfile(path: str) -> bool:
+  local = local_file(path)
+  if local is not None:
+    return os.path.isfile(local)
+  fs, fs_path = filesystem(path)
+  return bool(fs.isfile(fs_path))
 
 
-def makedirs(url: str) -> None:
-  """Creates ``url`` as a directory (on S3/GCS: nothing, or the bucket)."""
-  fs, path = filesystem(url)
-  fs.makedirs(path, exist_ok=True)
+def size(path: str) -> int:
+  local = local_file(path)
+  if local is not None:
+    return os.path.getsize(local)
+  fs, fs_path = filesystem(path)
+  return int(fs.size(fs_path))
 
 
-def remove(url: str) -> None:
-  fs, path = filesystem(url)
-  fs.rm_file(path)
+def makedirs(path: str) -> None:
+  """Creates ``path`` as a directory (on S3/GCS: nothing, or the bucket)."""
+  local = local_file(path)
+  if local is not None:
+    os.makedirs(local, exist_ok=True)
+    return
+  fs, fs_path = filesystem(path)
+  fs.makedirs(fs_path, exist_ok=True)
 
 
-def rmtree(url: str) -> None:
-  fs, path = filesystem(url)
+def remove(path: str) -> None:
+  """Removes the file ``path`` (FileNotFoundError if there is none)."""
+  local = local_file(path)
+  if local is not None:
+    os.remove(local)
+    return
+  fs, fs_path = filesystem(path)
+  fs.rm_file(fs_path)
+
+
+def rmtree(path: str) -> None:
+  """Removes ``path`` and everything under it (a file too); nothing there
+  is not an error."""
+  local = local_file(path)
+  if local is not None:
+    if os.path.isdir(local) and not os.path.islink(local):
+      shutil.rmtree(local, ignore_errors=True)
+    elif os.path.lexists(local):
+      os.remove(local)
+    return
+  fs, fs_path = filesystem(path)
   try:
-    fs.rm(path, recursive=True)
+    fs.rm(fs_path, recursive=True)
   except FileNotFoundError:
     pass
 
 
-def read_bytes(url: str, limit: int | None = None) -> bytes:
-  """The object's bytes (at most ``limit`` of them)."""
-  fs, path = filesystem(url)
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+  """The file's bytes (at most ``limit`` of them)."""
+  local = local_file(path)
+  if local is not None:
+    with open(local, 'rb') as f:
+      return f.read() if limit is None else f.read(limit)
+  fs, fs_path = filesystem(path)
   if limit is None:
-    return fs.cat_file(path)
-  return fs.cat_file(path, start=0, end=limit)
+    return fs.cat_file(fs_path)
+  return fs.cat_file(fs_path, start=0, end=limit)
 
 
-def write_bytes(url: str, data: bytes) -> None:
-  """Writes a small object in one request (it appears complete or not)."""
-  fs, path = filesystem(url)
-  if _scheme(url) in _ATOMIC_UPLOAD:
-    fs.pipe_file(path, bytes(data))
+def read_text(path: str) -> str:
+  """The file's text (UTF-8)."""
+  return read_bytes(path).decode('utf-8')
+
+
+def open_read(path: str):
+  """A binary file object reading ``path`` (local: ``open(path, 'rb')``)."""
+  local = local_file(path)
+  if local is not None:
+    return open(local, 'rb')  # pylint: disable=consider-using-with
+  fs, fs_path = filesystem(path)
+  return fs.open(fs_path, 'rb')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a small file that appears complete or not at all (locally a
+  temporary file renamed into place; on S3/GCS one request)."""
+  if _scheme(path) in _ATOMIC_UPLOAD:
+    fs, fs_path = filesystem(path)
+    fs.pipe_file(fs_path, bytes(data))
     return
-  with Upload(url) as up:
+  with Upload(path) as up:
     up.write(data)
 
 
+def write_text(path: str, text: str) -> None:
+  """:func:`write_bytes` of ``text`` in UTF-8."""
+  write_bytes(path, text.encode('utf-8'))
+
+
 def move(src: str, dst: str) -> None:
-  """Renames (on object stores: copies, then deletes) ``src`` to ``dst``."""
+  """Renames ``src`` to ``dst`` (on object stores: copies, then deletes);
+  locally the destination's folder is created."""
+  local_src, local_dst = local_file(src), local_file(dst)
+  if local_src is not None and local_dst is not None:
+    parent = os.path.dirname(local_dst)
+    if parent:
+      os.makedirs(parent, exist_ok=True)
+    os.rename(local_src, local_dst)
+    return
   fs, src_path = filesystem(src)
   _, dst_path = filesystem(dst)
   fs.mv(src_path, dst_path, recursive=fs.isdir(src_path))
@@ -339,11 +435,19 @@ class Upload:
   def __init__(self, url: str, block_bytes: int = UPLOAD_BLOCK_BYTES):
     self.url = url
     self.block = block_bytes
-    self.fs, path = filesystem(url)
     self._tmp = None
-    self._path = path
     self._s3 = None
     self.done = False
+    local = local_file(url)
+    if local is not None:  # a hidden temporary, fsynced and renamed
+      self.fs, self._path = None, local
+      parent, name = os.path.split(os.path.abspath(local))
+      os.makedirs(parent, exist_ok=True)
+      self._tmp = os.path.join(parent, f'.{name}.part-{secrets.token_hex(4)}')
+      self._file = open(self._tmp, 'xb')  # pylint: disable=consider-using-with
+      return
+    self.fs, path = filesystem(url)
+    self._path = path
     if _scheme(url) in ('s3', 's3a') and hasattr(self.fs, 'call_s3'):
       self._s3 = _S3MultipartUpload(self.fs, path, block_bytes,
                                     UPLOAD_PARTS_IN_FLIGHT)
@@ -368,6 +472,12 @@ class Upload:
     if self._s3 is not None:
       self._s3.commit()
       return
+    if self.fs is None:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      self._file.close()
+      os.replace(self._tmp, self._path)
+      return
     self._file.close()
     if self._tmp is not None:
       self.fs.mv(self._tmp, self._path)
@@ -378,6 +488,13 @@ class Upload:
     self.done = True
     if self._s3 is not None:
       self._s3.abort()
+      return
+    if self.fs is None:
+      self._file.close()
+      try:
+        os.remove(self._tmp)
+      except OSError:
+        pass
       return
     try:
       discard = getattr(self._file, 'discard', None)
@@ -405,20 +522,34 @@ class Upload:
 
 
 def download(url: str, local: str) -> None:
-  """Copies the object ``url`` to the local file ``local``."""
+  """Copies the file ``url`` (a URL or local path) to the local file
+  ``local``."""
+  source = local_file(url)
+  if source is not None:
+    shutil.copyfile(source, local)
+    return
   fs, path = filesystem(url)
   fs.get_file(path, local)
 
 
 def upload_file(local: str, url: str) -> None:
   """Copies the local file ``local`` to ``url`` (appears when complete)."""
+  if local_file(url) is not None:
+    with open(local, 'rb') as f, Upload(url) as up:
+      shutil.copyfileobj(f, up)
+    return
   fs, path = filesystem(url)
   fs.put_file(local, path)
 
 
 @contextlib.contextmanager
 def staged_download(url: str) -> Iterator[str]:
-  """A local temporary copy of the object ``url``, removed afterwards."""
+  """A local file holding ``url``'s bytes: a local path itself; an object
+  downloaded to a temporary copy, removed afterwards."""
+  local = local_file(url)
+  if local is not None:
+    yield local
+    return
   staging = tempfile.mkdtemp(prefix='gintrain-stage-')
   try:
     local = os.path.join(staging, url.rstrip('/').rsplit('/', 1)[-1] or 'x')

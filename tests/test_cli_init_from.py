@@ -13,7 +13,7 @@ from gintrain.lib import checkpoints
 from gintrain.runner import train
 from gintrain.runner.data import datasets
 from gintrain.runner.errors import RunnerError
-from gintrain.runner.outputs import checkpoints as checkpointing
+from gintrain.runner.training import init_from as checkpointing
 
 
 @gin.configurable

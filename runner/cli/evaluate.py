@@ -10,24 +10,29 @@ started with) unless ``--gin_file`` flags are given; ``--gin_bindings``
 ``<workdir>/checkpoints`` unless ``--checkpoint`` names a step (looked up in
 ``checkpoints/``, then ``best_checkpoints/``) or a file or directory. The
 metrics are evaluated exactly as the run evaluates (same task, eval data
-and batches; :func:`runner.training.trainer.evaluate_checkpoint`), printed
+and batches; :func:`evaluate_checkpoint`), printed
 on one line and appended to ``<workdir>/metrics.jsonl`` as a record with
 ``split`` ``'eval_only'``. Nothing is trained and no checkpoint is written.
+The workdir and the checkpoint may be object-store URLs (``s3://...``).
 """
 
-import os
-
+import jax
+import numpy as np
 from absl import flags
 
 from gintrain.lib import checkpoints as lib_checkpoints
+from gintrain.lib import storage
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import writers
 from gintrain.runner.parallel import distributed
 from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import steps
 from gintrain.runner.training import trainer
 
-__all__ = ['CHECKPOINT', 'SPLIT', 'find_checkpoint', 'evaluate']
+__all__ = ['CHECKPOINT', 'SPLIT', 'find_checkpoint', 'evaluate',
+           'evaluate_checkpoint']
 
 SPLIT = 'eval_only'
 
@@ -45,35 +50,54 @@ def find_checkpoint(workdir: str, checkpoint: str | None,
   Raises:
     RunnerError: nothing there.
   """
-  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
-  if checkpoint is None or os.path.isdir(checkpoint):
+  ckpt_dir = workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR)
+  if checkpoint is None or storage.isdir(checkpoint):
     folder = ckpt_dir if checkpoint is None else checkpoint
-    if os.path.isdir(os.path.join(folder, checkpoints.CHECKPOINT_DIR)):
-      folder = os.path.join(folder, checkpoints.CHECKPOINT_DIR)
+    if storage.isdir(workdir_lib.path(folder, workdir_lib.CHECKPOINT_DIR)):
+      folder = workdir_lib.path(folder, workdir_lib.CHECKPOINT_DIR)
     path = (lib_checkpoints.latest_checkpoint(folder, prefix)
-            if os.path.isdir(folder) else None)
+            if storage.isdir(folder) else None)
     if path is None:
       flag = '--workdir' if checkpoint is None else '--checkpoint'
       raise RunnerError(f'{flag}: {folder} holds no checkpoint'
                         f' ({prefix}<step>).')
     return path
   if checkpoint.isdigit():
-    for folder in (ckpt_dir, os.path.join(workdir, checkpoints.BEST_DIR)):
-      path = os.path.join(folder, f'{prefix}{int(checkpoint)}')
-      if os.path.exists(path):
+    for folder in (ckpt_dir, workdir_lib.path(workdir, workdir_lib.BEST_DIR)):
+      path = storage.join(folder, f'{prefix}{int(checkpoint)}')
+      if storage.exists(path):
         return path
     try:
-      steps = lib_checkpoints.available_steps(ckpt_dir, prefix) if (
-          os.path.isdir(ckpt_dir)) else []
+      steps_there = lib_checkpoints.available_steps(ckpt_dir, prefix) if (
+          storage.isdir(ckpt_dir)) else []
     except ValueError:
-      steps = []
+      steps_there = []
     raise RunnerError(f'--checkpoint={checkpoint}: no {prefix}{checkpoint}'
-                      f' in {ckpt_dir} or {checkpoints.BEST_DIR}/ (steps'
-                      f' there: {", ".join(map(str, steps)) or "none"}).')
-  if not os.path.exists(checkpoint):
+                      f' in {ckpt_dir} or {workdir_lib.BEST_DIR}/ (steps'
+                      f' there: {", ".join(map(str, steps_there)) or "none"}).')
+  if not storage.exists(checkpoint):
     raise RunnerError(f'--checkpoint={checkpoint}: no such file or directory'
                       ' (give a step or a path).')
   return checkpoint
+
+
+def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
+                        ) -> tuple[int, dict]:
+  """``(step, eval metrics)`` of the runner checkpoint file ``path``,
+  evaluated as the run of ``config`` evaluates (same task, data, batches).
+
+  Raises:
+    RunnerError: the file is unreadable or does not fit the model.
+  """
+  run = trainer.build(config)
+  p = run.partitioner
+  state, _ = checkpoints.restore_state(
+      path, jax.eval_shape(trainer.state_maker(run)), p, hint='')
+  _, eval_step = p.compile(
+      steps.make_train_step(run.task, config.seed, p.axis_name),
+      steps.make_eval_step(run.task, p.axis_name))
+  return int(np.asarray(p.get(state.step))), trainer.evaluate(
+      run, eval_step, state)
 
 
 def evaluate(cfg: config_lib.TrainConfig, workdir: str,
@@ -91,7 +115,7 @@ def evaluate(cfg: config_lib.TrainConfig, workdir: str,
   """
   prefix = cfg.checkpoint.prefix if cfg.checkpoint else 'checkpoint_'
   path = find_checkpoint(workdir, checkpoint, prefix)
-  step, metrics = trainer.evaluate_checkpoint(cfg, path)
+  step, metrics = evaluate_checkpoint(cfg, path)
   if distributed.is_main_process():
     with writers.JsonlWriter(workdir) as writer:
       writer.write_scalars(step, metrics, SPLIT)

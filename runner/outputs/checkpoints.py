@@ -34,18 +34,18 @@ from gintrain.lib import multiprocess_arrays
 from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
 from gintrain.lib import storage
-from gintrain.runner.parallel import distributed
 from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import workdir as workdir_lib
+from gintrain.runner.parallel import distributed
 
-__all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'load_params',
-           'InitFrom', 'InitReport', 'select_params',
-           'read_runner_checkpoint', 'read_arrays',
+__all__ = ['CheckpointPolicy', 'Checkpointer', 'check_tree', 'flatten',
+           'describe_leaf', 'read_file', 'read_runner_checkpoint',
+           'read_arrays', 'restore_state',
            'CHECKPOINT_DIR', 'BEST_DIR', 'CORRUPT_DIR']
 
-CHECKPOINT_DIR = 'checkpoints'
-BEST_DIR = 'best_checkpoints'
-# Where a resume moves checkpoints that do not read back (kept, not deleted).
-CORRUPT_DIR = 'corrupt_checkpoints'
+CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
+BEST_DIR = workdir_lib.BEST_DIR
+CORRUPT_DIR = workdir_lib.CORRUPT_DIR
 _MODES = ('min', 'max')
 # How long a sharded save waits for the slowest process's shards.
 _BARRIER_TIMEOUT_S = 600
@@ -104,16 +104,17 @@ class CheckpointPolicy:
                           f' {getattr(self, name)!r}.')
 
 
-def _describe(leaf):
+def describe_leaf(leaf):
+  """``float32[2, 3]``: a leaf's dtype and shape."""
   return f'{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}'
 
 
-def _flatten(tree, prefix=''):
+def flatten(tree, prefix=''):
   """``{'a/b': leaf}`` of a state dict (dicts only; leaves are the rest)."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}{key}/'))
+      out.update(flatten(value, f'{prefix}{key}/'))
     return out
   return {prefix.rstrip('/'): tree}
 
@@ -136,7 +137,7 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
     RunnerError: ``<what> does not match <against>: <leaf>: ...; ...``
       followed by ``hint``.
   """
-  want, got = _flatten(expected), _flatten(restored)
+  want, got = flatten(expected), flatten(restored)
   faults = []
   for key in want:
     if key not in got:
@@ -146,11 +147,11 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
     if hasattr(w, 'dtype') and hasattr(w, 'shape'):
       if not (hasattr(g, 'dtype') and hasattr(g, 'shape')):
         faults.append(f'{key}: {type(g).__name__} in the checkpoint,'
-                      f' {_describe(w)} expected')
+                      f' {describe_leaf(w)} expected')
       elif np.shape(w) != np.shape(g) or np.dtype(w.dtype) != np.dtype(
           g.dtype):
-        faults.append(f'{key}: {_describe(g)} in the checkpoint,'
-                      f' {_describe(w)} expected')
+        faults.append(f'{key}: {describe_leaf(g)} in the checkpoint,'
+                      f' {describe_leaf(w)} expected')
   faults += [f'{key}: not in the model' for key in got if key not in want]
   if faults:
     shown = '; '.join(faults[:6])
@@ -159,7 +160,7 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
                       + (f' {hint}' if hint else ''))
 
 
-def _read(path: str):
+def read_file(path: str):
   """The raw tree of the checkpoint file ``path``; arrays saved as sharded
   files (``<path>_gda``) are left as placeholders (see :func:`read_arrays`)."""
   try:
@@ -201,241 +202,50 @@ def read_arrays(path: str, tree: Any, shardings: Any = None,
   return jax.device_get(out) if to_host and out is not tree else out
 
 
-@dataclasses.dataclass(frozen=True)
-class InitFrom:
-  """Where ``--init_from`` loads weights from, and which ones.
-
-  Paths are the ``'/'``-joined keys of a parameter, e.g.
-  ``'Dense_1/kernel'``. A checkpoint leaf is first renamed by the first
-  ``rename`` pair whose pattern it matches (``re.sub``); a model leaf is
-  loaded when its path matches some ``include`` pattern and no ``exclude``
-  pattern (``re.search``: anchor with ``^``/``$`` for whole names), and is
-  left at its initial value otherwise.
-
-  Attributes:
-    path: a checkpoint file, a directory of ``checkpoint_*`` files, or a
-      run's workdir.
-    include: regular expressions; leaves to load (default: all).
-    exclude: regular expressions; leaves to leave at their initial value.
-    rename: ``(pattern, replacement)`` pairs applied to checkpoint paths,
-      giving the model path each loads into.
-  """
-  path: str
-  include: tuple = ('.*',)
-  exclude: tuple = ()
-  rename: tuple = ()
-
-  def __post_init__(self):
-    for name in ('include', 'exclude'):
-      patterns = getattr(self, name)
-      if isinstance(patterns, str):
-        patterns = (patterns,)
-      object.__setattr__(self, name, tuple(
-          _compile(f'init_from.{name}', p) for p in patterns))
-    pairs = []
-    for pair in ((self.rename,) if _is_pair(self.rename) else self.rename):
-      if not _is_pair(pair):
-        raise RunnerError('init_from.rename must be a list of (pattern,'
-                          f' replacement) pairs, got {self.rename!r}.')
-      pairs.append((_compile('init_from.rename', pair[0]), pair[1]))
-    object.__setattr__(self, 'rename', tuple(pairs))
-
-  def __str__(self):
-    return self.path
-
-
-def _is_pair(x):
-  return (isinstance(x, (tuple, list)) and len(x) == 2 and
-          all(isinstance(s, str) for s in x))
-
-
-def _compile(what, pattern):
-  if isinstance(pattern, re.Pattern):
-    return pattern
-  try:
-    return re.compile(pattern)
-  except (re.error, TypeError) as e:
-    raise RunnerError(f'{what}: {pattern!r} is not a regular expression'
-                      f' ({e}).') from None
-
-
-@dataclasses.dataclass
-class InitReport:
-  """What :func:`load_params` did (paths as in :class:`InitFrom`).
-
-  Attributes:
-    path: the checkpoint file read.
-    loaded: ``{model path: checkpoint path}`` of the leaves loaded.
-    initial: model paths left at their initial value.
-    unused: checkpoint paths that were not loaded.
-  """
-  path: str
-  loaded: dict
-  initial: list
-  unused: list
-
-  def lines(self) -> list[str]:
-    """The report, as log lines."""
-    def names(paths):
-      return ', '.join(paths) if paths else '(none)'
-    renamed = [f'{m} <- {c}' if m != c else m for m, c in self.loaded.items()]
-    return [f'init_from {self.path}: loaded {len(self.loaded)} leaves:'
-            f' {names(renamed)}',
-            f'init_from {self.path}: left at their initial value'
-            f' ({len(self.initial)}): {names(self.initial)}',
-            f'init_from {self.path}: unused in the checkpoint'
-            f' ({len(self.unused)}): {names(self.unused)}']
-
-
-def _checkpoint_params(path: str, flag: str):
-  """``(file, raw params tree)`` of the checkpoint at ``path``."""
-  if not os.path.exists(path):
-    raise RunnerError(f'{flag}={path}: no such file or directory.')
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    path = os.path.join(path, CHECKPOINT_DIR)  # a run's workdir
-  if os.path.isdir(path):
-    if orbax_delegation.is_orbax_checkpoint(path):
-      raise RunnerError(f'{flag}={path}: an Orbax checkpoint directory; give'
-                        ' a msgpack checkpoint file (checkpoint_<step>), a'
-                        ' folder of them, or a run\'s workdir.')
-    latest = checkpoints.latest_checkpoint(path)
-    if latest is None:
-      looks_like_file = re.fullmatch(r'.+_\d+', os.path.basename(
-          os.path.normpath(path)))
-      raise RunnerError(
-          f'{flag}={path}: a directory that holds no checkpoint_* file'
-          + (' (a checkpoint is a file named checkpoint_<step>, not a'
-             ' directory)' if looks_like_file else '') + '.')
-    if os.path.isdir(latest):
-      raise RunnerError(f'{flag}={latest}: a directory, not a checkpoint'
-                        ' file; give the checkpoint file itself.')
-    path = latest
-  raw = read_arrays(path, _read(path))
-  if raw is None:
-    raise RunnerError(f'{flag}={path}: the directory holds no'
-                      ' checkpoint_* file.')
-  if isinstance(raw, dict) and isinstance(raw.get('state'), dict):
-    raw = raw['state']
-  if isinstance(raw, dict) and 'params' in raw and 'opt_state' in raw:
-    raw = raw['params']
-  return path, raw
-
-
-def select_params(rules: InitFrom, params: Any, raw: Any,
-                  path: str | None = None) -> tuple[Any, InitReport]:
-  """``params`` with the leaves ``rules`` select replaced from ``raw``.
-
-  Args:
-    rules: the include/exclude/rename rules.
-    params: the model's (initial) parameters.
-    raw: the checkpoint's parameter tree (a state dict).
-    path: the checkpoint file, for messages (default ``rules.path``).
-
-  Returns:
-    ``(params, report)``.
-
-  Raises:
-    RunnerError: an included leaf missing from the checkpoint, two
-      checkpoint leaves renamed onto one, or a shape/dtype mismatch.
-  """
-  flag = f'--init_from={rules.path}'
-  path = path or rules.path
-  want = _flatten(serialization.to_state_dict(params))
-  got = _flatten(raw)
-  sources = {}  # model path -> checkpoint path
-  for key in got:
-    target = key
-    for pattern, replacement in rules.rename:
-      if pattern.search(key):
-        target = pattern.sub(replacement, key)
-        break
-    if target in sources:
-      raise RunnerError(f'{flag}: init_from.rename maps both {sources[target]}'
-                        f' and {key} to {target}.')
-    sources[target] = key
-  loaded, initial, faults = {}, [], []
-  for key, leaf in want.items():
-    chosen = (any(p.search(key) for p in rules.include) and
-              not any(p.search(key) for p in rules.exclude))
-    if not chosen:
-      initial.append(key)
-    elif key not in sources:
-      faults.append(f'{key}: missing from the checkpoint (exclude it with'
-                    ' init_from.exclude, or map a checkpoint leaf onto it'
-                    ' with init_from.rename)')
-    else:
-      g = got[sources[key]]
-      if not (hasattr(g, 'shape') and hasattr(g, 'dtype')) or (
-          np.shape(g) != np.shape(leaf) or
-          np.dtype(g.dtype) != np.dtype(leaf.dtype)):
-        what = _describe(g) if hasattr(g, 'dtype') else type(g).__name__
-        faults.append(f'{key}: {what} in the checkpoint'
-                      f'{" (as " + sources[key] + ")" if sources[key] != key else ""},'
-                      f' {_describe(leaf)} expected (exclude it with'
-                      ' init_from.exclude to start it afresh)')
-      else:
-        loaded[key] = sources[key]
-  if faults:
-    shown = '; '.join(faults[:6])
-    more = f'; and {len(faults) - 6} more' if len(faults) > 6 else ''
-    raise RunnerError(f'{flag} does not match the model: {shown}{more}.')
-  used = set(loaded.values())
-  unused = [key for key in got if key not in used]
-  flat = {key: (got[loaded[key]] if key in loaded else leaf)
-          for key, leaf in want.items()}
-  report = InitReport(path, loaded, initial, unused)
-  return serialization.from_state_dict(params, _unflatten(flat)), report
-
-
-def _unflatten(flat: dict) -> dict:
-  out = {}
-  for key, leaf in flat.items():
-    node = out
-    parts = key.split('/')
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = leaf
-  return out
-
-
-def load_params(init_from: 'str | InitFrom', params: Any) -> Any:
-  """The parameters stored at ``init_from``, restored into ``params``.
-
-  ``init_from`` is a path (every leaf is loaded; the checkpoint must match
-  the model exactly) or an :class:`InitFrom` (its rules choose the leaves;
-  the others keep their value in ``params``; what was loaded, left and
-  unused is logged on process 0). The path is a checkpoint file, a
-  directory whose latest ``checkpoint_*`` is used, or a run's workdir (its
-  ``checkpoints/``). The checkpoint may be a runner checkpoint
-  (``state/params``), a ``TrainState`` (``params``) or a bare params tree.
-
-  Raises:
-    RunnerError: nothing at the path, or parameters that do not fit.
-  """
-  if isinstance(init_from, InitFrom):
-    path, raw = _checkpoint_params(init_from.path, '--init_from')
-    out, report = select_params(init_from, params, raw, path)
-    if distributed.is_main_process():
-      for line in report.lines():
-        logging.info('%s', line)
-    return out
-  _, raw = _checkpoint_params(init_from, '--init_from')
-  check_tree(serialization.to_state_dict(params), raw,
-             f'--init_from={init_from}')
-  return serialization.from_state_dict(params, raw)
-
-
 def read_runner_checkpoint(path: str) -> dict:
   """The raw tree of the runner checkpoint file ``path``.
 
   Raises:
     RunnerError: unreadable, or not a runner checkpoint.
   """
-  raw = _read(path)
+  raw = read_file(path)
   if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
     raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
                       ' entry).')
   return raw
+
+
+_RESUME_HINT = ('To start a different model or optimizer, use a new'
+                ' --workdir (with --init_from to reuse matching weights).')
+
+
+def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
+                  step: int | None = None, hint: str = _RESUME_HINT
+                  ) -> tuple[Any, dict]:
+  """The train state saved in the runner checkpoint ``path``, checked
+  against ``shapes`` (the fresh state's ``jax.eval_shape``) and placed by
+  ``partitioner``; with the raw tree read (``raw``: already read).
+
+  Arrays saved as sharded files are read straight into their places (each
+  process its own slices); the rest come from the msgpack file. Serves
+  resume and ``gintrain eval`` (``--init_from`` reads through
+  :func:`read_file` and :func:`read_arrays` too, for the parameters only).
+
+  Returns:
+    ``(placed state, raw tree)``.
+
+  Raises:
+    RunnerError: unreadable, not a runner checkpoint, or a state that does
+      not fit the model (naming the leaves).
+  """
+  raw = read_runner_checkpoint(path) if raw is None else raw
+  raw['state'] = read_arrays(path, raw['state'],
+                             partitioner.shardings(shapes), step)
+  check_tree(serialization.to_state_dict(shapes), raw['state'],
+             f'checkpoint {path}', against='the model and optimizer',
+             hint=hint)
+  state = serialization.from_state_dict(shapes, raw['state'])
+  return partitioner.put_state(state), raw
 
 
 class Checkpointer:
@@ -448,8 +258,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, policy: CheckpointPolicy):
     self.policy = policy
-    self.dir = os.path.join(workdir, CHECKPOINT_DIR)
-    self.best_dir = os.path.join(workdir, BEST_DIR)
+    self.workdir = workdir
+    self.dir = workdir_lib.path(workdir, CHECKPOINT_DIR)
+    self.best_dir = workdir_lib.path(workdir, BEST_DIR)
     self._saved_steps: set = set()
     self.saves = 0  # files written (or started, when async) so far
     self._async = checkpoints.AsyncManager() if policy.async_save else None
@@ -495,9 +306,9 @@ class Checkpointer:
       raise RunnerError(
           f'{path}: not a runner checkpoint (the step {name!r} is not an'
           ' integer); move it out of the checkpoint directory.') from None
-    if os.path.isdir(path):
+    if storage.isdir(path):
       kind = (' (an Orbax checkpoint)'
-              if orbax_delegation.is_orbax_checkpoint(path) else '')
+              if checkpoint_naming.is_orbax_dir(path) else '')
       raise RunnerError(
           f'{path}: a directory{kind} among the runner\'s checkpoints, which'
           ' are msgpack files; move it out of the checkpoint directory.')
@@ -534,32 +345,29 @@ class Checkpointer:
     return None, skipped
 
   def _move_aside(self, paths) -> None:
-    """Moves unreadable checkpoints to ``<workdir>/corrupt_checkpoints/``."""
-    target = os.path.join(os.path.dirname(self.dir), CORRUPT_DIR)
-    url = storage.is_url(self.dir)  # object stores: a copy, then a delete
-    exists = storage.exists if url else os.path.lexists
+    """Moves unreadable checkpoints to ``<workdir>/corrupt_checkpoints/``
+    (on object stores: a copy, then a delete)."""
+    target = storage.join(self.workdir, CORRUPT_DIR)
+    exists = lambda p: storage.exists(p, follow_symlinks=False)  # pylint: disable=unnecessary-lambda-assignment
     for path in paths:
       for source in (path, path + '_gda'):
         if not exists(source):
           continue
-        dest = os.path.join(target, os.path.basename(source))
+        name = source.rstrip('/').rsplit('/', 1)[-1]
+        dest = storage.join(target, name)
         n = 1
         while exists(dest):
-          dest = os.path.join(target, f'{os.path.basename(source)}.{n}')
+          dest = storage.join(target, f'{name}.{n}')
           n += 1
         try:
-          if url:
-            storage.move(source, dest)
-            continue
-          os.makedirs(target, exist_ok=True)
-          os.rename(source, dest)
+          storage.move(source, dest)
         except OSError as e:
           raise RunnerError(
               f'cannot move the unreadable checkpoint {source} to {dest}:'
               f' {e.strerror or e}; move or delete it yourself.') from e
 
   def path(self, step: int) -> str:
-    return os.path.join(self.dir, f'{self.policy.prefix}{step}')
+    return storage.join(self.dir, f'{self.policy.prefix}{step}')
 
   def read(self, step: int) -> dict:
     """The raw tree saved at ``step`` (state dicts of numpy arrays).
@@ -574,28 +382,11 @@ class Checkpointer:
     self._saved_steps.add(step)
     return raw
 
-  def read_arrays(self, step: int, tree: Any, shardings: Any) -> Any:
-    """:func:`read_arrays` of the checkpoint at ``step``."""
-    return read_arrays(self.path(step), tree, shardings, step)
-
-  def restore_state(self, step: int, raw: dict, state: Any) -> Any:
-    """``raw['state']`` restored into the structure of ``state``.
-
-    Raises:
-      RunnerError: the checkpoint does not fit the model (naming leaves).
-    """
-    check_tree(serialization.to_state_dict(state), raw['state'],
-               f'checkpoint {self.path(step)}',
-               against='the model and optimizer',
-               hint='To start a different model or optimizer, use a new'
-               ' --workdir (with --init_from to reuse matching weights).')
-    return serialization.from_state_dict(state, raw['state'])
-
   def prune_best_after(self, step: int, kept) -> None:
     """Drops best checkpoints newer than the resume point that are not in
     ``kept`` (they will be recomputed, identically)."""
-    if distributed.is_main_process() and os.path.isdir(self.best_dir):
-      for name in os.listdir(self.best_dir):
+    if distributed.is_main_process():
+      for name in storage.listdir(self.best_dir):
         if not name.startswith(self.policy.prefix):
           continue
         try:
@@ -603,7 +394,7 @@ class Checkpointer:
         except ValueError:
           continue
         if s > step and s not in kept:
-          _remove(os.path.join(self.best_dir, name))
+          _remove(storage.join(self.best_dir, name))
 
   # -- save ---------------------------------------------------------------
 
@@ -653,7 +444,7 @@ class Checkpointer:
     self._save(self.best_dir, tree, step, keep=0, overwrite=True)
     if distributed.is_main_process():
       for s in evicted:
-        _remove(os.path.join(self.best_dir, f'{self.policy.prefix}{s}'))
+        _remove(storage.join(self.best_dir, f'{self.policy.prefix}{s}'))
 
   def wait(self) -> None:
     """Blocks until a background save is done (re-raising its error)."""
@@ -682,26 +473,18 @@ def _has_placeholder(tree) -> bool:
 
 
 def _check_array_dir(path: str, raw) -> None:
-  """Raises ValueError if ``raw`` names sharded arrays whose directory is
-  missing (a checkpoint that cannot be restored)."""
-  folder = multiprocess_arrays.array_dir(path)
-  if (_has_placeholder(raw) and not multiprocess_arrays.is_remote_path(path)
-      and not os.path.isdir(folder)):
-    raise ValueError(f'its sharded arrays ({folder}) are missing')
+  """Raises ValueError if ``raw`` names sharded arrays that are missing or
+  fail their integrity check (a checkpoint that cannot be restored); every
+  process must call it (they agree)."""
+  multiprocess_arrays.verify_arrays(path, raw)
 
 
 def _remove(path):
-  """Removes checkpoint ``path`` and its sharded arrays (``<path>_gda``)."""
-  if storage.is_url(path):  # and its integrity sidecar
-    for item in (path, multiprocess_arrays.array_dir(path),
-                 checkpoint_naming.sidecar_path(path)):
-      storage.rmtree(item)
-    return
-  for item in (path, multiprocess_arrays.array_dir(path)):
-    if os.path.isdir(item):
-      shutil.rmtree(item, ignore_errors=True)
-    elif os.path.exists(item):
-      os.remove(item)
+  """Removes checkpoint ``path``, its sharded arrays (``<path>_gda``) and
+  its integrity sidecar."""
+  for item in (path, multiprocess_arrays.array_dir(path),
+               checkpoint_naming.sidecar_path(path)):
+    storage.rmtree(item)
 
 
 def _process_count():

@@ -45,11 +45,7 @@ def read_metrics(metrics_jsonl: str | os.PathLike) -> dict:
     FileNotFoundError: the file is missing.
   """
   path = os.fspath(metrics_jsonl)
-  if storage.is_url(path):
-    lines = storage.read_bytes(path).decode('utf-8', 'replace').split('\n')
-  else:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      lines = f.read().split('\n')
+  lines = storage.read_bytes(path).decode('utf-8', 'replace').split('\n')
   series: dict[tuple[str, str], dict[int, float]] = {}
   skipped = []
   for lineno, line in enumerate(lines, 1):
@@ -111,7 +107,7 @@ def _finish_axis(ax, name, title, shown):
 
 def _save(fig, out_png) -> str:
   out = os.fspath(out_png)
-  if storage.is_url(out):  # rendered in memory, uploaded whole
+  if storage.local_file(out) is None:  # rendered in memory, uploaded whole
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=100)
     storage.write_bytes(out, buf.getvalue())

@@ -27,11 +27,12 @@ from typing import Any, Mapping
 import ml_collections
 
 from gintrain.lib import storage
+from gintrain.runner.outputs import workdir as workdir_lib
 
 __all__ = ['SETTINGS_FILE', 'build', 'flatten', 'changes', 'load', 'save',
            'package_versions', 'device_topology', 'IGNORED_ON_RESUME']
 
-SETTINGS_FILE = 'settings.json'
+SETTINGS_FILE = workdir_lib.SETTINGS_FILE
 # Flags that legitimately differ between a run and its resumption. The gin
 # input flags are left out too: their effect is compared binding by binding
 # in the 'gin' section.
@@ -144,25 +145,15 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any],
 def load(workdir: str) -> dict | None:
   """The flattened settings saved in ``workdir``, or None if there are none
   (or the file is unreadable, which is logged by the caller)."""
-  path = storage.join(workdir, SETTINGS_FILE)
   try:
-    if storage.is_url(path):
-      return flatten(json.loads(storage.read_bytes(path).decode('utf-8')))
-    with open(path, encoding='utf-8') as f:
-      return flatten(json.load(f))
+    return flatten(json.loads(storage.read_text(
+        workdir_lib.path(workdir, SETTINGS_FILE))))
   except FileNotFoundError:
     return None
 
 
 def save(workdir: str, cfg) -> str:
   """Writes ``cfg`` as ``<workdir>/settings.json`` (atomically)."""
-  path = storage.join(workdir, SETTINGS_FILE)
   text = json.dumps(_to_dict(cfg), indent=2, sort_keys=True,
                     default=str) + '\n'
-  if storage.is_url(path):
-    storage.write_bytes(path, text.encode('utf-8'))  # appears whole
-    return path
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-  return path
+  return workdir_lib.write_text(workdir, SETTINGS_FILE, text)

@@ -72,14 +72,15 @@ import numpy as np
 from absl import logging
 
 from gintrain.lib import storage
+from gintrain.runner.outputs import workdir as workdir_lib
 
 __all__ = ['MetricWriter', 'JsonlWriter', 'TensorBoardWriter', 'WandbWriter',
-           'MultiWriter', 'NullWriter', 'to_json_scalar', 'METRICS_FILE',
+           'MultiWriter', 'NullWriter', 'OpenLater', 'to_json_scalar', 'METRICS_FILE',
            'HPARAMS_FILE', 'TENSORBOARD_DIR', 'repair_torn_tail']
 
-METRICS_FILE = 'metrics.jsonl'
-HPARAMS_FILE = 'hparams.json'
-TENSORBOARD_DIR = 'tensorboard'
+METRICS_FILE = workdir_lib.METRICS_FILE
+HPARAMS_FILE = workdir_lib.HPARAMS_FILE
+TENSORBOARD_DIR = workdir_lib.TENSORBOARD_DIR
 # Object-store workdirs: the staged files are uploaded this often on writes.
 UPLOAD_SECS = 5.0
 
@@ -393,8 +394,8 @@ class JsonlWriter(MetricWriter):
   def __init__(self, workdir: str | os.PathLike):
     self.workdir = storage.check(os.fspath(workdir))
     self._staged = None
-    local = self.metrics_path
-    if storage.is_url(self.workdir):
+    local = storage.local_file(self.metrics_path)
+    if local is None:  # objects cannot be appended to: a staged copy
       self._staged = _Staged(self.metrics_path, download=True)
       local = self._staged.path
     else:
@@ -419,16 +420,8 @@ class JsonlWriter(MetricWriter):
 
   def _write_hparams(self, hparams, metrics):
     del metrics  # hparams.json holds the hyperparameters only
-    path = storage.join(self.workdir, HPARAMS_FILE)
-    if storage.is_url(path):
-      storage.write_bytes(path, (json.dumps(
-          hparams, indent=2, sort_keys=True) + '\n').encode('utf-8'))
-      return
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(hparams, f, indent=2, sort_keys=True)
-      f.write('\n')
-    os.replace(tmp, path)
+    storage.write_text(storage.join(self.workdir, HPARAMS_FILE),
+                       json.dumps(hparams, indent=2, sort_keys=True) + '\n')
 
   def _flush(self):
     self._file.flush()
@@ -474,7 +467,8 @@ class TensorBoardWriter(MetricWriter):
     from tensorboardX.event_file_writer import EventsWriter
     self.workdir = storage.check(os.fspath(workdir))
     self._staged = None
-    if storage.is_url(self.workdir):
+    staged = storage.local_file(self.workdir) is None
+    if staged:
       # Staged locally (event files are appended to; objects cannot be),
       # uploaded whole on flush and close (module doc).
       self._stage_dir = tempfile.mkdtemp(prefix='gintrain-stage-')
@@ -491,7 +485,7 @@ class TensorBoardWriter(MetricWriter):
     # close() and, for live viewing, every FLUSH_SECS on a write.
     self._events = EventsWriter(os.path.join(logdir, 'events'), suffix)
     self._last_flush = time.monotonic()
-    if storage.is_url(self.workdir):
+    if staged:
       name = os.path.basename(self._events._file_name)  # pylint: disable=protected-access
       self._staged = _Staged(
           storage.join(self.workdir, TENSORBOARD_DIR, name), download=False,
@@ -693,3 +687,40 @@ class NullWriter(MetricWriter):
 
   def _write_hparams(self, hparams, metrics):
     del hparams, metrics
+
+
+class OpenLater(MetricWriter):
+  """The writer ``factory()`` makes, made at :meth:`open` or at the first
+  write: until then nothing is created (a run whose resume is refused
+  leaves no file behind).
+
+  Args:
+    factory: ``() -> MetricWriter``.
+  """
+
+  def __init__(self, factory: Callable[[], MetricWriter]):
+    self.factory = factory
+    self.writer: MetricWriter | None = None
+
+  def __repr__(self):
+    return f'OpenLater({self.writer!r})'
+
+  def open(self) -> MetricWriter:
+    """Makes the writer (once); returns it."""
+    if self.writer is None:
+      self.writer = self.factory()
+    return self.writer
+
+  def _write_scalars(self, step, scalars, split):
+    self.open().write_scalars(step, scalars, split)
+
+  def _write_hparams(self, hparams, metrics):
+    self.open().write_hparams(hparams, metrics)
+
+  def _flush(self):
+    if self.writer is not None:
+      self.writer.flush()
+
+  def _close(self):
+    if self.writer is not None:
+      self.writer.close()

@@ -35,7 +35,6 @@ import optax
 from absl import logging
 
 from gintrain.lib import serialization
-from gintrain.lib import storage
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import checkpoint as checkpoint_action
 from gintrain.runner.actions import early_stop
@@ -52,6 +51,7 @@ from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import lock as lock_lib
 from gintrain.runner.outputs import plots
 from gintrain.runner.outputs import settings as settings_lib
+from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import writers as writers_lib
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import partitioners
@@ -59,14 +59,16 @@ from gintrain.runner.parallel import watchdog
 from gintrain.runner.tasks import base as task_base
 from gintrain.runner.tasks import classification
 from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import init_from as init_from_lib
 from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
 
-__all__ = ['Run', 'TrainResult', 'build', 'dry_run', 'format_layout',
+__all__ = ['Run', 'TrainResult', 'build', 'dry_run',
            'state_maker', 'train', 'evaluate',
-           'evaluate_checkpoint', 'Preempted', 'METRICS_PLOT']
+           'Preempted', 'METRICS_PLOT']
 
-METRICS_PLOT = 'metrics.png'
+METRICS_PLOT = workdir_lib.METRICS_PLOT
+METRICS_FILE = workdir_lib.METRICS_FILE
 Preempted = preempt.Preempted
 
 
@@ -277,30 +279,6 @@ def describe(run: Run) -> dict:
           'layout': layout}
 
 
-def _bytes(n: int) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if n < 1024 or unit == 'GiB':
-      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
-    n /= 1024
-  return str(n)
-
-
-def format_layout(layout: dict) -> str:
-  """The ``layout`` of :func:`describe` as a table (one line per array)."""
-  rows = [(r['path'], 'x'.join(map(str, r['shape'])) or 'scalar', r['spec'],
-           _bytes(r['bytes_per_device'])) for r in layout['arrays']]
-  head = ('array', 'shape', 'PartitionSpec', 'bytes/device')
-  widths = [max(len(str(x[i])) for x in [head] + rows) for i in range(4)]
-  lines = [f'# State layout on mesh {layout["mesh"]}:']
-  for row in [head] + rows:
-    lines.append('#   ' + '  '.join(str(c).ljust(w) for c, w in
-                                      zip(row, widths)).rstrip())
-  lines.append(f'#   total state per device:'
-               f' {_bytes(layout["state_bytes_per_device"])}'
-               f' ({layout["state_bytes_per_device"]} bytes)')
-  return '\n'.join(lines)
-
-
 def dry_run(config: config_lib.TrainConfig) -> dict:
   """:func:`describe` of :func:`build`: everything checked, nothing run."""
   return describe(build(config))
@@ -372,22 +350,27 @@ class Trainer:
 
   def __init__(self, run: Run, workdir: str, resume: str = 'auto',
                init_from: str | None = None, settings=None,
-               hooks: Sequence[Callable[[int], None]] = ()):
+               hooks: Sequence[Callable[[int], None]] = (),
+               files: dict | None = None):
     self.run, self.workdir = run, workdir
     self.resume_mode, self.init_from = resume, init_from
     self.settings, self.hooks = settings, hooks
+    self.files = dict(files or {})
     self.main = distributed.is_main_process()
     self.dstate = None
 
   # -- pieces -------------------------------------------------------------
 
   def _writer(self):
+    """The run's writers, made once the resume check passed (nothing in
+    the workdir is written before)."""
     if not self.main:
       return writers_lib.NullWriter()
     factories = self.run.config.writers
     if factories is None:
       factories = (writers_lib.JsonlWriter, writers_lib.TensorBoardWriter)
-    return writers_lib.MultiWriter([f(self.workdir) for f in factories])
+    return writers_lib.OpenLater(lambda: writers_lib.MultiWriter(
+        [f(self.workdir) for f in factories]))
 
   def snapshot(self, step: int) -> dict:
     """The checkpoint tree at ``step``.
@@ -469,19 +452,14 @@ class Trainer:
     if latest is None:
       if self.init_from:
         state = jax.device_get(jax.jit(make)())
-        state = state.replace(params=checkpoints.load_params(
+        state = state.replace(params=init_from_lib.load_params(
             self.init_from, state.params))
         if self.main:
           logging.info('Initialised params from %s.', self.init_from)
         return p.put_state(state), 0, False
       return p.create_state(make), 0, False
-    raw = ckpt.read(latest)
-    shapes = jax.eval_shape(make)
-    # Arrays saved as sharded files are read straight into their places
-    # (each process its own slices); the rest come from the msgpack file.
-    raw['state'] = ckpt.read_arrays(latest, raw['state'],
-                                    p.shardings(shapes))
-    state = p.put_state(ckpt.restore_state(latest, raw, shapes))
+    state, raw = checkpoints.restore_state(
+        ckpt.path(latest), jax.eval_shape(make), p, ckpt.read(latest), latest)
     step = int(np.asarray(state.step))
     data = raw.get('data') or {}
     if 'step' in data and int(data['step']) != step:
@@ -537,8 +515,13 @@ class Trainer:
     try:
       self.actions = self._actions(writer, ckpt)
       dstate, start, resumed = self._resume_or_start(ckpt, state_maker(run))
-      if self.settings is not None and self.main:
-        self._record_settings(writer, resumed)
+      # The resume check passed: now the workdir may be written.
+      if self.main:
+        for name, text in self.files.items():
+          workdir_lib.write_text(self.workdir, name, text)
+        writer.open()
+        if self.settings is not None:
+          self._record_settings(writer, resumed)
       result = self._loop(dstate, start)
     finally:
       try:
@@ -551,8 +534,8 @@ class Trainer:
         finally:
           writer.close()
     if self.main:
-      plots.plot_metrics(os.path.join(self.workdir, writers_lib.METRICS_FILE),
-                         os.path.join(self.workdir, METRICS_PLOT))
+      plots.plot_metrics(workdir_lib.path(self.workdir, METRICS_FILE),
+                         workdir_lib.path(self.workdir, METRICS_PLOT))
     return result
 
   def _loop(self, dstate, start) -> TrainResult:
@@ -648,33 +631,10 @@ def evaluate(run: Run, eval_step: Callable, dstate) -> dict:
   return run.task.summarize({k: float(v) / count for k, v in totals.items()})
 
 
-def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
-                        ) -> tuple[int, dict]:
-  """``(step, eval metrics)`` of the runner checkpoint file ``path``,
-  evaluated as the run of ``config`` evaluates (same task, data, batches).
-
-  Raises:
-    RunnerError: the file is unreadable or does not fit the model.
-  """
-  run = build(config)
-  p = run.partitioner
-  shapes = jax.eval_shape(state_maker(run))
-  raw = checkpoints.read_runner_checkpoint(path)
-  raw_state = checkpoints.read_arrays(path, raw['state'], p.shardings(shapes))
-  checkpoints.check_tree(serialization.to_state_dict(shapes), raw_state,
-                         f'checkpoint {path}',
-                         against='the model and optimizer')
-  state = serialization.from_state_dict(shapes, raw_state)
-  eval_fn = steps.make_eval_step(run.task, p.axis_name)
-  _, eval_step = p.compile(
-      steps.make_train_step(run.task, config.seed, p.axis_name), eval_fn)
-  return int(np.asarray(state.step)), evaluate(run, eval_step,
-                                               p.put_state(state))
-
-
 def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
           init_from: str | None = None, settings=None,
-          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+          hooks: Sequence[Callable[[int], None]] = (),
+          files: dict | None = None) -> TrainResult:
   """Builds the run of ``config`` and trains it in ``workdir``.
 
   Args:
@@ -686,16 +646,17 @@ def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
       saved and written as hparams.
     hooks: called as ``hook(step)`` after every step (at a log step, after
       the metrics fetch, so the device has no work pending then).
+    files: ``{name: text}`` written into the workdir by process 0 once the
+      resume check passed (the run's config files).
   """
   if not workdir:
     raise RunnerError('train needs a workdir (--workdir).')
-  if not storage.is_url(workdir):  # object stores (s3://...) have no folders
-    os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare(workdir)  # created and probed, once
   lock = lock_lib.WorkdirLock(workdir)
   if distributed.is_main_process():
     lock.acquire()  # a second run on this workdir stops here, at once
   try:
     return Trainer(build(config), workdir, resume, init_from, settings,
-                   hooks).fit()
+                   hooks, files).fit()
   finally:
     lock.release()
