@@ -211,3 +211,81 @@ def test_a_missing_array_directory_is_corrupt(saved):
   shutil.rmtree(os.path.join(mpa.array_dir(ckpt), 'params', 'b'))
   with pytest.raises(errors.CheckpointReadError, match='missing'):
     mpa.verify_arrays(ckpt, state)
+
+
+# -- the runner: a damaged sharded checkpoint is moved aside -------------
+
+RUN_LM = """
+include 'lm.gin'
+transformer.width = 32
+transformer.depth = 1
+transformer.heads = 2
+transformer.max_len = 32
+text_files.length = 32
+text_files.max_eval_examples = 32
+train.batch_size = 8
+train.num_steps = 20
+train.log_every = 10
+train.eval_every = 20
+train.eval_batch_size = 32
+train.actions = []
+checkpoint_policy.every_steps = 10
+checkpoint_policy.keep = 0
+warmup_cosine_decay_schedule.warmup_steps = 5
+warmup_cosine_decay_schedule.decay_steps = 200
+train.parallelism = @partitioner()
+partitioner.rules = 'fsdp'
+"""
+
+
+def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+  import harness  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import checkpoints as runner_ckpt  # pylint: disable=g-import-not-at-top
+
+  gin_file = tmp_path / 'lm.gin'
+  gin_file.write_text(RUN_LM)
+  workdir = tmp_path / 'run'
+  command = [sys.executable, '-m', 'gintrain.runner.train',
+             f'--workdir={workdir}', f'--gin_file={gin_file}',
+             '--heartbeat_timeout=5', '--barrier_timeout=60',
+             '--shutdown_timeout=20', '--initialization_timeout=60']
+  environ = harness.env(tmp_path / 'cache')
+
+  def state(path):
+    raw = runner_ckpt.read_arrays(path, checkpoint_io.read_checkpoint_file(
+        path))
+    return harness.flat(raw['state'])
+
+  launch = harness.Launch(command, tmp_path / 'logs1', environ=environ)
+  assert launch.wait() == 0, launch.describe()
+  ckpts = workdir / 'checkpoints'
+  path = str(ckpts / 'checkpoint_20')
+  original = state(path)
+  # The issue's case: one chunk of the embedding swapped for another valid
+  # one of the same array (a restore without hashes loads it silently).
+  folder = ckpts / 'checkpoint_20_gda' / 'state' / 'params' / 'Embed_0' / (
+      'embedding')
+  chunks = sorted(f for f in os.listdir(folder) if not f.startswith('.'))
+  assert len(chunks) >= 2, chunks
+  a, b = folder / chunks[0], folder / chunks[1]
+  os.rename(a, str(a) + '.x')
+  os.rename(b, a)
+  os.rename(str(a) + '.x', b)
+
+  launch = harness.Launch(command, tmp_path / 'logs2', environ=environ)
+  assert launch.wait() == 0, launch.describe()
+  log = launch.log(0)
+  assert re.search(r'Skipping checkpoint .*checkpoint_20: .*'
+                   r'Embed_0/embedding.*does not match its hash', log), log
+  assert 'checkpoint_10 (step 10)' in log, log
+  corrupt = workdir / runner_ckpt.CORRUPT_DIR
+  assert sorted(os.listdir(corrupt)) == ['checkpoint_20', 'checkpoint_20_gda']
+  # Trained again from step 10: the same state, bit for bit.
+  again = state(path)
+  assert again.keys() == original.keys()
+  for key in original:
+    np.testing.assert_array_equal(again[key], original[key], err_msg=key)
