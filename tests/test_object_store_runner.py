@@ -120,7 +120,7 @@ def test_two_processes_sigkill_and_relaunch_on_s3(s3, tmp_path):  # pylint: disa
       10, 20, 30, 40, 50, 60]
   settings = json.loads(storage.read_bytes(f'{straight}/settings.json'))
   assert settings['devices']['process_count'] == 2
-  assert 'not locked' in launch.log(0)  # the lock choice, one info line
+  assert 'Workdir lease s3://runs/straight/.gintrain.lock taken' in launch.log(0)
 
   killed = 's3://runs/killed'
   launch = S3Launch(killed, base, 'killed', environ)

@@ -1,0 +1,205 @@
+"""The workdir lease of object-store workdirs (issue 18, item 4), against a
+real S3 API server (moto, tests/s3_server.py): taken with a conditional
+write, renewed by a heartbeat, a live holder refuses a second run with one
+line, a dead one (SIGKILL) is waited for at most the lease's expiry (at once
+on its own host), ``--force_unlock`` takes it at once and the old holder
+exits; two runners on one ``s3://`` workdir: the second refused with one
+line, nothing of the first changed.
+"""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s3_server import s3  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+
+from gintrain.lib import storage  # pylint: disable=wrong-import-position
+from gintrain.runner.errors import RunnerError  # pylint: disable=wrong-import-position
+from gintrain.runner.outputs import lock  # pylint: disable=wrong-import-position
+
+BUCKET = 'leases'
+LEASE_S = 4  # renewed every second
+
+
+@pytest.fixture(scope='module')
+def bucket(s3):  # pylint: disable=redefined-outer-name
+  s3.create_bucket(BUCKET)
+  return f's3://{BUCKET}'
+
+
+def _holder(url, lease_s=LEASE_S, hostname=None, hold_s=600):
+  """A process holding the lease of ``url`` (prints ``held`` once taken);
+  with ``hostname``, in its own UTS namespace under that host name."""
+  code = textwrap.dedent(f'''
+      import time
+      from gintrain.runner.outputs import lock
+      with lock.WorkdirLock({url!r}, lease_s={lease_s}, force=False):
+        print('held', flush=True)
+        time.sleep({hold_s})
+  ''')
+  command = [sys.executable, '-c', code]
+  if hostname:
+    command = ['unshare', '--uts', 'sh', '-c',
+               f'hostname {hostname} && exec "$@"', 'sh', *command]
+  proc = subprocess.Popen(command, env=harness.env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()
+  if line.strip() != 'held':
+    proc.kill()
+    _, err = proc.communicate(timeout=30)
+    raise AssertionError(f'the holder did not take the lease: {err[-2000:]}')
+  return proc
+
+
+def _kill(proc):
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(30)
+
+
+def test_a_live_holder_refuses_a_second_run_with_one_line(bucket):
+  url = f'{bucket}/live'
+  first = lock.WorkdirLock(url, lease_s=LEASE_S, force=False).acquire()
+  try:
+    assert storage.exists(f'{url}/{lock.LOCK_FILE}')
+    begun = time.monotonic()
+    with pytest.raises(RunnerError) as caught:
+      lock.WorkdirLock(url, lease_s=LEASE_S, force=False).acquire()
+    took = time.monotonic() - begun
+    message = str(caught.value)
+    assert '\n' not in message
+    assert message.startswith(f'--workdir={url} is in use by another run'
+                              f' (pid {os.getpid()} on ')
+    assert 'was renewed' in message and '--force_unlock' in message
+    assert took < LEASE_S  # one renewal seen, not the whole expiry
+  finally:
+    first.release()
+  assert not storage.exists(f'{url}/{lock.LOCK_FILE}')  # released: removed
+  with lock.WorkdirLock(url, lease_s=LEASE_S, force=False):
+    pass  # free again
+
+
+def test_relaunch_after_sigkill_on_another_host_waits_at_most_the_expiry(
+    bucket):
+  if not harness.have('unshare'):
+    pytest.skip('needs unshare (a second host name)')
+  url = f'{bucket}/other_host'
+  try:
+    holder = _holder(url, hostname='otherhost')
+  except AssertionError as e:
+    if 'unshare' in str(e) or 'hostname' in str(e):
+      pytest.skip(f'cannot set a host name here: {e}')
+    raise
+  _kill(holder)
+  killed = time.monotonic()
+  relaunch = lock.WorkdirLock(url, lease_s=LEASE_S, force=False).acquire()
+  waited = time.monotonic() - killed
+  relaunch.release()
+  skew = min(5.0, LEASE_S / 4)
+  assert waited <= LEASE_S + skew + 1.5, waited
+  assert waited >= 1.0, waited  # it did wait for the expiry
+
+
+def test_relaunch_after_sigkill_on_the_same_host_does_not_wait(bucket):
+  url = f'{bucket}/same_host'
+  holder = _holder(url, lease_s=60)
+  _kill(holder)
+  begun = time.monotonic()
+  with lock.WorkdirLock(url, lease_s=60, force=False):
+    took = time.monotonic() - begun
+  assert took < 5, took  # not the 60 s lease
+
+
+def test_force_unlock_takes_a_live_lease_and_the_old_holder_exits(bucket):
+  url = f'{bucket}/forced'
+  holder = _holder(url)
+  try:
+    begun = time.monotonic()
+    forced = lock.WorkdirLock(url, lease_s=LEASE_S, force=True).acquire()
+    assert time.monotonic() - begun < 3
+    status = holder.wait(LEASE_S * 3)
+    err = holder.stderr.read()
+    assert status == lock.LOST_EXIT_CODE, err
+    errors = [l for l in err.splitlines() if l.startswith('gintrain:')]
+    assert len(errors) == 1 and 'was taken over by pid' in errors[0], err
+    forced.release()
+  finally:
+    if holder.poll() is None:
+      _kill(holder)
+
+
+# -- two runners on one s3:// workdir ------------------------------------------
+
+
+def _md5s(url) -> dict:
+  fs, path = storage.filesystem(url)
+  out = {}
+  for name in fs.find(path):
+    if name.endswith(lock.LOCK_FILE):
+      continue  # the first run's heartbeat renews it
+    out[name] = hashlib.md5(fs.cat_file(name)).hexdigest()
+  return out
+
+
+def _runner(url, lr, *args):
+  return harness.train_command(
+      url, f'--gin.optimizer.learning_rate={lr}',
+      '--gin.train.parallelism="single"', f'--workdir_lease_s={LEASE_S}',
+      *args)
+
+
+DESCRIBE = ('config.parsed.gin', 'config.operative.gin', 'flags.txt',
+            'hparams.json', 'settings.json')
+
+
+def test_two_runners_on_one_s3_workdir_second_refused_first_unchanged(
+    bucket, tmp_path):
+  url = f'{bucket}/two_runners'
+  environ = harness.env(tmp_path / 'jax_cache')
+  first = subprocess.Popen(
+      _runner(url, 0.001, '--gin.train.num_steps=400',
+              '--gin.slow_synthetic.delay=0.02'),
+      env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, cwd=tmp_path)
+  try:
+    deadline = time.monotonic() + 180
+    while not storage.exists(f'{url}/config.operative.gin'):
+      assert first.poll() is None, first.stdout.read()[-3000:]
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    before = {k: v for k, v in _md5s(url).items()
+              if k.rsplit('/', 1)[-1] in DESCRIBE}
+    assert len(before) >= 4, before
+    second = subprocess.run(_runner(url, 0.002), env=environ, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, 'the first run ended before the second'
+    after = {k: v for k, v in _md5s(url).items()
+             if k.rsplit('/', 1)[-1] in DESCRIBE}
+    assert after == before
+    assert second.returncode == 1, second.stderr[-3000:]
+    errors = [l for l in second.stderr.splitlines()
+              if l.startswith('gintrain: error:')]
+    assert len(errors) == 1, second.stderr[-3000:]
+    assert re.match(rf'gintrain: error: --workdir={url} is in use by another'
+                    r' run \(pid \d+ on ', errors[0]), errors
+    assert 'Traceback' not in second.stderr
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.wait(30)
+  flags_txt = storage.read_text(f'{url}/flags.txt')
+  parsed = storage.read_text(f'{url}/config.parsed.gin')
+  assert '0.002' not in flags_txt + parsed
+  assert 'learning_rate = 0.001' in parsed, parsed
+  assert not storage.exists(f'{url}/{lock.LOCK_FILE}')
