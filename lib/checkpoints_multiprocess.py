@@ -144,6 +144,7 @@ def save_checkpoint_multiprocess(
     async_manager: Any | None = None,
     gda_manager: Any | None = None,
     orbax_checkpointer: Any | None = None,
+    array_format: str | None = None,
 ) -> str:
   """Saves ``target`` from every process as ``<ckpt_dir>/<prefix><step>``.
 
@@ -168,6 +169,13 @@ def save_checkpoint_multiprocess(
       commit (the next save waits for it too).
     orbax_checkpointer: save as an Orbax checkpoint directory with it (every
       process calls Orbax; process 0 prunes old checkpoints first).
+    array_format: the layout of ``<checkpoint>_gda`` (not a flax argument):
+      ``'zarr'`` (flax's: a zarr array per array, a chunk file per slice;
+      flax restores it) or ``'packed'`` (``lib.packed_arrays``: two files per
+      process, restores read straight into the device buffers; local paths,
+      object stores get zarr). None: ``multiprocess_arrays.DEFAULT_FORMAT``
+      ('zarr'). Both carry integrity hashes and both restore with
+      ``restore_checkpoint``.
 
   Returns:
     The checkpoint path (it may not exist yet when a manager is used).
@@ -184,6 +192,8 @@ def save_checkpoint_multiprocess(
       process, before any barrier).
   """
   checkpoint_naming.validate_prefix(prefix)
+  array_format = multiprocess_arrays.resolve_format(array_format,
+                                                    os.fspath(ckpt_dir))
   _barrier('Flax:Checkpoint:StartSave')
   if async_manager or gda_manager is not None:
     waited = None
@@ -254,11 +264,13 @@ def save_checkpoint_multiprocess(
       error = _call(write_tmp)
     if error is None:
       error = _call(multiprocess_arrays.prepare_array_dir, tmp_path,
-                    ckpt_path, [subpath for subpath, _ in arrays])
+                    ckpt_path, [subpath for subpath, _ in arrays],
+                    array_format)
   _agree('Flax:Checkpoint:AfterCreateMPADir', error)
   multiprocess_arrays.save_multiprocess_arrays(
       gda_manager, arrays, tmp_path, ckpt_path,
       on_commit=functools.partial(
           _commit, tmp_path, ckpt_path, base_path, keep, overwrite,
-          keep_every_n_steps, async_manager))
+          keep_every_n_steps, async_manager),
+      array_format=array_format)
   return ckpt_path

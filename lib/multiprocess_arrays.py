@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from gintrain.lib import errors
+from gintrain.lib import packed_arrays
 from gintrain.lib import serialization
 
 __all__ = [
@@ -63,6 +64,9 @@ __all__ = [
     'read_arrays',
     'verify_arrays',
     'INTEGRITY_DIR',
+    'FORMATS',
+    'DEFAULT_FORMAT',
+    'resolve_format',
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,11 @@ COMMIT_SUCCESS_FILE = 'commit_success.txt'
 # Per-process hash manifests inside ``<path>_gda`` (see the module doc).
 INTEGRITY_DIR = '.gintrain_integrity'
 INTEGRITY_VERSION = 1
+# Layouts of ``<path>_gda``: 'zarr' is flax's (one tensorstore zarr array
+# per array, chunk files per slice; flax reads it), 'packed' is
+# lib.packed_arrays (two files per process, local paths only).
+FORMATS = ('zarr', 'packed')
+DEFAULT_FORMAT = 'zarr'
 # Bytes of slices read at once when checking hashes.
 _VERIFY_BYTES_IN_FLIGHT = 256 << 20
 
@@ -284,6 +293,8 @@ def load_manifests(directory: str) -> tuple[dict | None, int]:
     gintrain.lib.errors.CheckpointReadError: a process's manifest is
       missing, unreadable or inconsistent.
   """
+  if not is_remote_path(directory) and packed_arrays.is_packed(directory):
+    return packed_arrays.load_index(directory)
   first = _read_manifest_bytes(directory, 0)
   if first is None:
     if _has_integrity_dir(directory):
@@ -475,6 +486,10 @@ def verify_arrays(ckpt_path: str, state_dict: Any, step=None) -> None:
     items = [(i, box, digest) for i, info in enumerate(infos) if info
              for box, digest in info['chunks']]
     share = items[jax.process_index()::jax.process_count()]
+    if merged is not None and infos and 'where' in infos[0]:
+      packed_arrays.check_slices(directory, merged, [
+          (subpaths[i], paths[i], box) for i, box, _ in share])
+      share = []
     needed = (sorted({i for i, _, _ in share}) if merged is not None
               else list(range(len(subpaths))))
     opened = _open_stores([paths[i] for i in needed],
@@ -490,13 +505,30 @@ def verify_arrays(ckpt_path: str, state_dict: Any, step=None) -> None:
     _VERIFIED.add(key)
 
 
-def prepare_array_dir(tmp_path: str, final_path: str, subpaths) -> None:
+def resolve_format(array_format: str | None, path: str) -> str:
+  """The layout a save of checkpoint ``path`` writes: ``array_format`` (None:
+  :data:`DEFAULT_FORMAT`); 'packed' becomes 'zarr' on object stores.
+
+  Raises:
+    ValueError: an unknown format.
+  """
+  array_format = DEFAULT_FORMAT if array_format is None else array_format
+  if array_format not in FORMATS:
+    raise ValueError(f'array_format={array_format!r}: expected one of'
+                     f' {", ".join(FORMATS)}.')
+  if array_format == 'packed' and is_remote_path(path):
+    return 'zarr'
+  return array_format
+
+
+def prepare_array_dir(tmp_path: str, final_path: str, subpaths,
+                      array_format: str | None = None) -> None:
   """Process 0, before any process writes: a clean directory to write into.
 
   Local paths: removes a stale ``<tmp>_gda`` left by an interrupted save and
-  creates ``<tmp>_gda/<subpath>`` for each array. Object stores: deletes
-  everything under ``<final>_gda`` (a commit file of an earlier save there
-  must not vouch for this one).
+  creates ``<tmp>_gda`` (and ``<tmp>_gda/<subpath>`` for each array in the
+  zarr layout). Object stores: deletes everything under ``<final>_gda`` (a
+  commit file of an earlier save there must not vouch for this one).
   """
   if is_remote_path(final_path):
     import tensorstore as ts  # pylint: disable=g-import-not-at-top
@@ -506,12 +538,29 @@ def prepare_array_dir(tmp_path: str, final_path: str, subpaths) -> None:
   if os.path.exists(tmp_dir):
     logger.info('Removing outdated multi-process array files at %s', tmp_dir)
     shutil.rmtree(tmp_dir)
+  os.makedirs(tmp_dir, exist_ok=True)
+  if resolve_format(array_format, final_path) == 'packed':
+    os.makedirs(os.path.join(tmp_dir, packed_arrays.PACKED_DIR))
+    return
   for subpath in subpaths:
     os.makedirs(_array_path(tmp_dir, subpath), exist_ok=True)
 
 
+_WRITER = None  # one background thread for packed writes
+
+
+def _writer():
+  global _WRITER
+  if _WRITER is None:
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    _WRITER = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='gintrain-packed-writer')
+  return _WRITER
+
+
 def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
-                             final_path: str, on_commit) -> None:
+                             final_path: str, on_commit,
+                             array_format: str | None = None) -> None:
   """Starts writing ``arrays`` (``(subpath, jax.Array)`` pairs); all processes.
 
   Every process writes its own shards through ``gda_manager`` (a
@@ -520,8 +569,16 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
   object stores). jax calls ``on_commit`` on process 0 once every process
   finished; ``gda_manager.wait_until_finished()`` waits for that and raises
   its errors.
+
+  In the packed layout (``array_format='packed'``) the slices this process
+  writes are copied to the host before returning (the caller may then
+  change or donate the device buffers) and written by a background thread;
+  ``gda_manager`` only runs the barrier and ``on_commit``.
   """
   target_dir = array_dir(final_path if is_remote_path(final_path) else tmp_path)
+  if resolve_format(array_format, final_path) == 'packed':
+    _save_packed(gda_manager, arrays, target_dir, on_commit)
+    return
   # The hashes of this process's shards go in before its data and before
   # the commit (which checks every process's manifest is there).
   _write_manifest(target_dir, shard_manifest(arrays))
@@ -529,6 +586,23 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
            for subpath, _ in arrays]
   gda_manager.serialize([arr for _, arr in arrays], specs,
                         on_commit_callback=on_commit)
+
+
+def _save_packed(gda_manager, arrays, target_dir, on_commit) -> None:
+  gda_manager.wait_until_finished()  # the previous save, as serialize does
+  background = (hasattr(gda_manager, '_add_futures') and
+                hasattr(gda_manager, '_start_async_commit'))
+  snap = packed_arrays.snapshot(arrays, copy=background)
+  write = lambda: packed_arrays.write_process_files(  # pylint: disable=g-long-lambda
+      target_dir, snap, jax.process_index(), jax.process_count())
+  if not background:  # a jax without the hooks: write, then commit
+    write()
+    gda_manager.serialize([], [], on_commit_callback=on_commit)
+    return
+  # jax's commit thread waits for our write as it would for tensorstore's,
+  # then meets the other processes at its barrier and runs on_commit.
+  gda_manager._add_futures([_writer().submit(write)])  # pylint: disable=protected-access
+  gda_manager._start_async_commit(on_commit)  # pylint: disable=protected-access
 
 
 def commit_array_dir(tmp_path: str, final_path: str) -> None:
@@ -587,7 +661,7 @@ def _check_committed(ckpt_path: str, paths, step) -> None:
   if is_remote_path(ckpt_path):
     if not _has_commit_file(array_dir(ckpt_path)):
       raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
-  else:
+  elif not packed_arrays.is_packed(array_dir(ckpt_path)):
     for path in paths:
       if not os.path.isdir(path):
         raise errors.MPARestoreDataCorruptedError(step, ckpt_path)
@@ -652,10 +726,15 @@ def _read_checked(ckpt_path: str, wanted: list, step) -> list:
     directory = array_dir(ckpt_path)
     merged, crc = load_manifests(directory)
     prefix = directory.rstrip('/') + '/'
-    infos = [_array_info(merged, p[len(prefix):] if p.startswith(prefix)
-                         else '', p) for p in paths]
-    arrays = _read_into([s for _, s, _ in wanted], paths, infos,
-                        verified=(directory, crc) in _VERIFIED)
+    subpaths = [p[len(prefix):] if p.startswith(prefix) else ''
+                for p in paths]
+    infos = [_array_info(merged, sp, p) for sp, p in zip(subpaths, paths)]
+    if merged is not None and infos and 'where' in infos[0]:
+      arrays = packed_arrays.read_arrays(directory, merged, [
+          (sp, p, s) for sp, p, (_, s, _) in zip(subpaths, paths, wanted)])
+    else:
+      arrays = _read_into([s for _, s, _ in wanted], paths, infos,
+                          verified=(directory, crc) in _VERIFIED)
   except Exception as e:  # pylint: disable=broad-except
     error = e
   # A slice is checked by the process that reads it: all raise, or none.

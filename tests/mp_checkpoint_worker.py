@@ -242,6 +242,40 @@ def main(root):
          gda_manager=mgr)
   log('missing array data raises MPARestoreDataCorruptedError')
 
+  # The packed layout: two files per process, restored into other
+  # shardings; a damaged slice that only process 1 wrote raises everywhere.
+  pd = os.path.join(root, 'packed')
+  save(pd, make_tree(7), 7, gda_manager=mgr, array_format='packed')
+  mgr.wait_until_finished()
+  sync('packed saved')
+  folder = os.path.join(pd, 'checkpoint_7_gda', 'packed')
+  check(sorted(os.listdir(os.path.join(pd, 'checkpoint_7_gda'))) == [
+      'packed'], 'packed layout')
+  check(sorted(os.listdir(folder)) == [
+      'process_0.bin', 'process_0.json', 'process_1.bin', 'process_1.json'],
+        f'packed files: {os.listdir(folder)}')
+  for target in (make_target(), make_target(P(('data', 'model'), None), P()),
+                 make_target(P('data', 'model'), P())):
+    check_restored(restore(pd, target, gda_manager=mgr), target, 7)
+  log('packed: 4 files, restored into 3 shardings')
+  sync('packed restored')
+  if PID == 0:
+    import json
+    with open(os.path.join(folder, 'process_1.json')) as f:
+      chunk = json.load(f)['arrays']['params/w']['chunks'][0]
+    with open(os.path.join(folder, 'process_1.bin'), 'r+b') as f:
+      f.seek(chunk['offset'])
+      f.write(b'\xff' * chunk['nbytes'])
+  sync('packed damaged')
+  e = raises(errors.CheckpointReadError, restore, pd, make_target(),
+             gda_manager=mgr)
+  check('params/w' in str(e), str(e))
+  state = checkpoint_io.read_checkpoint_file(os.path.join(pd, 'checkpoint_7'))
+  e = raises(errors.CheckpointReadError, mpa.verify_arrays,
+             os.path.join(pd, 'checkpoint_7'), state)
+  check('params/w' in str(e), str(e))
+  log('packed: a damaged slice raises on every process')
+
   sync('done')
   log(f'WORKER OK {PID}')
 

@@ -1,0 +1,392 @@
+"""The ``packed`` layout of a checkpoint's sharded arrays: two files a process.
+
+``lib.multiprocess_arrays`` stores the arrays that span processes in
+``<checkpoint>_gda``. In this layout every process writes one data file and
+one index into ``<checkpoint>_gda/packed/``::
+
+  process_<i>.bin    the raw bytes (C order) of every slice process i wrote,
+                     each slice at a 4 KiB-aligned offset, fsynced once
+  process_<i>.json   for each array: shape, dtype and, per slice written,
+                     its box, offset, size and xxh3-64 hash
+
+A checkpoint has ``2 x processes`` array files whatever the number of arrays
+and devices (flax's per-array zarr layout has about ``arrays x (1 +
+devices)``). Each slice of an array is written once, by the process holding
+its replica 0 (replicated arrays: by one process only). The index is written
+after the data and is the integrity record: a restore reads each slice it
+needs with ``os.preadv`` straight into the buffer handed to the device (one
+copy from the page cache, no decoding) and checks its hash; a slice stored
+with other bounds than the one wanted (another mesh or process count) is
+read whole, checked, and its overlap copied. Local and POSIX paths only;
+the commit (a directory rename) is ``lib.multiprocess_arrays``'s.
+
+  >>> _aligned(1), _aligned(4096), _aligned(4097)
+  (4096, 4096, 8192)
+"""
+
+import concurrent.futures
+import json
+import os
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from gintrain.lib import errors
+
+__all__ = ['PACKED_DIR', 'snapshot', 'write_process_files', 'is_packed',
+           'load_index', 'read_arrays', 'check_slices', 'describe']
+
+PACKED_DIR = 'packed'
+VERSION = 1
+_ALIGN = 4096
+# Reads of one slice are split into pieces of this size across threads.
+_PIECE_BYTES = 32 << 20
+_THREADS = min(16, 4 * (os.cpu_count() or 1))
+
+
+def _aligned(n: int) -> int:
+  return -(-n // _ALIGN) * _ALIGN
+
+
+def _bytes_view(data: np.ndarray) -> np.ndarray:
+  """A flat uint8 view of a C-contiguous array (any dtype, bfloat16 too)."""
+  return data.reshape(-1).view(np.uint8)
+
+
+def _digest(view) -> str:
+  import xxhash  # pylint: disable=g-import-not-at-top
+  return xxhash.xxh3_64_hexdigest(view)
+
+
+def _box(index, shape) -> tuple:
+  return tuple(tuple(sl.indices(n)[:2]) for sl, n in zip(index, shape))
+
+
+def _box_str(box) -> str:
+  return '[' + ', '.join(f'{a}:{b}' for a, b in box) + ']'
+
+
+def _dtype(name: str) -> np.dtype:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return np.dtype(jnp.dtype(name))
+
+
+def _corrupt(path: str, reason: str) -> errors.CheckpointReadError:
+  return errors.CheckpointReadError(path, ' '.join(str(reason).split())[:400])
+
+
+def snapshot(arrays: list, copy: bool) -> list:
+  """``[(subpath, shape, dtype, [(box, host array)])]``: the slices of
+  ``arrays`` (``(subpath, jax.Array)`` pairs) this process writes (replica
+  0 of each), on the host. ``copy``: own copies (the device buffers may be
+  donated or deleted before a background write reads them)."""
+  out = []
+  for subpath, arr in arrays:
+    slices = []
+    for shard in arr.addressable_shards:
+      if shard.replica_id != 0:
+        continue
+      data = np.asarray(shard.data)
+      data = np.array(data, order='C', copy=True) if copy else (
+          np.ascontiguousarray(data))
+      slices.append((_box(shard.index, arr.shape), data))
+    out.append((subpath, tuple(arr.shape), str(arr.dtype), slices))
+  return out
+
+
+def _write_all(fd: int, view) -> None:
+  view = memoryview(view)
+  while view:
+    view = view[os.write(fd, view):]
+
+
+def write_process_files(directory: str, snap: list, process: int,
+                        process_count: int) -> int:
+  """Writes this process's data file and index into
+  ``<directory>/packed/`` (data first, each fsynced). Returns the bytes
+  written."""
+  folder = os.path.join(directory, PACKED_DIR)
+  os.makedirs(folder, exist_ok=True)
+  data_path = os.path.join(folder, f'process_{process}.bin')
+  index = {'version': VERSION, 'process': process,
+           'process_count': process_count, 'arrays': {}}
+  offset = 0
+  fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  try:
+    for subpath, shape, dtype, slices in snap:
+      chunks = []
+      for box, data in slices:
+        view = _bytes_view(data)
+        start = _aligned(offset)
+        if start != offset:
+          os.lseek(fd, start, os.SEEK_SET)
+        _write_all(fd, view)
+        chunks.append({'box': [list(b) for b in box], 'offset': start,
+                       'nbytes': int(view.size), 'xxh3': _digest(view)})
+        offset = start + view.size
+      index['arrays'][subpath] = {'shape': list(shape), 'dtype': dtype,
+                                  'chunks': chunks}
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  blob = json.dumps(index, sort_keys=True).encode()
+  fd = os.open(os.path.join(folder, f'process_{process}.json'),
+               os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  try:
+    _write_all(fd, blob)
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  return offset
+
+
+def is_packed(directory: str) -> bool:
+  """Whether the array directory ``directory`` has the packed layout."""
+  return os.path.isdir(os.path.join(directory, PACKED_DIR))
+
+
+def load_index(directory: str) -> tuple[dict, int]:
+  """``(merged index, checksum)`` of a packed array directory.
+
+  The merged index maps each array subpath to ``{'shape', 'dtype',
+  'chunks': [(box, xxh3)], 'where': {box: (process, offset, nbytes)}}``.
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: an index is missing, damaged,
+      or disagrees with another, or a data file is shorter than its index.
+  """
+  import zlib  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(directory, PACKED_DIR)
+  merged, crc, count, process = {}, 0, None, 0
+  while count is None or process < count:
+    path = os.path.join(folder, f'process_{process}.json')
+    try:
+      with open(path, 'rb') as f:
+        blob = f.read(64 << 20)
+    except FileNotFoundError:
+      raise _corrupt(path, 'the index of process'
+                     f' {process}{f" of {count}" if count else ""} is'
+                     ' missing') from None
+    crc = zlib.crc32(blob, crc)
+    try:
+      index = json.loads(blob)
+      if index['version'] != VERSION or index['process'] != process:
+        raise ValueError('wrong version or process number')
+      if count is None:
+        count = int(index['process_count'])
+        if count < 1:
+          raise ValueError(f'process count {count}')
+      elif index['process_count'] != count:
+        raise ValueError('the process count differs from process 0\'s')
+      end = 0
+      for subpath, info in index['arrays'].items():
+        entry = merged.setdefault(subpath, {
+            'shape': tuple(int(n) for n in info['shape']),
+            'dtype': str(info['dtype']), 'chunks': [], 'where': {}})
+        if (entry['shape'] != tuple(info['shape']) or
+            entry['dtype'] != info['dtype']):
+          raise ValueError(f'array "{subpath}" has another shape or dtype'
+                           ' than in another process\'s index')
+        itemsize = _dtype(entry['dtype']).itemsize
+        for c in info['chunks']:
+          box = tuple(tuple(int(x) for x in b) for b in c['box'])
+          nbytes, offset = int(c['nbytes']), int(c['offset'])
+          if (len(box) != len(entry['shape']) or nbytes != itemsize * int(
+              np.prod([b - a for a, b in box])) or offset < 0):
+            raise ValueError(f'slice {_box_str(box)} of "{subpath}" has a'
+                             ' bad size or offset')
+          entry['chunks'].append((box, str(c['xxh3'])))
+          entry['where'][box] = (process, offset, nbytes)
+          end = max(end, offset + nbytes)
+    except (ValueError, KeyError, TypeError) as e:
+      raise _corrupt(path, f'bad packed index ({e})') from None
+    data_path = os.path.join(folder, f'process_{process}.bin')
+    try:
+      size = os.path.getsize(data_path)
+    except OSError:
+      size = -1
+    if size < end:
+      bad = [s for s, e in merged.items()
+             if any(p == process and o + n > size
+                    for p, o, n in e['where'].values())]
+      name = os.path.join(directory, bad[0]) if bad else data_path
+      held = ', '.join(sorted(bad)[:8]) + (', ...' if len(bad) > 8 else '')
+      raise _corrupt(name, f'its data file {data_path} (arrays {held}) is'
+                     f' {"missing" if size < 0 else f"{size} bytes"}, the'
+                     f' index says at least {end}')
+    process += 1
+  return merged, crc
+
+
+class _Files:
+  """Open data files of one restore (opened once, closed at the end)."""
+
+  def __init__(self, folder):
+    self.folder = folder
+    self.fds = {}
+    self.lock = threading.Lock()
+
+  def fd(self, process):
+    with self.lock:
+      if process not in self.fds:
+        self.fds[process] = os.open(
+            os.path.join(self.folder, f'process_{process}.bin'), os.O_RDONLY)
+      return self.fds[process]
+
+  def close(self):
+    for fd in self.fds.values():
+      os.close(fd)
+
+
+def _pread_into(fd: int, view: np.ndarray, offset: int, path: str) -> None:
+  mv = memoryview(view)
+  while mv:
+    n = os.preadv(fd, [mv], offset)
+    if n <= 0:
+      raise _corrupt(path, f'its data file ended early at offset {offset}')
+    mv, offset = mv[n:], offset + n
+
+
+def _read_slice(pool, files, where, dest: np.ndarray, path: str) -> list:
+  """Futures reading the stored slice at ``where`` into ``dest`` (a
+  C-contiguous array of its shape), in pieces."""
+  process, offset, nbytes = where
+  fd = files.fd(process)
+  view = _bytes_view(dest)
+  return [pool.submit(_pread_into, fd, view[lo:lo + _PIECE_BYTES],
+                      offset + lo, path)
+          for lo in range(0, nbytes, _PIECE_BYTES)] or [None]
+
+
+def _check(view, digest, path, box) -> None:
+  got = _digest(view)
+  if got != digest:
+    raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
+                   f' (xxh3 {got}, written {digest}): the data file is'
+                   ' damaged or was swapped')
+
+
+def _overlap(box, stored):
+  return all(a < d and c < b for (a, b), (c, d) in zip(box, stored))
+
+
+def _local(outer, inner):
+  """``inner`` (global box) as slices of an array holding ``outer``."""
+  return tuple(slice(c - a, d - a) for (a, _), (c, d) in zip(outer, inner))
+
+
+def read_arrays(directory: str, merged: dict, wanted: list) -> list:
+  """The arrays ``wanted`` (``(subpath, path, sharding)``) of the packed
+  directory ``directory``, each placed with its sharding; this process
+  reads only the slices its devices hold, all in parallel.
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: a slice missing, short, or not
+      matching its hash (the message names the array).
+  """
+  files = _Files(os.path.join(directory, PACKED_DIR))
+  pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
+  try:
+    plans = []  # per array: [(device, dest buffer)]
+    checks = []  # (futures, view, digest, path, box) to hash when read
+    copies = []  # (futures, dest, dest slices, temp, temp slices)
+    temps = {}  # (array index, stored box) -> (futures, temp)
+    for i, (subpath, path, sharding) in enumerate(wanted):
+      info = merged.get(subpath)
+      if info is None:
+        raise _corrupt(path, 'the array is not in the packed index')
+      shape, dtype = info['shape'], _dtype(info['dtype'])
+      digests = dict(info['chunks'])
+      placed = []
+      for device, index in sharding.addressable_devices_indices_map(
+          shape).items():
+        box = _box(index, shape)
+        dest = np.empty([b - a for a, b in box], dtype)
+        placed.append((device, dest))
+        covered = 0
+        for stored, where in info['where'].items():
+          if not _overlap(box, stored):
+            continue
+          covered += int(np.prod([min(b, d) - max(a, c) for (a, b), (c, d)
+                                  in zip(box, stored)]))
+          inside = all(a <= c and d <= b for (a, b), (c, d)
+                       in zip(box, stored))
+          rows_whole = all(box[k] == stored[k] for k in range(1, len(box)))
+          if inside and rows_whole:  # contiguous in dest: read straight in
+            part = dest[_local(box, stored)] if box else dest
+            checks.append((_read_slice(pool, files, where, part, path),
+                           _bytes_view(part), digests[stored], path,
+                           stored))
+            continue
+          key = (i, stored)
+          if key not in temps:
+            temp = np.empty([d - c for c, d in stored], dtype)
+            futures = _read_slice(pool, files, where, temp, path)
+            temps[key] = (futures, temp)
+            checks.append((futures, _bytes_view(temp), digests[stored],
+                           path, stored))
+          futures, temp = temps[key]
+          inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d)
+                        in zip(box, stored))
+          copies.append((futures, dest, _local(box, inter), temp,
+                         _local(stored, inter)))
+        if covered != int(np.prod(dest.shape)):
+          raise _corrupt(path, f'slice {_box_str(box)} is not covered by'
+                         ' the stored slices')
+      plans.append(placed)
+    hashed = [pool.submit(_wait_and_check, *c) for c in checks]
+    for future in hashed:
+      future.result()
+    for futures, dest, dslices, temp, tslices in copies:
+      dest[dslices] = temp[tslices]
+  finally:
+    pool.shutdown(wait=True)
+    files.close()
+  out = []
+  for (subpath, path, sharding), placed in zip(wanted, plans):
+    shards = [jax.device_put(dest, device) for device, dest in placed]
+    out.append(jax.make_array_from_single_device_arrays(
+        merged[subpath]['shape'], sharding, shards))
+  return out
+
+
+def _wait_and_check(futures, view, digest, path, box) -> None:
+  for future in futures:
+    if future is not None:
+      future.result()
+  _check(view, digest, path, box)
+
+
+def check_slices(directory: str, merged: dict, items: list) -> None:
+  """Reads each stored slice ``(subpath, path, box)`` whole and checks its
+  hash (``path`` names the array in errors); in parallel, at most 256 MiB
+  at a time."""
+  files = _Files(os.path.join(directory, PACKED_DIR))
+  pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
+  try:
+    batch, size = [], 0
+    for n, (subpath, path, box) in enumerate(items):
+      info = merged[subpath]
+      where = info['where'][box]
+      temp = np.empty([d - c for c, d in box], _dtype(info['dtype']))
+      futures = _read_slice(pool, files, where, temp, path)
+      batch.append(pool.submit(_wait_and_check, futures, _bytes_view(temp),
+                               dict(info['chunks'])[box], path, box))
+      size += where[2]
+      if size >= (256 << 20) or n == len(items) - 1:
+        for future in batch:
+          future.result()
+        batch, size = [], 0
+  finally:
+    pool.shutdown(wait=True)
+    files.close()
+
+
+def describe(merged: dict) -> dict[str, Any]:
+  """Arrays, slices and bytes of a merged index (for listings)."""
+  return {'arrays': len(merged),
+          'slices': sum(len(e['chunks']) for e in merged.values()),
+          'bytes': sum(n for e in merged.values()
+                       for _, _, n in e['where'].values())}
