@@ -250,3 +250,68 @@ def test_one_process_hang_reports_progress_then_exits_3(tmp_path):
   assert len(reports) >= 2, err[-3000:]
   assert all('faults.py' in where for _, where in reports), reports
   assert took < 90
+
+
+# -- item 5: slurm.sbatch stops requeueing after the same failure twice --------
+
+
+FAILING_TASK = '''
+import sys
+print('gintrain: error: no training step completed within --step_timeout=5 s'
+      ' after step 40 (process 0 of 1): hung; thread stacks above.',
+      file=sys.stderr, flush=True)
+sys.exit(3)
+'''
+
+
+def _job_field(slurm, job, field):
+  return slurm.job_field(job, field)
+
+
+@pytest.mark.skipif(
+    not harness.have('slurmctld', 'slurmd', 'sbatch', 'srun', 'munged'),
+    reason='SLURM/munge not installed (apt-get install slurmctld slurmd'
+    ' slurm-client munge); .ci/run installs them')
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason='starting slurmd/munged needs root')
+def test_slurm_sbatch_requeues_a_hang_once_not_the_same_failure_twice(
+    tmp_path):
+  (tmp_path / 'hung_task.py').write_text(FAILING_TASK)
+  output = tmp_path / 'job.out'
+  with harness.SlurmCluster() as slurm:
+    environ = slurm.client_env(harness.env(
+        GINTRAIN_PYTHON=sys.executable, GINTRAIN_MODULE='hung_task',
+        GINTRAIN_STATE_DIR=tmp_path, PYTHONPATH=tmp_path))
+    submit = subprocess.run(
+        ['sbatch', '--parsable', '--ntasks=1', f'--chdir={tmp_path}',
+         f'--output={output}', os.path.join(harness.LAUNCH, 'slurm.sbatch')],
+        env=environ, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(';')[0]
+    try:
+      deadline = time.monotonic() + 200
+      released = False
+      while True:
+        state = _job_field(slurm, job, 'JobState')
+        restarts = _job_field(slurm, job, 'Restarts')
+        if state in ('FAILED', 'COMPLETED', 'CANCELLED', 'TIMEOUT'):
+          break
+        # SLURM holds a requeued job for the credential lifetime (see
+        # tests/test_multihost.py's _release_requeued): start it now.
+        if restarts == '1' and state == 'PENDING' and not released:
+          released = slurm.run('scontrol', 'update', f'JobId={job}',
+                               'StartTime=now+3').returncode == 0
+        assert time.monotonic() < deadline, (state, restarts, output.read_text()
+                                             if output.exists() else '')
+        time.sleep(0.2)
+    finally:
+      slurm.run('scancel', job)
+    text = output.read_text()
+    assert state == 'FAILED', text
+    assert _job_field(slurm, job, 'ExitCode') == '3:0', text
+  assert 'restart 0' in text and 'restart 1' in text, text
+  assert 'restart 2' not in text, text
+  assert text.count('requeueing job') == 1, text
+  assert 'slurm.sbatch: the same failure twice (status 3' in text, text
+  assert text.count('gintrain: error: no training step completed') == 2
+  assert not list(tmp_path.glob('.gintrain-requeue.*'))  # state removed
