@@ -1,28 +1,32 @@
-"""Save and restore of a sharded train state by 2 processes, against the same
-state replicated, and against the numpy limit for the bytes each process
-writes.
+"""Sharded checkpoints side by side: ours (packed and zarr layouts), Orbax's
+StandardCheckpointer, and the numpy limit for the same bytes per process.
 
-Two processes x 2 CPU devices (``launch/local.sh``, 127.0.0.1) hold a tree
-of ``--gib`` GiB (float32 arrays of 4096 rows) on a 1-D ``data`` mesh:
+Phase 1: 2 processes x 2 CPU devices (``launch/local.sh``, 127.0.0.1) hold a
+state of ``--gib`` GiB (float32 arrays of 4096 rows) split over the 4
+devices (FSDP, ``P('data')``). Each method saves it and restores it twice:
 
-* ``sharded``: every array split over the 4 devices (FSDP); saved with
-  ``lib.checkpoints.save_checkpoint_multiprocess`` (each process writes its
-  own shards into ``<ckpt>_gda`` through tensorstore; process 0 writes the
-  msgpack file of placeholders and commits once all are done), restored
-  with ``runner.outputs.checkpoints.read_arrays`` into the same shardings
-  (each process reads only its slices);
-* ``replicated``: the same arrays whole on every device; the runner's path
-  for them: host copy, process 0 writes one msgpack file, every process
-  reads all of it back and places it;
-* ``numpy``: each process ``tofile`` + fsync of the bytes it holds of the
-  sharded state (half of it), then ``np.fromfile``: what the disk allows.
+* ``packed``: ``lib.checkpoints.save_checkpoint_multiprocess(...,
+  array_format='packed')`` (two files per process), restored with
+  ``runner.outputs.checkpoints.read_arrays``;
+* ``zarr``: the same with flax's per-array zarr layout;
+* ``orbax``: ``orbax.checkpoint.StandardCheckpointer`` (its default OCDBT +
+  zarr3 format), ``save`` + ``wait_until_finished``, ``restore`` into
+  ``ShapeDtypeStruct``s with the shardings;
+* ``numpy``: each process ``tofile`` + fsync of the bytes it holds, then
+  ``np.fromfile``: what the disk and page cache allow.
 
-Times are the slower process's (the save is done when the last one is);
-each save ends with ``os.sync()`` (tensorstore does not fsync, and unflushed
-pages would otherwise be written back during the next measurement).
-Restores read a warm page cache (the files were just written).
+Restores: into the saved shardings (``same``), and into column slices
+``P(None, 'data')`` (``other``: every device needs part of every stored
+slice). Methods run in ABBA order (the order of round 1 reversed in round
+2, ...); each figure is the best of ``--rounds``, the time of the slower
+process. Every save ends with ``os.sync()`` so that all are durable.
+Restores read a warm page cache.
 
-  python bench/sharded_checkpoint_bench.py [--gib 1] [--port 24380]
+Phase 2 (elastic, 2x2 -> 1x4): one process with 4 devices restores the
+packed and Orbax checkpoints of phase 1 into ``P('data')``; numpy reads the
+two files of phase 1.
+
+  python bench/sharded_checkpoint_bench.py [--gib 1] [--rounds 2]
 
 Prints a markdown table, also written to
 ``bench/results/sharded_checkpoint_bench.md``.
@@ -41,14 +45,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'bench', 'results',
                        'sharded_checkpoint_bench.md')
 ROWS = 4096
+LEAF_BYTES = 64 * 2**20
+METHODS = ('packed', 'zarr', 'orbax', 'numpy')
+
+
+def _count_files(path):
+  return sum(len(files) for _, _, files in os.walk(path))
 
 
 def _worker(args, flags):
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(flags['coordinator_address'],
-                             int(flags['process_count']),
-                             int(flags['process_index']))
+  if int(flags.get('process_count', 1)) > 1:
+    jax.distributed.initialize(flags['coordinator_address'],
+                               int(flags['process_count']),
+                               int(flags['process_index']))
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.simplefilter('ignore', DeprecationWarning)
   import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from jax.experimental.array_serialization import serialization as ser  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -56,129 +70,199 @@ def _worker(args, flags):
   from gintrain.lib import checkpoints  # pylint: disable=g-import-not-at-top
   from gintrain.runner.outputs import checkpoints as runner_ckpt  # pylint: disable=g-import-not-at-top
 
-  me = jax.process_index()
+  me, count = jax.process_index(), jax.process_count()
   mesh = jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
-  split, whole = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  leaf_bytes = 64 * 2**20
-  n = int(args.gib * 2**30 // leaf_bytes)
-  cols = leaf_bytes // 4 // ROWS
+  rows, cols = NamedSharding(mesh, P('data')), NamedSharding(
+      mesh, P(None, 'data'))
+  n = int(args.gib * 2**30 // LEAF_BYTES)
+  width = LEAF_BYTES // 4 // ROWS
 
   def make():
     keys = jax.random.split(jax.random.key(0), n)
-    return {f'layer_{i:03d}': jax.random.normal(keys[i], (ROWS, cols))
+    return {f'layer_{i:03d}': jax.random.normal(keys[i], (ROWS, width))
             for i in range(n)}
   shapes = jax.eval_shape(make)
-  sharded = jax.jit(make, out_shardings={k: split for k in shapes})()
-  jax.block_until_ready(sharded)
+  root = args.dir
   out = {}
 
+  def barrier(name):
+    if count > 1:
+      multihost_utils.sync_global_devices(name)
+
   def timed(name, fn):
-    multihost_utils.sync_global_devices(f'start {name}')
+    barrier(f'start {name}')
     t = time.perf_counter()
     result = fn()
-    multihost_utils.sync_global_devices(f'end {name}')
+    barrier(f'end {name}')
     mine = time.perf_counter() - t
-    times = multihost_utils.process_allgather(np.float64(mine))
-    out[name] = float(np.max(times))
+    if count > 1:
+      mine = float(np.max(multihost_utils.process_allgather(np.float64(mine))))
+    out[name] = min(out.get(name, float('inf')), mine)
     return result
 
-  root = args.dir
-  # -- sharded ------------------------------------------------------------
-  manager = ser.GlobalAsyncCheckpointManager(timeout_secs=600)
+  def check(tree, want):
+    assert all(bool((tree[k] == want[k]).all()) for k in shapes)
 
-  def save_sharded():
-    checkpoints.save_checkpoint_multiprocess(
-        os.path.join(root, 'sharded'), {'state': sharded}, 1,
-        gda_manager=manager)
-    manager.wait_until_finished()
-    os.sync()  # durable, like the others (tensorstore does not fsync)
-  timed('sharded save', save_sharded)
-  path = os.path.join(root, 'sharded', 'checkpoint_1')
+  ours_path = lambda fmt: os.path.join(root, fmt, 'checkpoint_1')  # pylint: disable=unnecessary-lambda-assignment
+  orbax_path = os.path.join(root, 'orbax', 'ckpt')
 
-  def restore_sharded():
+  def restore_ours(fmt, sharding):
+    path = ours_path(fmt)
     raw = checkpoint_io.read_checkpoint_file(path)
     tree = runner_ckpt.read_arrays(path, raw, {'state': {
-        k: split for k in shapes}})
-    return jax.block_until_ready(tree)
-  restored = timed('sharded restore', restore_sharded)
-  assert all(bool((restored['state'][k] == sharded[k]).all())
-             for k in shapes)
-  del restored
-  # -- replicated (the runner's path: host copy, process 0 writes) ------
-  replicated = jax.jit(lambda t: t, out_shardings={k: whole
-                                                   for k in shapes})(sharded)
-  jax.block_until_ready(replicated)
+        k: sharding for k in shapes}})
+    return jax.block_until_ready(tree['state'])
 
-  def save_replicated():
-    host = {k: np.asarray(v.addressable_data(0))
-            for k, v in replicated.items()}
-    checkpoints.save_checkpoint_multiprocess(
-        os.path.join(root, 'replicated'), {'state': host}, 1)
-    os.sync()
-  timed('replicated save', save_replicated)
-  del replicated
-  rpath = os.path.join(root, 'replicated', 'checkpoint_1')
+  def restore_orbax(sharding):
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+              for k, v in shapes.items()}
+    return jax.block_until_ready(ocp.StandardCheckpointer().restore(
+        orbax_path, target))
 
-  def restore_replicated():
-    raw = checkpoint_io.read_checkpoint_file(rpath)['state']
-    placed = {k: jax.make_array_from_callback(
-        raw[k].shape, whole, lambda index, x=raw[k]: x[index])
-              for k in shapes}
-    return jax.block_until_ready(placed)
-  timed('replicated restore', restore_replicated)
-  # -- numpy: the bytes this process holds of the sharded state ---------
+  if args.phase == 'elastic':  # one process reads what two wrote
+    state = jax.jit(make, out_shardings={k: rows for k in shapes})()
+    for r in range(args.rounds):
+      for method in (('packed', 'orbax', 'numpy') if r % 2 == 0 else
+                     ('numpy', 'orbax', 'packed')):
+        if method == 'packed':
+          got = timed('packed elastic', lambda: restore_ours('packed', rows))
+        elif method == 'orbax':
+          got = timed('orbax elastic', lambda: restore_orbax(rows))
+        else:
+          got = None
+          timed('numpy elastic', lambda: [np.fromfile(os.path.join(
+              root, f'numpy_{i}.bin'), np.float32) for i in range(2)])
+        if got is not None:
+          check(got, state)
+        del got
+    print('RESULT ' + json.dumps(out), flush=True)
+    return
+
+  state = jax.jit(make, out_shardings={k: rows for k in shapes})()
+  jax.block_until_ready(state)
+  manager = ser.GlobalAsyncCheckpointManager(timeout_secs=600)
   mine = [np.asarray(s.data) for k in sorted(shapes)
-          for s in sharded[k].addressable_shards]
+          for s in state[k].addressable_shards]
   npath = os.path.join(root, f'numpy_{me}.bin')
 
-  def save_numpy():
-    with open(npath, 'wb') as f:
-      for a in mine:
-        a.tofile(f)
-      f.flush()
-      os.fsync(f.fileno())
-  timed('numpy save', save_numpy)
-  nbytes = sum(a.nbytes for a in mine)
-  timed('numpy restore', lambda: np.fromfile(npath, np.float32))
-  out['bytes per process (sharded)'] = nbytes
-  out['total bytes'] = n * leaf_bytes
-  out['gda files'] = sum(len(files) for _, _, files in os.walk(
-      path + '_gda'))
+  def clear(path):
+    barrier(f'clear {path}')
+    if me == 0 and os.path.exists(path):
+      shutil.rmtree(path)
+    barrier(f'cleared {path}')
+
+  def save(method):
+    if method in ('packed', 'zarr'):
+      clear(os.path.join(root, method))
+
+      def run():
+        checkpoints.save_checkpoint_multiprocess(
+            os.path.join(root, method), {'state': state}, 1,
+            gda_manager=manager, array_format=method)
+        manager.wait_until_finished()
+        os.sync()
+      timed(f'{method} save', run)
+    elif method == 'orbax':
+      clear(os.path.join(root, 'orbax'))
+
+      def run():
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(orbax_path, state)
+        ckptr.wait_until_finished()
+        os.sync()
+      timed('orbax save', run)
+    else:
+      def run():
+        with open(npath, 'wb') as f:
+          for a in mine:
+            a.tofile(f)
+          f.flush()
+          os.fsync(f.fileno())
+      timed('numpy save', run)
+
+  def restore(method):
+    for kind, sharding in (('same', rows), ('other', cols)):
+      if method in ('packed', 'zarr'):
+        got = timed(f'{method} restore {kind}',
+                    lambda s=sharding: restore_ours(method, s))
+      elif method == 'orbax':
+        got = timed(f'orbax restore {kind}',
+                    lambda s=sharding: restore_orbax(s))
+      else:
+        if kind == 'same':
+          timed('numpy restore same', lambda: np.fromfile(npath, np.float32))
+        continue
+      check(got, state)
+      del got
+
+  for r in range(args.rounds):
+    order = METHODS if r % 2 == 0 else tuple(reversed(METHODS))
+    for method in order:
+      save(method)
+      restore(method)
+  out['bytes per process'] = sum(a.nbytes for a in mine)
+  out['total bytes'] = n * LEAF_BYTES
+  for method in ('packed', 'zarr'):
+    out[f'{method} files'] = 1 + _count_files(ours_path(method) + '_gda')
+  out['orbax files'] = _count_files(os.path.join(root, 'orbax'))
   if me == 0:
     print('RESULT ' + json.dumps(out), flush=True)
 
 
-def _table(result, gib):
-  total = result['total bytes']
-  per = result['bytes per process (sharded)']
-  rows = [
-      ('sharded (FSDP, `_gda`)', 'sharded save', 'sharded restore', per),
-      ('replicated (process 0 writes)', 'replicated save',
-       'replicated restore', total),
-      ('numpy limit (`tofile`+fsync / `fromfile`)', 'numpy save',
-       'numpy restore', per),
-  ]
-  lines = [f'2 processes x 2 CPU devices, a {gib:g} GiB state'
-           f' ({result["gda files"]} files in the sharded `_gda`), times of'
-           ' the slower process; restores from a warm page cache.', '',
-           '| method | bytes written per process | save s | restore s |'
-           ' save vs sharded | restore vs sharded |',
-           '|---|---|---|---|---|---|']
-  for name, save, restore, nbytes in rows:
+def _launch(args, root, processes, devices, phase):
+  cmd = [os.path.join(REPO, 'launch', 'local.sh'), '-n', str(processes),
+         '-d', str(devices), '--', sys.executable, os.path.abspath(__file__),
+         '--worker', f'--gib={args.gib}', f'--dir={root}',
+         f'--rounds={args.rounds}', f'--phase={phase}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                        check=False)
+  found = [l for l in proc.stdout.splitlines() if 'RESULT ' in l]
+  if proc.returncode or not found:
+    sys.exit(f'bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n'
+             f'{proc.stderr[-4000:]}')
+  return json.loads(found[-1].split('RESULT ', 1)[1])
+
+
+def _table(r, gib, rounds):
+  per = r['bytes per process']
+  gb = per / 1e9
+  lines = [
+      f'2 processes x 2 CPU devices, a {gib:g} GiB float32 state split over'
+      f' the 4 devices ({per / 2**20:.0f} MiB per process); best of'
+      f' {rounds} rounds in ABBA order, times of the slower process; saves'
+      ' durable (os.sync), restores from a warm page cache. "other": into'
+      ' column slices P(None, \'data\') (every device needs part of every'
+      ' stored slice). vs numpy: numpy\'s time / ours (1.0 = as fast as'
+      ' `tofile`+fsync / `fromfile` of the same bytes per process).', '',
+      '| method | files | save s | restore s (same) | restore s (other) |'
+      ' save vs numpy | restore vs numpy | save GB/s per process |',
+      '|---|---|---|---|---|---|---|---|']
+  for m in ('packed', 'zarr', 'orbax'):
     lines.append(
-        f'| {name} | {nbytes / 2**20:.0f} MiB | {result[save]:.2f} |'
-        f' {result[restore]:.2f} |'
-        f' {result[save] / result["sharded save"]:.2f}x |'
-        f' {result[restore] / result["sharded restore"]:.2f}x |')
+        f'| {m} | {r[f"{m} files"]} | {r[f"{m} save"]:.3f} |'
+        f' {r[f"{m} restore same"]:.3f} | {r[f"{m} restore other"]:.3f} |'
+        f' {r["numpy save"] / r[f"{m} save"]:.2f}x |'
+        f' {r["numpy restore same"] / r[f"{m} restore same"]:.2f}x |'
+        f' {gb / r[f"{m} save"]:.2f} |')
+  lines.append(f'| numpy | 2 | {r["numpy save"]:.3f} |'
+               f' {r["numpy restore same"]:.3f} | | 1.00x | 1.00x |'
+               f' {gb / r["numpy save"]:.2f} |')
+  lines += ['', 'Elastic restore (2x2 -> 1x4): 1 process x 4 devices reads'
+            ' the whole state written by 2 processes.', '',
+            '| method | restore s | vs numpy |', '|---|---|---|']
+  for m in ('packed', 'orbax', 'numpy'):
+    lines.append(f'| {m} | {r[f"{m} elastic"]:.3f} |'
+                 f' {r["numpy elastic"] / r[f"{m} elastic"]:.2f}x |')
   return '\n'.join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--gib', type=float, default=1.0)
-  parser.add_argument('--port', type=int, default=24380)
+  parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--dir', default=None)
+  parser.add_argument('--phase', default='main')
   parser.add_argument('--worker', action='store_true')
   args, rest = parser.parse_known_args()
   if args.worker:
@@ -187,20 +271,12 @@ def main():
     return
   root = args.dir or tempfile.mkdtemp(prefix='sharded_bench_')
   try:
-    cmd = [os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '-p',
-           str(args.port), '-d', '2', '--', sys.executable,
-           os.path.abspath(__file__), '--worker', f'--gib={args.gib}',
-           f'--dir={root}']
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                          check=False)
-    found = [l for l in proc.stdout.splitlines() if 'RESULT ' in l]
-    if proc.returncode or not found:
-      sys.exit(f'bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-    result = json.loads(found[-1].split('RESULT ', 1)[1])
+    result = _launch(args, root, 2, 2, 'main')
+    result.update(_launch(args, root, 1, 4, 'elastic'))
   finally:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
-  table = _table(result, args.gib)
+  table = _table(result, args.gib, args.rounds)
   print(table)
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
   with open(RESULTS, 'w', encoding='utf-8') as f:

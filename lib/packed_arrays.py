@@ -46,6 +46,21 @@ _PIECE_BYTES = 32 << 20
 _THREADS = min(16, 4 * (os.cpu_count() or 1))
 
 
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+  """Threads for reads and hashes, started once (starting them per restore
+  cost ~10 ms each on a loaded machine)."""
+  global _POOL
+  with _POOL_LOCK:
+    if _POOL is None:
+      _POOL = concurrent.futures.ThreadPoolExecutor(
+          _THREADS, thread_name_prefix='gintrain-packed-read')
+    return _POOL
+
+
 def _aligned(n: int) -> int:
   return -(-n // _ALIGN) * _ALIGN
 
@@ -227,6 +242,7 @@ class _Files:
     self.folder = folder
     self.fds = {}
     self.lock = threading.Lock()
+    self.futures = []  # every read submitted: waited for before closing
 
   def fd(self, process):
     with self.lock:
@@ -236,6 +252,7 @@ class _Files:
       return self.fds[process]
 
   def close(self):
+    concurrent.futures.wait(self.futures)
     for fd in self.fds.values():
       os.close(fd)
 
@@ -255,9 +272,11 @@ def _read_slice(pool, files, where, dest: np.ndarray, path: str) -> list:
   process, offset, nbytes = where
   fd = files.fd(process)
   view = _bytes_view(dest)
-  return [pool.submit(_pread_into, fd, view[lo:lo + _PIECE_BYTES],
-                      offset + lo, path)
-          for lo in range(0, nbytes, _PIECE_BYTES)] or [None]
+  futures = [pool.submit(_pread_into, fd, view[lo:lo + _PIECE_BYTES],
+                         offset + lo, path)
+             for lo in range(0, nbytes, _PIECE_BYTES)]
+  files.futures += futures
+  return futures or [None]
 
 
 def _check(view, digest, path, box) -> None:
@@ -287,7 +306,7 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
       matching its hash (the message names the array).
   """
   files = _Files(os.path.join(directory, PACKED_DIR))
-  pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
+  pool = _pool()
   try:
     plans = []  # per array: [(device, dest buffer)]
     checks = []  # (futures, view, digest, path, box) to hash when read
@@ -342,7 +361,6 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
     for futures, dest, dslices, temp, tslices in copies:
       dest[dslices] = temp[tslices]
   finally:
-    pool.shutdown(wait=True)
     files.close()
   out = []
   for (subpath, path, sharding), placed in zip(wanted, plans):
@@ -364,7 +382,7 @@ def check_slices(directory: str, merged: dict, items: list) -> None:
   hash (``path`` names the array in errors); in parallel, at most 256 MiB
   at a time."""
   files = _Files(os.path.join(directory, PACKED_DIR))
-  pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
+  pool = _pool()
   try:
     batch, size = [], 0
     for n, (subpath, path, box) in enumerate(items):
@@ -380,7 +398,6 @@ def check_slices(directory: str, merged: dict, items: list) -> None:
           future.result()
         batch, size = [], 0
   finally:
-    pool.shutdown(wait=True)
     files.close()
 
 
