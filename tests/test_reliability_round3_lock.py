@@ -7,6 +7,7 @@ exits; two runners on one ``s3://`` workdir: the second refused with one
 line, nothing of the first changed.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -203,3 +204,57 @@ def test_two_runners_on_one_s3_workdir_second_refused_first_unchanged(
   assert '0.002' not in flags_txt + parsed
   assert 'learning_rate = 0.001' in parsed, parsed
   assert not storage.exists(f'{url}/{lock.LOCK_FILE}')
+
+
+# -- item 5: a stalled upload is reported every --progress_report_s ----------
+
+
+def test_a_frozen_store_is_reported_while_the_run_waits(tmp_path):
+  from s3_server import S3Server  # pylint: disable=g-import-not-at-top
+  server = S3Server(str(tmp_path / 'moto.log'))
+  try:
+    server.create_bucket('frozen')
+    url = 's3://frozen/run'
+    log_path = tmp_path / 'run.log'
+    environ = harness.env(tmp_path / 'jax_cache', **server.env())
+    with open(log_path, 'w', encoding='utf-8') as log:
+      run = subprocess.Popen(
+          harness.train_command(
+              url, '--gin.train.parallelism="single"',
+              '--gin.train.num_steps=400', '--gin.slow_synthetic.delay=0.01',
+              '--progress_report_s=2', '--step_timeout=0'),
+          env=environ, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+      deadline = time.monotonic() + 180
+      while 'Workdir lease' not in log_path.read_text():
+        assert run.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+      os.kill(server.proc.pid, signal.SIGSTOP)  # the endpoint freezes
+      frozen = time.monotonic()
+      start = len(log_path.read_text())
+      pattern = re.compile(r'no step completed for (\d+) s[^\n]*: the main'
+                           r' thread is in ([^\n]*)')
+      while len(pattern.findall(log_path.read_text()[start:])) < 3:
+        assert run.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() - frozen < 60, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+      os.kill(server.proc.pid, signal.SIGCONT)
+      assert run.wait(240) == 0, log_path.read_text()[-3000:]
+    finally:
+      if run.poll() is None:
+        run.kill()
+        run.wait(30)
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(server.proc.pid, signal.SIGCONT)
+    server.stop()
+  text = log_path.read_text()
+  reports = pattern.findall(text[start:])
+  seconds = [int(s) for s, _ in reports]
+  # one every 2 s, the wait growing: the run is stuck, and says where
+  assert seconds[:3] == sorted(seconds[:3]) and seconds[2] >= 4, reports
+  stuck = reports[2][1]
+  assert re.search(r'(lib|runner)/\S+\.py:\d+', stuck), reports
+  assert re.search(r'storage|checkpoint|writers|lock|ssl|socket|asyn|'
+                   r'threading', stuck), reports
