@@ -19,6 +19,7 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``models.mlp/cnn``          ``models.plain`` (plain JAX, flax names)
 ``models.nnx_model``        ``models.nnx`` (adapter for flax nnx modules)
 ``models.transformer``      ``models.transformer`` (decoder-only LM)
+``models.llama``            ``models.llama`` (Llama/Mistral/Qwen2 decoder)
 ``datasets.digits/synthetic/diabetes``  ``data.datasets`` (in memory)
 ``data.iterable_source``    ``data.iterable`` (any iterable of batches)
 ``data.text_files``         ``data.text`` (byte-level text, grain)
@@ -57,6 +58,7 @@ from gintrain.runner.data import iterable
 from gintrain.runner.data import text
 from gintrain.runner.models import nnx
 from gintrain.runner.models import plain as models
+from gintrain.runner.models import llama
 from gintrain.runner.models import transformer
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import writers
@@ -130,6 +132,7 @@ for _name in ('mlp', 'cnn'):
   _register(getattr(models, _name), _name, 'models')
 _register(nnx.nnx_model, 'nnx_model', 'models')
 _register(transformer.transformer, 'transformer', 'models')
+_register(llama.llama, 'llama', 'models')
 for _name in ('digits', 'synthetic', 'diabetes'):
   _register(getattr(datasets, _name), _name, 'datasets')
 _register(iterable.iterable_source, 'iterable_source', 'data')

@@ -161,8 +161,12 @@ class Llama:
   def init(self, rng, x=None) -> dict:
     """Fresh ``{'params': ...}`` (normal ``init_std`` kernels and
     embedding, residual projections scaled by ``1/sqrt(2 num_layers)``,
-    unit norms, zero biases); ``x`` is not used."""
+    unit norms, zero biases); ``x`` is not used. Compiled once per model
+    (eager, the many small random draws are slow)."""
     del x
+    return _jit_init(self, rng)
+
+  def _init(self, rng) -> dict:
     k_embed, k_head, k_layers = jax.random.split(rng, 3)
     layer_keys = jax.random.split(k_layers, self.num_layers)
     params = {'embed_tokens': {'embedding': jax.random.normal(
@@ -346,6 +350,9 @@ class Llama:
              + (2 * i + h if self.mlp_bias else 0))
     head = 0 if self.tied else h * self.vocab_size
     return self.vocab_size * h + self.num_layers * layer + h + head
+
+
+_jit_init = jax.jit(Llama._init, static_argnums=0)  # pylint: disable=protected-access
 
 
 def _check_int(name, value, low):

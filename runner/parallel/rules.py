@@ -21,9 +21,9 @@ An entry of the list may also be the name of a preset (expanded in place):
 
 * ``'replicated'``: every array whole on every device (data parallel);
 * ``'fsdp'``: every array as ``'fsdp'`` above;
-* ``'tensor_parallel'``: the transformer's attention heads and MLP hidden
-  units over ``model`` (Megatron-style); other arrays are left to the rules
-  after it (replicated when none matches).
+* ``'tensor_parallel'``: the transformer's and the Llama's attention heads
+  and MLP hidden units over ``model`` (Megatron-style); other arrays are
+  left to the rules after it (replicated when none matches).
 
 Arrays no rule matches, and scalars, are replicated::
 
@@ -73,6 +73,20 @@ PRESETS = {
         (r'Block_\d+/Dense_0/kernel$', (None, 'model')),
         (r'Block_\d+/Dense_0/bias$', ('model',)),
         (r'Block_\d+/Dense_1/kernel$', ('model', None)),
+        # models.llama: per-block (layers_i/...) and scanned (layers/...,
+        # a leading layer axis).
+        (r'layers_\d+/self_attn/[qkv]_proj/kernel$', (None, 'model')),
+        (r'layers_\d+/self_attn/[qkv]_proj/bias$', ('model',)),
+        (r'layers_\d+/self_attn/o_proj/kernel$', ('model', None)),
+        (r'layers_\d+/mlp/(gate|up)_proj/kernel$', (None, 'model')),
+        (r'layers_\d+/mlp/(gate|up)_proj/bias$', ('model',)),
+        (r'layers_\d+/mlp/down_proj/kernel$', ('model', None)),
+        (r'layers/self_attn/[qkv]_proj/kernel$', (None, None, 'model')),
+        (r'layers/self_attn/[qkv]_proj/bias$', (None, 'model')),
+        (r'layers/self_attn/o_proj/kernel$', (None, 'model', None)),
+        (r'layers/mlp/(gate|up)_proj/kernel$', (None, None, 'model')),
+        (r'layers/mlp/(gate|up)_proj/bias$', (None, 'model')),
+        (r'layers/mlp/down_proj/kernel$', (None, 'model', None)),
     ],
 }
 
