@@ -49,8 +49,9 @@ from gintrain.lib import checkpoint_naming
 from gintrain.lib import errors
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
+from gintrain.lib import storage
 
-__all__ = ['save_checkpoint_multiprocess']
+__all__ = ['save_checkpoint_multiprocess', 'restore_checkpoint']
 
 logger = logging.getLogger(__name__)
 
@@ -274,3 +275,90 @@ def save_checkpoint_multiprocess(
           keep_every_n_steps, async_manager),
       array_format=array_format)
   return ckpt_path
+
+
+def _sharding_of(leaf):
+  """The sharding of a target leaf (a ``jax.Array``, or a
+  ``jax.ShapeDtypeStruct`` with one), else None."""
+  sharding = getattr(leaf, 'sharding', None)
+  return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+
+
+def _place(value, sharding):
+  """A host leaf of the msgpack file placed with ``sharding`` (each
+  process puts only its devices' slices)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding,
+                                      lambda index: value[index])
+
+
+def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
+                       step: int | float | None = None,
+                       prefix: str = 'checkpoint_') -> Any:
+  """Restores a (multi-process) checkpoint into the shardings of ``target``.
+
+  Unlike flax's ``restore_checkpoint`` this needs no ``gda_manager`` and
+  takes the shardings from ``target``: every leaf that is a ``jax.Array``
+  or a ``jax.ShapeDtypeStruct`` with a ``sharding`` comes back as a
+  ``jax.Array`` with that sharding, whatever process count, mesh or layout
+  (``packed`` or ``zarr``) wrote it. Each process reads only the slices its
+  devices hold, straight into their buffers, checked against the
+  checkpoint's hashes. Other leaves come back as stored. Every process
+  calls it (errors are agreed, so all raise or none).
+
+  Args:
+    ckpt_dir: a checkpoint file, or a directory of ``<prefix><step>`` files.
+    target: the tree to restore into (its structure and shardings).
+    step: the step to restore from a directory (None: the newest).
+    prefix: the checkpoint file prefix.
+
+  Returns:
+    ``target``'s structure with the checkpoint's values, or ``target`` if
+    the directory holds no checkpoint.
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: unreadable or damaged (the
+      message names the file or array).
+    gintrain.lib.errors.MPARestoreTargetRequiredError: a sharded array of
+      the checkpoint with no sharded leaf at its place in ``target``.
+    gintrain.lib.errors.MPARestoreDataCorruptedError: the sharded arrays are
+      missing or were never committed.
+  """
+  path = os.fspath(ckpt_dir)
+  if storage.isdir(path):
+    if step is not None:
+      path = checkpoint_naming.checkpoint_path(path, step, prefix)
+    else:
+      found = checkpoint_naming.all_checkpoints(path, prefix)
+      if not found:
+        logger.info('Found no checkpoint files in %s with prefix %s', path,
+                    prefix)
+        return target
+      path = found[-1]
+  state = checkpoint_io.read_checkpoint_file(path)
+  target_state = serialization.to_state_dict(target)
+  shardings = jax.tree_util.tree_map(
+      _sharding_of, target_state,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  state = multiprocess_arrays.read_arrays(state, path, shardings, step)
+
+  def place(stored, sharding):
+    if sharding is None or isinstance(stored, jax.Array):
+      return stored
+    return _place(stored, sharding)
+  if isinstance(state, dict) and isinstance(shardings, dict):
+    state = _map_pairs(place, state, shardings)
+  elif shardings is not None and not isinstance(shardings, dict):
+    state = place(state, shardings)
+  return serialization.from_state_dict(target, state)
+
+
+def _map_pairs(fn, state, shardings):
+  """``fn(stored, sharding)`` over the leaves of ``state`` that have a
+  sharding at the same key path (dicts only, as state dicts are)."""
+  if isinstance(state, dict) and isinstance(shardings, dict):
+    return {k: (_map_pairs(fn, v, shardings[k]) if k in shardings else v)
+            for k, v in state.items()}
+  if isinstance(shardings, dict):
+    return state
+  return fn(state, shardings)

@@ -201,3 +201,32 @@ def test_bad_format_name_and_object_stores():
     mpa.resolve_format('npz', '/x/checkpoint_1')
   assert mpa.resolve_format('packed', 's3://b/checkpoint_1') == 'zarr'
   assert mpa.resolve_format(None, '/x/checkpoint_1') == mpa.DEFAULT_FORMAT
+
+
+def test_public_restore_checkpoint_takes_shardings_from_the_target(tmp_path):
+  from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
+  from gintrain.lib.checkpoints_multiprocess import restore_checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt, state = _save(tmp_path, {
+      'params/w': jax.device_put(W, _named(P('data', 'model'))),
+      'params/b': jax.device_put(B, _named(P()))}, step=4)
+  state['params']['n'] = np.arange(8.0)  # a leaf in the msgpack file
+  checkpoint_io.write_checkpoint_file(state, ckpt, ckpt + '.tmp', False)
+  target = {'params': {
+      'w': jax.ShapeDtypeStruct(W.shape, W.dtype,
+                                sharding=_named(P(None, 'data'))),
+      'b': jnp.zeros(4, jnp.bfloat16, device=_named(P('data'))),
+      'n': jax.ShapeDtypeStruct((8,), np.float64,
+                                sharding=_named(P('data')))}}
+  for where in (str(tmp_path), ckpt):
+    out = restore_checkpoint(where, target)['params']
+    assert out['w'].sharding == _named(P(None, 'data'))
+    assert out['b'].sharding == _named(P('data'))
+    assert out['n'].sharding == _named(P('data'))
+    np.testing.assert_array_equal(np.asarray(out['w']), W)
+    np.testing.assert_array_equal(np.asarray(out['b']), B)
+    np.testing.assert_array_equal(np.asarray(out['n']), np.arange(8.0))
+  (tmp_path / 'empty').mkdir()
+  assert restore_checkpoint(str(tmp_path / 'empty'), target) is target
+  with pytest.raises(errors.MPARestoreTargetRequiredError, match='params/w'):
+    restore_checkpoint(str(tmp_path), {'params': {'b': target['params']['b'],
+                                                  'w': np.zeros(1)}})
