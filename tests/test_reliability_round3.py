@@ -315,3 +315,74 @@ def test_slurm_sbatch_requeues_a_hang_once_not_the_same_failure_twice(
   assert 'slurm.sbatch: the same failure twice (status 3' in text, text
   assert text.count('gintrain: error: no training step completed') == 2
   assert not list(tmp_path.glob('.gintrain-requeue.*'))  # state removed
+
+
+# -- item 7: grain state out of range or missing; eval_batch_size -------------
+
+
+def _grain_source(steps=3):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.data import base  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.data import grain_source  # pylint: disable=g-import-not-at-top
+  examples = [{'x': np.array([i], np.int32)} for i in range(64)]
+  source = grain_source.GrainSource(examples)
+  source.bind(base.Spec(batch_size=8, eval_batch_size=8, seed=3))
+  for _ in range(steps):
+    source.next_batch()
+  return source
+
+
+def test_grain_state_records_the_step_and_restores():
+  import json as json_lib  # pylint: disable=g-import-not-at-top
+  state = _grain_source(3).get_state()
+  assert state['step'] == 3
+  assert json_lib.loads(state['grain'])['next_index'] == 3
+  again = _grain_source(0)
+  again.set_state(state)
+  want = _grain_source(3).next_batch()['x']
+  assert (again.next_batch()['x'] == want).all()
+
+
+@pytest.mark.parametrize('edit, fault', [
+    (lambda s: {'grain': json.dumps({'next_index': 10**18}), 'step': 3},
+     'grain next_index=1000000000000000000 is out of range (0 to'),
+    (lambda s: {'grain': json.dumps({'next_index': -5}), 'step': 3},
+     'grain next_index=-5 is out of range'),
+    (lambda s: {'grain': json.dumps({'next_index': 0}), 'step': 3},
+     'grain next_index=0 differs from the recorded data step 3'),
+    (lambda s: {'grain': json.dumps({'next_index': 'x'})},
+     "grain next_index='x' is out of range"),
+    (lambda s: {}, 'holds no grain iterator state'),
+    (lambda s: {'grain': '{not json'}, 'grain iterator state is not JSON'),
+])
+def test_grain_state_out_of_range_or_missing_is_one_line(edit, fault):
+  source = _grain_source(0)
+  with pytest.raises(ValueError) as caught:
+    source.set_state(edit(source.get_state()))
+  assert fault in str(caught.value) and '\n' not in str(caught.value)
+
+
+def test_eval_batch_rows_are_capped_at_the_eval_set():
+  from gintrain.runner.data import arrays, datasets  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.training import config  # pylint: disable=g-import-not-at-top
+  data = datasets.synthetic(num_train=64, num_test=20, num_features=16,
+                            num_classes=4)
+  source = arrays.ArraySource(data)
+  assert config.eval_batch_rows(10**9, source, 8) == 24
+  assert config.eval_batch_rows(8, source, 8) == 8
+
+
+def test_an_eval_batch_that_cannot_fit_is_one_line_before_training():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.errors import RunnerError  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.training import config  # pylint: disable=g-import-not-at-top
+  sample = {'x': np.zeros((4, 64), np.float32), 'y': np.zeros((4,), np.int32)}
+  config.check_eval_batch(1024, 1024, sample, memory=2**30)
+  with pytest.raises(RunnerError) as caught:
+    config.check_eval_batch(10**9, 10**9, sample, process_count=2,
+                            memory=24 * 2**30)
+  assert str(caught.value) == (
+      'train.eval_batch_size=1000000000 is too large: one eval batch of'
+      ' 1000000000 rows takes 121.1 GiB of input alone on each host (260'
+      " bytes per example), more than half of this host's 24.0 GiB; lower"
+      ' it.')

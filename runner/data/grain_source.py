@@ -179,10 +179,42 @@ class GrainSource(base.DataSource):
       yield {**collate(rows), 'mask': mask}
 
   def get_state(self) -> dict:
-    return {'grain': json.dumps(self._iter().get_state(), sort_keys=True)}
+    state = self._iter().get_state()
+    out = {'grain': json.dumps(state, sort_keys=True)}
+    if isinstance(state, dict) and isinstance(state.get('next_index'), int):
+      out['step'] = state['next_index']  # batches taken = the train step
+    return out
 
   def set_state(self, state) -> None:
-    self._iter().set_state(json.loads(state['grain']))
+    """Restores the position of :meth:`get_state`.
+
+    Raises:
+      ValueError: no grain state, or one that does not fit (a
+        ``next_index`` out of range, or differing from the recorded step),
+        in one line.
+    """
+    if not isinstance(state, dict) or 'grain' not in state:
+      raise ValueError('the checkpoint holds no grain iterator state (key'
+                       ' "grain"): the data position is lost.')
+    try:
+      grain_state = json.loads(state['grain'])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'the grain iterator state is not JSON ({e}).') from None
+    index = (grain_state.get('next_index', 0)
+             if isinstance(grain_state, dict) else None)
+    if (not isinstance(grain_state, dict) or isinstance(index, bool) or
+        not isinstance(index, int) or not 0 <= index < _MAX_BATCHES):
+      raise ValueError(f'grain next_index={index!r} is out of range (0 to'
+                       f' {_MAX_BATCHES - 1}, the batches taken so far).')
+    step = state.get('step')
+    if 'next_index' in grain_state and step is not None and step != index:
+      raise ValueError(f'grain next_index={index} differs from the recorded'
+                       f' data step {step}.')
+    try:
+      self._iter().set_state(grain_state)
+    except (IndexError, KeyError, TypeError) as e:
+      raise ValueError(f'grain cannot restore its iterator state: {e}'
+                       ) from None
 
   def close(self) -> None:
     """Stops the worker processes, if any."""

@@ -12,13 +12,17 @@ line naming the binding before anything is loaded or compiled.
 """
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.training import state as state_lib
 
-__all__ = ['TrainConfig']
+__all__ = ['TrainConfig', 'eval_batch_rows', 'check_eval_batch']
 
 
 def _positive(name, value, allow_none=False):
@@ -133,3 +137,76 @@ class TrainConfig:
         raise RunnerError('train.profile_steps must be (first, last) steps'
                           f' with 1 <= first <= last, got'
                           f' {self.profile_steps!r}.')
+
+
+def _host_memory() -> int | None:
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.1f} GiB'
+
+
+def eval_batch_rows(eval_batch_size: int, source: Any, divisor: int) -> int:
+  """The global eval batch in rows: ``train.eval_batch_size`` capped at the
+  eval set's size when the source knows it (``num_eval_examples``, or an
+  array dataset's ``num_test``), rounded up to a multiple of ``divisor``
+  (devices). For :func:`runner.training.trainer.build`, before the source
+  is bound.
+
+      >>> eval_batch_rows(10**9, type('S', (), {'num_eval_examples': 100}),
+      ...                 8)
+      104
+  """
+  rows = eval_batch_size
+  cap = getattr(source, 'num_eval_examples', None)
+  if cap is None:
+    cap = getattr(getattr(source, 'dataset', None), 'num_test', None)
+  if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+    rows = min(rows, cap)
+  return -(-rows // divisor) * divisor
+
+
+def check_eval_batch(eval_batch_size: int, rows: int, sample: Any,
+                     process_count: int = 1,
+                     memory: int | None = None) -> None:
+  """Checks before training that one eval batch (this process's share of
+  ``rows``, each row the size of a row of ``sample``, a batch of the
+  source) fits in half of this host's memory (``memory``; default: its
+  physical memory): input bytes alone, a lower bound of what evaluation
+  needs.
+
+  Raises:
+    RunnerError: it cannot fit, naming ``train.eval_batch_size``.
+  """
+  memory = memory if memory is not None else _host_memory()
+  if not memory:
+    return
+  row = 0
+  for leaf in _leaves(sample):
+    shape = getattr(leaf, 'shape', None)
+    nbytes = getattr(leaf, 'nbytes', None)
+    if shape is None or nbytes is None:
+      continue
+    row += nbytes // max(shape[0], 1) if len(shape) else nbytes
+  need = math.ceil(rows / max(process_count, 1)) * row
+  if need > memory / 2:
+    raise RunnerError(
+        f'train.eval_batch_size={eval_batch_size} is too large: one eval'
+        f' batch of {rows} rows takes {_gib(need)} of input alone on each'
+        f' host ({row} bytes per example), more than half of this'
+        f" host's {_gib(memory)}; lower it.")
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for value in tree.values():
+      yield from _leaves(value)
+  elif isinstance(tree, (list, tuple)):
+    for value in tree:
+      yield from _leaves(value)
+  else:
+    yield tree
