@@ -27,6 +27,7 @@ Commands (the first argument; none: train)::
     gintrain eval --workdir=DIR [--checkpoint=STEP|PATH]  # runner.cli.evaluate
     gintrain ckpt ls DIR | inspect PATH | diff A B       # runner.cli.ckpt
     gintrain compare RUN_DIR... --out=PNG                # runner.cli.compare
+    gintrain sample --workdir=RUN|--hf=DIR --prompt=TEXT  # runner.cli.sample
 
 ``eval`` evaluates a checkpoint with the run's config.parsed.gin (or the
 given --gin_file flags), prints the metrics and appends an ``eval_only``
@@ -96,6 +97,7 @@ from gintrain.runner.cli import configurables
 from gintrain.runner.cli import evaluate
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import help as help_lib
+from gintrain.runner.cli import sample as sample_cli
 from gintrain.runner.cli import sweep as sweep_cli
 from gintrain.runner.cli import data as data_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
@@ -121,7 +123,7 @@ _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
 EVAL = 'eval'
 TOOLS = {'ckpt': ckpt.main, 'compare': compare.main,
          'tokenizer': tokenizer_cli.main, 'sweep': sweep_cli.main,
-         'data': data_cli.main}
+         'data': data_cli.main, 'sample': sample_cli.main}
 
 
 def help_groups() -> list:
