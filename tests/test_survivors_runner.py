@@ -115,11 +115,13 @@ def _params_with(tmp_path, leaf, dtype):
   return out
 
 
-@pytest.mark.parametrize('leaf,dtype,name', [
-    ('Dense_0/kernel', ml_dtypes.bfloat16, 'bfloat16'),
-    ('Dense_1/bias', np.int32, 'int32'),
+# A plain --init_from (every leaf must match) and one with rules (the
+# selected leaves must match).
+@pytest.mark.parametrize('leaf,dtype,name,rules', [
+    ('Dense_0/kernel', ml_dtypes.bfloat16, 'bfloat16', []),
+    ('Dense_1/bias', np.int32, 'int32',
+     ["--gin.init_from.exclude=['^none$']"]),
 ])
-@pytest.mark.parametrize('rules', [[], ["--gin.init_from.exclude=['^none$']"]])
 def test_init_from_another_dtype_is_refused(tmp_path, capsys, leaf, dtype,
                                             name, rules):
   src = _params_with(tmp_path, leaf, dtype)
