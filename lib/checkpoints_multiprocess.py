@@ -121,6 +121,44 @@ def _commit(tmp_path, ckpt_path, base_path, keep, overwrite,
   checkpoint_naming.remove_invalid_checkpoints(
       ckpt_path, base_path, keep, overwrite, keep_every_n_steps, has_mpa=True)
   checkpoint_naming.remove_stale_tmp_files(*os.path.split(base_path))
+  _sweep_crashed_saves(*os.path.split(base_path), tmp_path)
+
+
+def _sweep_crashed_saves(dir_path: str, prefix: str, current_tmp: str) -> list:
+  """Process 0, after a commit: removes what crashed multi-process saves
+  left in ``dir_path``. Returns the removed paths; errors are logged.
+
+  * ``<prefix><step>_gda`` with no ``<prefix><step>`` file: arrays of a
+    save that died before its main file was committed (object stores write
+    arrays in place; locally the crash fell between the two renames);
+  * on object stores, ``.<prefix>tmp-*`` objects other than this save's:
+    the main-file uploads of dead saves (``remove_stale_tmp_files`` leaves
+    URLs alone; saves into one directory are serialised, so none is live).
+  """
+  removed = []
+  url = storage.is_url(dir_path)
+  current = os.path.basename(current_tmp)
+  for name in storage.listdir(dir_path):
+    path = os.path.join(dir_path, name)
+    stale = False
+    if name.startswith(prefix) and name.endswith(
+        multiprocess_arrays.MP_ARRAY_POSTFIX):
+      main = name[:-len(multiprocess_arrays.MP_ARRAY_POSTFIX)]
+      stale = (not checkpoint_naming.is_tmp_name(main, prefix) and
+               main != prefix + 'tmp' and
+               not storage.exists(os.path.join(dir_path, main)))
+    elif url and checkpoint_naming.is_tmp_name(name, prefix):
+      stale = not name.startswith(current)
+    if not stale:
+      continue
+    try:
+      logger.info('Removing what a crashed save left: %s', path)
+      storage.rmtree(path)
+      removed.append(path)
+    except Exception as e:  # pylint: disable=broad-except
+      logger.warning('Could not remove "%s" (left by a crashed save): %s',
+                     path, e)
+  return removed
 
 
 def _shared_tmp_path(base_path: str) -> str:

@@ -245,9 +245,14 @@ def main(root):
   # The packed layout: two files per process, restored into other
   # shardings; a damaged slice that only process 1 wrote raises everywhere.
   pd = os.path.join(root, 'packed')
+  if PID == 0:  # arrays of a save that crashed before its main file
+    os.makedirs(os.path.join(pd, 'checkpoint_3_gda', 'packed'))
+  sync('orphan made')
   save(pd, make_tree(7), 7, gda_manager=mgr, array_format='packed')
   mgr.wait_until_finished()
   sync('packed saved')
+  check(sorted(os.listdir(pd)) == ['checkpoint_7', 'checkpoint_7_gda'],
+        f'orphan arrays not swept: {os.listdir(pd)}')
   folder = os.path.join(pd, 'checkpoint_7_gda', 'packed')
   check(sorted(os.listdir(os.path.join(pd, 'checkpoint_7_gda'))) == [
       'packed'], 'packed layout')

@@ -230,3 +230,20 @@ def test_public_restore_checkpoint_takes_shardings_from_the_target(tmp_path):
   with pytest.raises(errors.MPARestoreTargetRequiredError, match='params/w'):
     restore_checkpoint(str(tmp_path), {'params': {'b': target['params']['b'],
                                                   'w': np.zeros(1)}})
+
+
+def test_what_crashed_saves_left_is_swept_on_object_stores():
+  from gintrain.lib import checkpoint_naming  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoints_multiprocess as cmp  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+  run = f'memory://sweep-{os.getpid()}/run'
+  dead = checkpoint_naming.new_tmp_path(run, 'checkpoint_')
+  current = checkpoint_naming.new_tmp_path(run, 'checkpoint_')
+  for path in (dead, f'{run}/checkpoint_2_gda/packed/x',
+               f'{run}/checkpoint_3', f'{run}/checkpoint_3_gda/packed/x',
+               f'{run}/other_4_gda/x'):
+    storage.write_bytes(path, b'x')
+  removed = cmp._sweep_crashed_saves(run, 'checkpoint_', current)  # pylint: disable=protected-access
+  assert sorted(removed) == sorted([dead, f'{run}/checkpoint_2_gda'])
+  assert storage.listdir(run) == ['checkpoint_3', 'checkpoint_3_gda',
+                                  'other_4_gda']
