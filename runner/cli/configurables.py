@@ -13,6 +13,7 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``runner.train``            the run's settings (``training.config.TrainConfig``)
 ``runner.checkpoint_policy``  ``outputs.checkpoints.CheckpointPolicy``
 ``runner.early_stopping``   ``training.state.early_stopping``
+``runner.spike_guard``      ``actions.spike_guard.spike_guard`` (``train.spike_guard``)
 ``runner.create_train_state``  ``training.state.create_train_state``
 ``runner.init_from``        fine-tuning rules for ``--init_from``
                             (``outputs.checkpoints.InitFrom``)
@@ -51,6 +52,7 @@ import gin
 import optax
 
 from gintrain.runner.actions import base as actions_base
+from gintrain.runner.actions import spike_guard
 from gintrain.runner.actions import samples
 from gintrain.runner.data import corpora
 from gintrain.runner.data import datasets
@@ -123,6 +125,7 @@ def _init_from_rules(path=None, include=('.*',), exclude=(), rename=()):
 train = _register(config.TrainConfig, 'train', 'runner')
 init_from = _register(_init_from_rules, 'init_from', 'runner')
 _register(checkpoints.CheckpointPolicy, 'checkpoint_policy', 'runner')
+_register(spike_guard.spike_guard, 'spike_guard', 'runner')
 _register(partitioners.partitioner, 'partitioner', 'runner')
 _register(state.early_stopping, 'early_stopping', 'runner')
 _register(state.create_train_state, 'create_train_state', 'runner',

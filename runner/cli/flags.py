@@ -25,7 +25,9 @@ from absl import flags
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['GIN_FILE', 'GIN_BINDINGS', 'GIN_SEARCH_PATHS', 'WORKDIR', 'RESUME',
-           'INIT_FROM', 'DRY_RUN', 'RESUME_MODES', 'expand_gin_shorthand',
+           'INIT_FROM', 'DRY_RUN', 'COMPILATION_CACHE_DIR',
+           'ALLOW_CONFIG_CHANGE', 'MEMORY_BUDGET', 'RESUME_MODES',
+           'expand_gin_shorthand',
            'FLAG_MODULES', 'ALIASES']
 
 RESUME_MODES = ('auto', 'never', 'require')
@@ -59,6 +61,21 @@ DRY_RUN = flags.DEFINE_bool(
     'dry_run', False,
     'Parse the gin config, build model, data and optimizer, print the config'
     ' and every unset %gin.REQUIRED, then exit without training.')
+
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    'compilation_cache_dir', None,
+    'JAX persistent compilation cache (a relaunch reads its compiled steps'
+    ' back). Default: <user cache dir>/gintrain/jax_cache; \'\' or none: off.'
+    ' See runner/training/warm_start.py.')
+ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume even though bindings that alter the model, optimizer or data'
+    ' changed since the checkpoint (runner/training/resume_guard.py).')
+MEMORY_BUDGET = flags.DEFINE_string(
+    'memory_budget', None,
+    'Bytes per device the train step may use (e.g. 2GiB, 500MB); default:'
+    ' the device\'s memory where JAX reports it. Checked before any'
+    ' checkpoint I/O (runner/training/memory.py).')
 
 # Modules whose flags are recorded with the run (aliases left out).
 FLAG_MODULES = ('gintrain.runner.cli.flags',

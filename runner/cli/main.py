@@ -108,6 +108,7 @@ from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import preemption
 from gintrain.runner.parallel import watchdog
 from gintrain.runner.training import init_from as init_from_lib
+from gintrain.runner.training import warm_start
 from gintrain.runner.training import trainer
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
@@ -428,6 +429,7 @@ def _run_guarded(rest: list[str], hooks=(), command: str | None = None
                         f' {", ".join(TOOLS)}; see gintrain --help).')
     distributed.initialize()
     _check_backend()
+    warm_start.enable(runner_flags.COMPILATION_CACHE_DIR.value)
     if command == EVAL:
       return eval_only()
     _build_config()

@@ -67,6 +67,9 @@ class TrainConfig:
       ``jax.profiler`` into ``<workdir>/profile`` (None: off).
     microbatches: split each batch into this many parts, accumulate their
       gradients and apply one update (gradient accumulation).
+    spike_guard: the loss-spike guard (``runner.actions.spike_guard``):
+      True (the default settings), False (off) or
+      ``@runner.spike_guard()``.
   """
   model: Any = None
   dataset: Any = None
@@ -87,6 +90,7 @@ class TrainConfig:
   actions: Sequence[Any] = ()
   profile_steps: tuple[int, int] | None = None
   microbatches: int = 1
+  spike_guard: Any = True
 
   def __post_init__(self):
     unset = [f'train.{name}' for name in ('model', 'dataset', 'optimizer')
@@ -127,6 +131,10 @@ class TrainConfig:
         callable(a) for a in self.actions):
       raise RunnerError('train.actions must be a list of actions (callables'
                         f' of (step, state, metrics)), got {self.actions!r}.')
+    if not (isinstance(self.spike_guard, bool) or
+            hasattr(self.spike_guard, 'max_rollbacks')):
+      raise RunnerError('train.spike_guard must be True, False or'
+                        f' @runner.spike_guard(), got {self.spike_guard!r}.')
     if self.profile_steps is not None:
       ok = (isinstance(self.profile_steps, (tuple, list)) and
             len(self.profile_steps) == 2 and

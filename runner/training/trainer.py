@@ -39,10 +39,12 @@ from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import checkpoint as checkpoint_action
 from gintrain.runner.actions import early_stop
 from gintrain.runner.actions import evaluation
+from gintrain.runner.actions import goodput as goodput_action
 from gintrain.runner.actions import keep_best
 from gintrain.runner.actions import preempt
 from gintrain.runner.actions import profiler
 from gintrain.runner.actions import report
+from gintrain.runner.actions import spike_guard
 from gintrain.runner.data import arrays
 from gintrain.runner.data import base as data_base
 from gintrain.runner.data import datasets
@@ -59,7 +61,9 @@ from gintrain.runner.parallel import watchdog
 from gintrain.runner.tasks import base as task_base
 from gintrain.runner.tasks import classification
 from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import goodput
 from gintrain.runner.training import init_from as init_from_lib
+from gintrain.runner.training import resume_guard
 from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
 
@@ -411,6 +415,13 @@ class Trainer:
     self.eval_action = evaluation.Evaluate(self.evaluate, writer,
                                            run.eval_every, self.main)
     actions = [self.report]
+    guard = spike_guard.policy_of(cfg.spike_guard)  # issue 22
+    self.guard = guard and spike_guard.SpikeGuard(
+        guard, ckpt, lambda: jax.eval_shape(state_maker(run)),
+        lambda s: setattr(self, 'dstate', s), writer, self.main)
+    actions += [self.guard] if self.guard else []
+    actions.append(goodput_action.GoodputReport(
+        writer, lambda: goodput.CLOCK.record(), self.main))
     actions += [actions_base.Callback(lambda s, _st, _m, h=h: h(s))
                 for h in self.hooks]
     actions.append(self.eval_action)
@@ -428,8 +439,10 @@ class Trainer:
     actions += [actions_base.as_action(a) for a in cfg.actions]
     if cfg.profile_steps:
       actions.append(profiler.Profile(self.workdir, *cfg.profile_steps))
-    self.save = checkpoint_action.SaveCheckpoint(ckpt, self.snapshot,
-                                                 run.policy.every_steps)
+    self.save = (spike_guard.GuardedSave(self.guard, ckpt, self.snapshot,
+                                         run.policy.every_steps)
+                 if self.guard else checkpoint_action.SaveCheckpoint(
+                     ckpt, self.snapshot, run.policy.every_steps))
     actions.append(self.save)
     actions.append(preempt.CheckPreemption(self.save.save, ckpt.wait))
     return actions
@@ -449,6 +462,8 @@ class Trainer:
           f'--resume=never but {ckpt.dir} already holds checkpoints (latest'
           f' step {latest}); use --resume=auto to continue that run, or a new'
           ' --workdir.')
+    if latest is not None:  # changed model/optimizer/data: refused
+      resume_guard.check(self.workdir, self.settings)
     if latest is None:
       if self.init_from:
         state = jax.device_get(jax.jit(make)())
@@ -565,11 +580,14 @@ class Trainer:
     ckpt_saves = lambda: self.save.checkpointer.saves  # pylint: disable=unnecessary-lambda-assignment
     self._saves = ckpt_saves()
     step = start
+    clock = goodput.CLOCK
+    clock.begin_loop(step)
     stop = bool(self.early and self.early.should_stop)
     if step >= run.total or stop:
       self._run_actions(step, {}, last=True)
     while step < run.total and not stop:
-      batch = p.put_batch(run.source.next_batch())
+      with clock.span('input'):
+        batch = p.put_batch(run.source.next_batch())
       last = step + 1 == run.total
       log = (step + 1) % cfg.log_every == 0 or last
       out = self._step_fn(log, donate=self._saves == ckpt_saves())(
@@ -583,19 +601,23 @@ class Trainer:
       watchdog.beat(step)  # no host sync: see runner.parallel.watchdog
       if not rates.started:
         rates.after_first_step(step, sums)
+        clock.first_step()
       metrics = {}
       if log:
         record = rates.means(step, p.get(sums), since)  # waits for the step
         record.update({k: float(v) for k, v in p.get(norms).items()})
-        _check_finite(record, step, self.save.checkpointer)
+        if not self.guard:  # the guard rolls non-finite values back
+          _check_finite(record, step, self.save.checkpointer)
         if run.learning_rate is not None:
           record['learning_rate'] = float(run.learning_rate(step - 1))
         metrics['train'] = record
         sums, since = zero, step
       stop = self._run_actions(step, metrics, last)
+    clock.end_loop()
     self.report.write()
-    self.save.save(step)
-    self.save.checkpointer.wait()
+    with clock.span('checkpoint'):
+      self.save.save(step)
+      self.save.checkpointer.wait()
     return TrainResult(p.result(self.dstate), step, self.report.last,
                        self.eval_action.last, bool(self.early and
                                                    self.early.should_stop),
@@ -608,7 +630,8 @@ class Trainer:
     for i, action in enumerate(self.actions):
       if action.due(step, last or stop):
         ran.add(i)
-        stop = bool(action(step, self.dstate, metrics)) or stop
+        with goodput.CLOCK.span(goodput.part_of(action)):
+          stop = bool(action(step, self.dstate, metrics)) or stop
     if stop and not last:
       for i, action in enumerate(self.actions):
         if i not in ran and action.due(step, True):
@@ -651,6 +674,7 @@ def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
   """
   if not workdir:
     raise RunnerError('train needs a workdir (--workdir).')
+  goodput.reset()
   workdir = workdir_lib.prepare(workdir)  # created and probed, once
   lock = lock_lib.WorkdirLock(workdir)
   if distributed.is_main_process():
