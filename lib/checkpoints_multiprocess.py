@@ -184,6 +184,7 @@ def save_checkpoint_multiprocess(
     gda_manager: Any | None = None,
     orbax_checkpointer: Any | None = None,
     array_format: str | None = None,
+    host_memory_budget: int | None = None,
 ) -> str:
   """Saves ``target`` from every process as ``<ckpt_dir>/<prefix><step>``.
 
@@ -215,6 +216,11 @@ def save_checkpoint_multiprocess(
       object stores get zarr). None: ``multiprocess_arrays.DEFAULT_FORMAT``
       ('zarr'). Both carry integrity hashes and both restore with
       ``restore_checkpoint``.
+    host_memory_budget: packed layout only: the most bytes of host memory
+      this save may hold for the background write (a copy of this
+      process's slices). Over it, the slices are written before returning,
+      one at a time on the host. None: no bound (about 1x the process's
+      slice bytes).
 
   Returns:
     The checkpoint path (it may not exist yet when a manager is used).
@@ -311,7 +317,7 @@ def save_checkpoint_multiprocess(
       on_commit=functools.partial(
           _commit, tmp_path, ckpt_path, base_path, keep, overwrite,
           keep_every_n_steps, async_manager),
-      array_format=array_format)
+      array_format=array_format, host_memory_budget=host_memory_budget)
   return ckpt_path
 
 

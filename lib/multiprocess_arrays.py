@@ -560,7 +560,8 @@ def _writer():
 
 def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
                              final_path: str, on_commit,
-                             array_format: str | None = None) -> None:
+                             array_format: str | None = None,
+                             host_memory_budget: int | None = None) -> None:
   """Starts writing ``arrays`` (``(subpath, jax.Array)`` pairs); all processes.
 
   Every process writes its own shards through ``gda_manager`` (a
@@ -573,11 +574,14 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
   In the packed layout (``array_format='packed'``) the slices this process
   writes are copied to the host before returning (the caller may then
   change or donate the device buffers) and written by a background thread;
-  ``gda_manager`` only runs the barrier and ``on_commit``.
+  ``gda_manager`` only runs the barrier and ``on_commit``. If those copies
+  would exceed ``host_memory_budget`` bytes (None: no bound), the slices are
+  instead written before returning, brought to the host one at a time.
   """
   target_dir = array_dir(final_path if is_remote_path(final_path) else tmp_path)
   if resolve_format(array_format, final_path) == 'packed':
-    _save_packed(gda_manager, arrays, target_dir, on_commit)
+    _save_packed(gda_manager, arrays, target_dir, on_commit,
+                 host_memory_budget)
     return
   # The hashes of this process's shards go in before its data and before
   # the commit (which checks every process's manifest is there).
@@ -588,10 +592,14 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
                         on_commit_callback=on_commit)
 
 
-def _save_packed(gda_manager, arrays, target_dir, on_commit) -> None:
+def _save_packed(gda_manager, arrays, target_dir, on_commit,
+                 host_memory_budget=None) -> None:
   gda_manager.wait_until_finished()  # the previous save, as serialize does
   background = (hasattr(gda_manager, '_add_futures') and
                 hasattr(gda_manager, '_start_async_commit'))
+  if host_memory_budget is not None and (
+      packed_arrays.snapshot_bytes(arrays) > host_memory_budget):
+    background = False  # no copies: written now, one slice at a time
   snap = packed_arrays.snapshot(arrays, copy=background)
   write = lambda: packed_arrays.write_process_files(  # pylint: disable=g-long-lambda
       target_dir, snap, jax.process_index(), jax.process_count())

@@ -35,7 +35,7 @@ import numpy as np
 
 from gintrain.lib import errors
 
-__all__ = ['PACKED_DIR', 'snapshot', 'write_process_files', 'is_packed',
+__all__ = ['PACKED_DIR', 'snapshot', 'snapshot_bytes', 'write_process_files', 'is_packed',
            'load_index', 'read_arrays', 'check_slices', 'describe']
 
 PACKED_DIR = 'packed'
@@ -103,9 +103,10 @@ def snapshot(arrays: list, copy: bool) -> list:
     for shard in arr.addressable_shards:
       if shard.replica_id != 0:
         continue
-      data = np.asarray(shard.data)
-      data = np.array(data, order='C', copy=True) if copy else (
-          np.ascontiguousarray(data))
+      # Without a copy the device array is kept and brought to the host
+      # one slice at a time by the writer (host memory: one slice).
+      data = np.array(shard.data, order='C', copy=True) if copy else (
+          shard.data)
       slices.append((_box(shard.index, arr.shape), data))
     out.append((subpath, tuple(arr.shape), str(arr.dtype), slices))
   return out
@@ -115,6 +116,12 @@ def _write_all(fd: int, view) -> None:
   view = memoryview(view)
   while view:
     view = view[os.write(fd, view):]
+
+
+def snapshot_bytes(arrays: list) -> int:
+  """Bytes of the slices of ``arrays`` this process writes."""
+  return sum(shard.data.nbytes for _, arr in arrays
+             for shard in arr.addressable_shards if shard.replica_id == 0)
 
 
 def write_process_files(directory: str, snap: list, process: int,
@@ -133,7 +140,7 @@ def write_process_files(directory: str, snap: list, process: int,
     for subpath, shape, dtype, slices in snap:
       chunks = []
       for box, data in slices:
-        view = _bytes_view(data)
+        view = _bytes_view(np.ascontiguousarray(data))
         start = _aligned(offset)
         if start != offset:
           os.lseek(fd, start, os.SEEK_SET)
