@@ -27,6 +27,7 @@ Commands (the first argument; none: train)::
     gintrain eval --workdir=DIR [--checkpoint=STEP|PATH]  # runner.cli.evaluate
     gintrain ckpt ls DIR | inspect PATH | diff A B       # runner.cli.ckpt
     gintrain compare RUN_DIR... --out=PNG                # runner.cli.compare
+    gintrain goodput WORKDIR [--out=PNG]                 # runner.cli.goodput
     gintrain sample --workdir=RUN|--hf=DIR --prompt=TEXT  # runner.cli.sample
 
 ``eval`` evaluates a checkpoint with the run's config.parsed.gin (or the
@@ -95,6 +96,7 @@ from gintrain.runner.cli import compare
 from gintrain.runner.cli import config
 from gintrain.runner.cli import configurables
 from gintrain.runner.cli import evaluate
+from gintrain.runner.cli import goodput as goodput_cli
 from gintrain.runner.cli import flags as runner_flags
 from gintrain.runner.cli import help as help_lib
 from gintrain.runner.cli import sample as sample_cli
@@ -124,7 +126,8 @@ _CONFIGURABLE_RE = re.compile(r"In call to configurable '([^']+)'")
 EVAL = 'eval'
 TOOLS = {'ckpt': ckpt.main, 'compare': compare.main,
          'tokenizer': tokenizer_cli.main, 'sweep': sweep_cli.main,
-         'data': data_cli.main, 'sample': sample_cli.main}
+         'data': data_cli.main, 'sample': sample_cli.main,
+         'goodput': goodput_cli.main}
 
 
 def help_groups() -> list:

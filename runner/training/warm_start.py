@@ -9,6 +9,9 @@ cache directory (``$XDG_CACHE_HOME/gintrain/jax_cache``, else
 file layer reaches it (``gs://``; ``s3://`` with fsspec's s3fs).
 JAX caches only programs that took at least
 ``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile.
+The cache is unbounded (JAX's size bound needs an access-time file beside
+every entry, which entries written without it lack): clear the folder to
+reclaim the space. A torn or unreadable entry is a warning and a recompile.
 
     >>> resolve_dir('none') is None
     True
