@@ -386,3 +386,38 @@ def test_an_eval_batch_that_cannot_fit_is_one_line_before_training():
       ' 1000000000 rows takes 121.1 GiB of input alone on each host (260'
       " bytes per example), more than half of this host's 24.0 GiB; lower"
       ' it.')
+
+
+# -- item 9: shortening lm.gin with train.num_steps shortens its decay ---------
+
+
+@pytest.mark.parametrize('steps', [30, 1500])
+def test_lm_gin_cosine_decay_follows_train_num_steps(steps):
+  import gin  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.cli import config  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.cli import configurables  # pylint: disable=g-import-not-at-top,unused-import
+  gin.clear_config()
+  try:
+    config.parse(['lm.gin'], [f'train.num_steps = {steps}'])
+    schedule = gin.get_configurable('optax.warmup_cosine_decay_schedule')()
+    peak = gin.query_parameter('warmup_cosine_decay_schedule.peak_value')
+    end = gin.query_parameter('warmup_cosine_decay_schedule.end_value')
+    # decayed to its end value exactly at the run's last step
+    assert float(schedule(steps)) == pytest.approx(end)
+    assert float(schedule(steps // 2)) > end + (peak - end) * 0.3
+  finally:
+    gin.clear_config()
+
+
+def test_lm_gin_warmup_is_a_fraction_of_the_run():
+  import gin  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.cli import config  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.cli import configurables  # pylint: disable=g-import-not-at-top,unused-import
+  gin.clear_config()
+  try:
+    config.parse(['lm.gin'], [])
+    with gin.config_scope('warmup'):
+      assert gin.get_configurable('runner.train_steps')() == 100
+    assert gin.get_configurable('runner.train_steps')() == 1500
+  finally:
+    gin.clear_config()
