@@ -26,6 +26,7 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``data.text_files``         ``data.text`` (byte-level text, grain)
 ``data.jsonl/parquet/array_record/packed_text_files``  ``data.corpora``
                             (documents packed into rows, any tokenizer)
+``data.mixture``            ``data.mixture`` (weighted sources)
 ``tasks.classification/regression/language_model``  ``tasks``
 ``losses.cross_entropy_loss/accuracy``  ``tasks.losses``
 ``writers.jsonl/tensorboard/wandb``  ``outputs.writers`` (``train.writers``)
@@ -57,6 +58,7 @@ from gintrain.runner.actions import samples
 from gintrain.runner.data import corpora
 from gintrain.runner.data import datasets
 from gintrain.runner.data import iterable
+from gintrain.runner.data import mixture
 from gintrain.runner.data import text
 from gintrain.runner.models import nnx
 from gintrain.runner.models import plain as models
@@ -142,6 +144,7 @@ _register(iterable.iterable_source, 'iterable_source', 'data')
 _register(text.text_files, 'text_files', 'data')
 for _name in ('jsonl', 'parquet', 'array_record', 'packed_text_files'):
   _register(getattr(corpora, _name), _name, 'data')
+_register(mixture.mixture, 'mixture', 'data')
 _register(classification.classification, 'classification', 'tasks',
           denylist=['model'])
 _register(regression.regression, 'regression', 'tasks', denylist=['model'])

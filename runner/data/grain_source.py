@@ -135,10 +135,11 @@ class GrainSource(base.DataSource):
                  share)
     self._dataset = grain.MapDataset.range(_MAX_BATCHES).map(rows)
     self._iterator = None
+    self._start = self._taken = 0
 
   def _iter(self):
     if self._iterator is None:
-      dataset = self._dataset.to_iter_dataset()
+      dataset = self._dataset[self._start:].to_iter_dataset()
       if self.worker_count:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=self.worker_count))
@@ -153,6 +154,7 @@ class GrainSource(base.DataSource):
     if self._wait_mark is None:
       self._wait_mark = (start, self.wait_seconds)
     batch = next(self._iter())
+    self._taken += 1
     self.wait_seconds += time.perf_counter() - start
     return batch
 
@@ -179,7 +181,10 @@ class GrainSource(base.DataSource):
       yield {**collate(rows), 'mask': mask}
 
   def get_state(self) -> dict:
-    state = self._iter().get_state()
+    # The global batches taken, in the plain iterator's format, whatever
+    # the worker count (worker processes' own state would not restore
+    # without them): a run resumes with any worker or process count.
+    state = {'next_index': self._start + self._taken}
     out = {'grain': json.dumps(state, sort_keys=True)}
     if isinstance(state, dict) and isinstance(state.get('next_index'), int):
       out['step'] = state['next_index']  # batches taken = the train step
@@ -210,7 +215,11 @@ class GrainSource(base.DataSource):
     if 'next_index' in grain_state and step is not None and step != index:
       raise ValueError(f'grain next_index={index} differs from the recorded'
                        f' data step {step}.')
-    try:
+    if 'next_index' in grain_state:
+      self.close()
+      self._start, self._taken = index, 0  # batch g is a function of g
+      return
+    try:  # an older checkpoint's worker-process state
       self._iter().set_state(grain_state)
     except (IndexError, KeyError, TypeError) as e:
       raise ValueError(f'grain cannot restore its iterator state: {e}'
