@@ -226,3 +226,87 @@ def test_missing_tensor(folders, tmp_path):
   with pytest.raises(RunnerError, match='tensor model.layers.2.'
                      r'\S+ is missing'):
     hf.load(path)
+
+
+# -- the runner: ckpt convert --to=hf / --from=hf, --init_from=hf: ----------
+
+RUN_FLAGS = ['--gin_file=llama_tiny.gin', '--gin.llama.num_layers=2',
+             '--gin.llama.hidden_size=32', '--gin.llama.intermediate_size=64',
+             '--gin.text_files.length=32', '--gin.train.batch_size=8',
+             '--gin.train.eval_every=1000', '--gin.train.log_every=10',
+             '--gin.text_files.max_eval_examples=8',
+             '--gin.write_samples.num=1']
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """A 20-step run of gin/llama_tiny.gin (tiny) through the runner."""
+  from gintrain.runner import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('run'))
+  code = train.main_with_flags(['gintrain', f'--workdir={workdir}',
+                                *RUN_FLAGS, '--gin.train.num_steps=20'])
+  assert code == 0
+  return workdir
+
+
+def _run_params(path):
+  from gintrain.runner.training import init_from  # pylint: disable=g-import-not-at-top
+  return init_from.checkpoint_params(path)[1]
+
+
+def test_runner_run_exports_to_transformers(trained_run, tmp_path):
+  from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'hf')
+  assert cli.main_with_flags(['gintrain', 'ckpt', 'convert', '--to=hf',
+                              trained_run, out,
+                              '--max_shard_bytes=30000']) == 0
+  assert os.path.isfile(os.path.join(out, hf.INDEX))  # several shards
+  back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  params = _run_params(trained_run)
+  model = hf.model_from_config(json.load(open(os.path.join(out,
+                                                           'config.json'))))
+  tokens = np.random.RandomState(1).randint(0, 256, (2, 32))
+  ours = np.asarray(model.apply({'params': params}, tokens))
+  np.testing.assert_allclose(_torch_logits(back, tokens), ours, atol=1e-4,
+                             rtol=0)
+  # --from=hf gives the run's parameters back, exactly.
+  assert cli.main_with_flags(['gintrain', 'ckpt', 'convert', '--from=hf',
+                              out, str(tmp_path / 'back')]) == 0
+  jax.tree.map(np.testing.assert_array_equal, params,
+               _run_params(str(tmp_path / 'back')))
+  assert 'llama.hidden_size = 32' in open(tmp_path / 'back' /
+                                          'llama.gin').read()
+
+
+def test_init_from_hf(trained_run, tmp_path, capsys):
+  """A new run (scanned layers) starts from the exported folder's weights:
+  after one step at learning rate 0 its parameters are the run's."""
+  from gintrain.runner import train  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'hf')
+  assert cli.main_with_flags(['gintrain', 'ckpt', 'convert', '--to=hf',
+                              trained_run, out]) == 0
+  workdir = str(tmp_path / 'ft')
+  flags = [*RUN_FLAGS, '--gin.train.num_steps=1',
+           '--gin.optimizer.learning_rate=0.0',
+           '--gin.llama.scan_layers=True']
+  assert train.main_with_flags(['gintrain', f'--workdir={workdir}',
+                                f'--init_from=hf:{out}', *flags]) == 0
+  got = _run_params(workdir)
+  want = _run_params(trained_run)
+  np.testing.assert_array_equal(
+      got['layers']['mlp']['down_proj']['kernel'][1],
+      want['layers_1']['mlp']['down_proj']['kernel'])
+  np.testing.assert_array_equal(got['lm_head']['kernel'],
+                                want['lm_head']['kernel'])
+  # A model the folder does not fit: one line, before training.
+  capsys.readouterr()
+  assert train.main_with_flags(['gintrain', f'--workdir={tmp_path}/bad',
+                                f'--init_from=hf:{out}', *flags,
+                                '--gin.llama.intermediate_size=48']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      f'gintrain: error: --init_from={"hf:" + out}'), err
+  assert 'intermediate_size' in err[0] or '48' in err[0], err
+  assert not os.path.exists(os.path.join(tmp_path, 'bad', 'checkpoints',
+                                         'checkpoint_1'))

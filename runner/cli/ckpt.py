@@ -4,10 +4,15 @@
     gintrain ckpt inspect PATH [--json]   # the tree: shape, dtype, bytes
     gintrain ckpt diff A B            # leaves that differ, max abs difference
     gintrain ckpt convert SRC DST     # flax msgpack <-> Orbax (runner.cli.convert)
+    gintrain ckpt convert --to=hf RUN OUT | --from=hf HF OUT  # runner.cli.hf_convert
 
 ``DIR`` is a checkpoint directory or a run's workdir (its ``checkpoints/``
 and ``best_checkpoints/``); ``PATH``, ``A`` and ``B`` are checkpoint files,
-or directories whose latest checkpoint is used. ``inspect`` reads only the
+or directories whose latest checkpoint is used; each may be a local path
+or an object-store URL (``s3://...``). An Orbax checkpoint is listed by
+``ls`` and refused by ``inspect``/``diff`` with the ``convert`` command to
+run. A FIFO or other special file is never opened (nothing blocks), and a
+crafted file costs bounded memory and time (``lib.msgpack_stream``). ``inspect`` reads only the
 msgpack framing (:mod:`runner.cli.ckpt_structure`): no array data, so it
 takes about as long for a 2.5 GiB file as for a small one. ``diff`` reads
 the two files one block of one array at a time. A fault prints one line,
@@ -24,10 +29,11 @@ import numpy as np
 
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints as lib_checkpoints
+from gintrain.lib import storage
 from gintrain.runner.cli import ckpt_structure
 from gintrain.runner.cli import convert as convert_lib
 from gintrain.runner.errors import RunnerError
-from gintrain.runner.outputs import checkpoints
+from gintrain.runner.outputs import workdir as workdir_lib
 
 __all__ = ['main', 'list_checkpoints', 'inspect', 'diff', 'human_bytes']
 
@@ -43,33 +49,41 @@ def human_bytes(n: int) -> str:
   return f'{n} B'
 
 
-def _dir_size(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        total += os.lstat(os.path.join(root, name)).st_size
-      except OSError:
-        pass
-  return total
+def _status(path: str, kind: str, temp: bool) -> str:
+  """A checkpoint's ``status`` in :func:`list_checkpoints`."""
+  if temp:
+    return 'temporary'
+  if kind == 'link':  # followed: the file it names is read without blocking
+    kind = 'directory' if storage.isdir(path) else 'file'
+  if kind == 'directory':
+    return 'orbax'
+  if kind != 'file':
+    return f'not a checkpoint: a {kind}'  # never opened: a FIFO blocks
+  try:
+    ckpt_structure.read_structure(path)
+    return 'complete'
+  except RunnerError as e:
+    return 'incomplete: ' + str(e).split('checkpoint: ', 1)[-1].rstrip('.')
 
 
 def list_checkpoints(directory: str, prefix: str = _PREFIX) -> list[dict]:
-  """``[{'path', 'step', 'bytes', 'mtime', 'status'}]`` of ``directory``.
+  """``[{'path', 'step', 'bytes', 'mtime', 'status'}]`` of ``directory``
+  (a local folder or a URL).
 
   ``status``: ``'complete'`` (the msgpack tree parses to the file's end),
   ``'incomplete: <why>'``, ``'temporary'`` (a save in progress or
-  interrupted), or ``'orbax'`` (an Orbax checkpoint directory). Steps are in
-  order; temporaries come last.
+  interrupted), ``'orbax'`` (an Orbax checkpoint directory), or ``'not a
+  checkpoint: a fifo'`` (or another special file, which is never opened).
+  Steps are in order; temporaries come last.
 
   Raises:
     RunnerError: ``directory`` is not a directory.
   """
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise RunnerError(f'{directory}: no such directory.')
   rows = []
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
+  for name in storage.listdir(directory):
+    path = storage.join(directory, name)
     temp = (checkpoint_naming.is_tmp_name(name, prefix) or
             checkpoint_naming.ORBAX_TMP_DIR_SUFFIX in name)
     if not (name.startswith(prefix) or temp):
@@ -78,23 +92,13 @@ def list_checkpoints(directory: str, prefix: str = _PREFIX) -> list[dict]:
     step = int(tail) if tail.isdigit() and not temp else None
     if step is None and not temp:
       continue
-    st = os.lstat(path)
-    row = {'path': path, 'step': step, 'mtime': st.st_mtime}
-    if os.path.isdir(path):
-      row['bytes'] = _dir_size(path)
-      row['status'] = 'temporary' if temp else 'orbax'
-    else:
-      row['bytes'] = st.st_size
-      if temp:
-        row['status'] = 'temporary'
-      else:
-        try:
-          ckpt_structure.read_structure(path)
-          row['status'] = 'complete'
-        except RunnerError as e:
-          row['status'] = 'incomplete: ' + str(e).split(
-              'checkpoint: ', 1)[-1].rstrip('.')
-    rows.append(row)
+    try:
+      st = storage.info(path)
+    except FileNotFoundError:
+      continue  # removed meanwhile (retention of a live run)
+    rows.append({'path': path, 'step': step, 'mtime': st['mtime'],
+                 'bytes': st['size'],
+                 'status': _status(path, st['type'], temp)})
   rows.sort(key=lambda r: (r['step'] is None, r['step'] or 0,
                            os.path.basename(r['path'])))
   return rows
@@ -102,16 +106,16 @@ def list_checkpoints(directory: str, prefix: str = _PREFIX) -> list[dict]:
 
 def _ls(args) -> int:
   folders = [args.dir]
-  if os.path.isdir(os.path.join(args.dir, checkpoints.CHECKPOINT_DIR)):
-    folders = [os.path.join(args.dir, d) for d in
-               (checkpoints.CHECKPOINT_DIR, checkpoints.BEST_DIR)
-               if os.path.isdir(os.path.join(args.dir, d))]
+  if storage.isdir(storage.join(args.dir, workdir_lib.CHECKPOINT_DIR)):
+    folders = [storage.join(args.dir, d) for d in
+               (workdir_lib.CHECKPOINT_DIR, workdir_lib.BEST_DIR)
+               if storage.isdir(storage.join(args.dir, d))]
   for folder in folders:
     rows = list_checkpoints(folder, args.prefix)
     print(f'{folder}: {len(rows)} checkpoint(s)')
     for r in rows:
-      when = datetime.datetime.fromtimestamp(r['mtime']).isoformat(
-          sep=' ', timespec='seconds')
+      when = '-' if r['mtime'] is None else datetime.datetime.fromtimestamp(
+          r['mtime']).isoformat(sep=' ', timespec='seconds')
       step = '-' if r['step'] is None else str(r['step'])
       print(f'  {step:>8}  {human_bytes(r["bytes"]):>10}  {when}  '
             f'{r["status"]:<10}  {os.path.basename(r["path"])}')
@@ -119,16 +123,29 @@ def _ls(args) -> int:
 
 
 def _resolve(path: str, prefix: str = _PREFIX) -> str:
-  """A checkpoint file: ``path``, or the latest one in the directory."""
-  if not os.path.exists(path):
+  """A checkpoint file: ``path``, or the latest one in the directory.
+
+  Raises:
+    RunnerError: nothing there, no checkpoint, or an Orbax checkpoint
+      (these tools read msgpack files: the line says how to convert it).
+  """
+  if not storage.exists(path):
     raise RunnerError(f'{path}: no such file or directory.')
-  if os.path.isdir(path):
+  if storage.isdir(path):
     folder = path
-    if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
-      folder = os.path.join(path, checkpoints.CHECKPOINT_DIR)
-    latest = lib_checkpoints.latest_checkpoint(folder, prefix)
+    if storage.isdir(storage.join(path, workdir_lib.CHECKPOINT_DIR)):
+      folder = storage.join(path, workdir_lib.CHECKPOINT_DIR)
+    if checkpoint_naming.is_orbax_dir(folder):
+      latest = folder
+    else:
+      latest = lib_checkpoints.latest_checkpoint(folder, prefix)
     if latest is None:
       raise RunnerError(f'{path}: holds no checkpoint ({prefix}<step>).')
+    if checkpoint_naming.is_orbax_dir(latest):
+      raise RunnerError(
+          f'{latest} is an Orbax checkpoint; gintrain ckpt inspect and diff'
+          ' read msgpack checkpoints: convert it first with'
+          f' `gintrain ckpt convert {latest} {latest.rstrip("/")}.msgpack`.')
     return latest
   return path
 
@@ -344,14 +361,38 @@ def _parser() -> argparse.ArgumentParser:
   df.add_argument('a')
   df.add_argument('b')
   df.set_defaults(fn=_diff)
-  cv = sub.add_parser('convert', help='flax msgpack <-> Orbax')
-  cv.add_argument('src', help='a msgpack checkpoint file or Orbax directory')
+  cv = sub.add_parser('convert', help='flax msgpack <-> Orbax; runs <->'
+                      ' Hugging Face (--to=hf, --from=hf)')
+  cv.add_argument('src', help='a msgpack checkpoint file or Orbax directory'
+                  ' (--to=hf: a run or its checkpoint; --from=hf: an HF'
+                  ' folder)')
   cv.add_argument('dst', help='the new checkpoint (the other format)')
+  cv.add_argument('--to', choices=['hf'], help='export for transformers'
+                  ' (runner.cli.hf_convert)')
+  cv.add_argument('--from', dest='from_', choices=['hf'],
+                  help='import a Hugging Face folder')
+  cv.add_argument('--architecture', default=None,
+                  help='--to=hf: LlamaForCausalLM, MistralForCausalLM or'
+                  ' Qwen2ForCausalLM (default: from the model)')
+  cv.add_argument('--max_shard_bytes', type=int, default=None,
+                  help='--to=hf: the largest safetensors shard (5 GB)')
   cv.set_defaults(fn=_convert)
   return parser
 
 
 def _convert(args) -> int:
+  if args.to or args.from_:
+    from gintrain.runner.cli import hf_convert  # pylint: disable=g-import-not-at-top
+    if args.to and args.from_:
+      raise RunnerError('convert: give --to=hf or --from=hf, not both.')
+    if args.to:
+      files = hf_convert.to_hf(args.src, args.dst, args.architecture,
+                               args.max_shard_bytes)
+      print(f'{args.src} -> {args.dst} (hf: {", ".join(files)})')
+    else:
+      print(f'{args.src} -> {hf_convert.from_hf(args.src, args.dst)}'
+            f' (and {args.dst}/llama.gin)')
+    return 0
   written = convert_lib.convert(args.src, args.dst)
   print(f'{args.src} -> {args.dst} ({written})')
   return 0

@@ -435,3 +435,26 @@ def save(path: str, model, params, architecture: str | None = None,
   with open(os.path.join(path, CONFIG), 'w', encoding='utf-8') as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
   return files
+
+
+def read_like(path: str, params: Any, flag: str = '--init_from') -> dict:
+  """The parameters of the Hugging Face folder ``path`` in the layout of
+  ``params`` (a Llama's tree: per-block or scanned, in its dtype), as numpy
+  arrays; ``--init_from=hf:PATH`` compares them leaf by leaf with the
+  model (its include/exclude/rename rules apply).
+
+  Raises:
+    RunnerError: see the module doc (naming ``flag`` and the folder).
+  """
+  where = f'{flag}=hf:{path}'
+  if not os.path.isdir(path):
+    raise RunnerError(f'{where}: no such directory.')
+  cfg = _read_config(path)
+  params = params.get('params', params) if isinstance(params, Mapping) else {}
+  overrides = {'scan_layers': 'layers' in params}
+  leaf = params.get('embed_tokens', {}).get('embedding')
+  dtype = str(np.dtype(getattr(leaf, 'dtype', np.float32)))
+  if dtype in _DTYPE_NAMES:
+    overrides['param_dtype'] = dtype
+  model = model_from_config(cfg, f'{where}: {CONFIG}', **overrides)
+  return read_params(path, model, where=where)

@@ -3,7 +3,8 @@
 Where the weights come from (a checkpoint file or URL, a folder of
 ``checkpoint_*`` files, or a run's workdir), which leaves are loaded
 (:class:`InitFrom`: include/exclude patterns and rename pairs, bound as
-``runner.init_from``), and the report of what was loaded, left at its
+``runner.init_from``; ``hf:FOLDER`` reads a Hugging Face folder through
+``runner.models.hf``), and the report of what was loaded, left at its
 initial value and unused (:class:`InitReport`). The trainer calls
 :func:`load_params` on the fresh state's parameters; a resumed run ignores
 ``--init_from``.
@@ -244,6 +245,18 @@ def _unflatten(flat: dict) -> dict:
   return out
 
 
+HF_PREFIX = 'hf:'
+
+
+def _params_at(path: str, params: Any):
+  """``checkpoint_params``, or for ``hf:FOLDER`` the Hugging Face
+  folder's tensors in the layout of ``params`` (``runner.models.hf``)."""
+  if path.startswith(HF_PREFIX):
+    from gintrain.runner.models import hf  # pylint: disable=g-import-not-at-top
+    return path, hf.read_like(path[len(HF_PREFIX):], params)
+  return checkpoint_params(path, '--init_from')
+
+
 def load_params(init_from: 'str | InitFrom', params: Any) -> Any:
   """The parameters stored at ``init_from``, restored into ``params``.
 
@@ -259,13 +272,13 @@ def load_params(init_from: 'str | InitFrom', params: Any) -> Any:
     RunnerError: nothing at the path, or parameters that do not fit.
   """
   if isinstance(init_from, InitFrom):
-    path, raw = checkpoint_params(init_from.path, '--init_from')
+    path, raw = _params_at(init_from.path, params)
     out, report = select_params(init_from, params, raw, path)
     if distributed.is_main_process():
       for line in report.lines():
         logging.info('%s', line)
     return out
-  _, raw = checkpoint_params(init_from, '--init_from')
+  _, raw = _params_at(init_from, params)
   checkpoints.check_tree(serialization.to_state_dict(params), raw,
                          f'--init_from={init_from}')
   return serialization.from_state_dict(params, raw)
