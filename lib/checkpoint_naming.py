@@ -101,6 +101,9 @@ SIDECAR_SUFFIX = '.xxh3'
 # A temporary file (or its ``_gda`` directory) untouched for this long
 # belongs to a crashed writer and is removed by the next save.
 STALE_TMP_SECONDS = 6 * 3600
+# flax's own ``<prefix>tmp``: flax overwrites and renames it away at its next
+# save; ours removes one untouched for this long (a writer writes it at once).
+FLAX_TMP_SECONDS = 60
 # ``.<prefix>tmp-<host id>-<pid>-<random>`` (+ ``_gda`` for array dirs).
 _TMP_NAME_RE = re.compile(
     r'\.(?P<prefix>.*)tmp-(?P<host>[0-9a-f]{16})-(?P<pid>[0-9]+)-[0-9a-f]{8}'
@@ -507,7 +510,8 @@ def remove_stale_tmp_files(dir_path: str, prefix: str,
   ``_gda`` directories) is removed if its writer ran on this machine, in this
   pid namespace, and its process no longer exists; or if nothing in it was
   modified for ``max_age`` seconds (a live writer keeps writing or commits
-  within minutes). Only regular files and directories are removed. Errors
+  within minutes); flax's ``<prefix>tmp`` (writer unknown) once untouched
+  for :data:`FLAX_TMP_SECONDS` (flax's next save would overwrite it). Only regular files and directories are removed. Errors
   are logged, never raised: this is housekeeping after a committed save.
 
   Object-store directories are skipped (their uploads are never visible
@@ -528,8 +532,10 @@ def remove_stale_tmp_files(dir_path: str, prefix: str,
       st = os.lstat(path)
       if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         continue
-      if not (_writer_is_dead(name) or
-              now - _newest_mtime(path, st) > max_age):
+      age = (min(max_age, FLAX_TMP_SECONDS) if name in (
+          f'{prefix}{_TMP_STEP}', f'{prefix}{_TMP_STEP}{MP_ARRAY_POSTFIX}')
+             else max_age)
+      if not (_writer_is_dead(name) or now - _newest_mtime(path, st) > age):
         continue
       logging.info('Removing the temporary file of a dead writer: %s', path)
       if _remove_path(path, st):

@@ -421,3 +421,31 @@ def test_lm_gin_warmup_is_a_fraction_of_the_run():
     assert gin.get_configurable('runner.train_steps')() == 1500
   finally:
     gin.clear_config()
+
+
+# -- item 10: flax's stale <prefix>tmp in a directory we save to ---------------
+
+
+@pytest.mark.parametrize('prefix', ['checkpoint_', 'ck-'])
+def test_a_stale_flax_tmp_is_removed_by_a_save_a_fresh_one_kept(tmp_path,
+                                                                 prefix):
+  import warnings  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoint_naming  # pylint: disable=g-import-not-at-top
+  from gintrain.lib import checkpoints  # pylint: disable=g-import-not-at-top
+  stale, gda = tmp_path / f'{prefix}tmp', tmp_path / f'{prefix}tmp_gda'
+  stale.write_bytes(b'left by a flax save that died')
+  gda.mkdir()
+  (gda / 'x').write_bytes(b'1')
+  old = time.time() - checkpoint_naming.FLAX_TMP_SECONDS - 5
+  for p in (stale, gda, gda / 'x'):
+    os.utime(p, (old, old))
+  fresh_dir = tmp_path / 'fresh'
+  fresh_dir.mkdir()
+  fresh = fresh_dir / f'{prefix}tmp'
+  fresh.write_bytes(b'a flax save writing now')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)
+    checkpoints.save_checkpoint(str(tmp_path), {'a': 1}, 1, prefix=prefix)
+    checkpoints.save_checkpoint(str(fresh_dir), {'a': 1}, 1, prefix=prefix)
+  assert sorted(os.listdir(tmp_path)) == sorted(['fresh', f'{prefix}1'])
+  assert sorted(os.listdir(fresh_dir)) == [f'{prefix}1', f'{prefix}tmp']
