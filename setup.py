@@ -42,6 +42,7 @@ setup(
         'tokenizers>=0.15',  # tokenizer.json (runner.data.tokenizer)
         'array-record>=0.5',  # prepared shards (runner.data.sources)
         'pyarrow>=14',  # Parquet sources
+        'safetensors>=0.4',  # Hugging Face checkpoints (runner.models.hf)
     ],
     extras_require={
         # The S3 tests run a real S3 API server (moto_server) on loopback.
@@ -52,7 +53,14 @@ setup(
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'flax==0.12.8',
                  'wandb>=0.19.10',
                  'fsspec>=2024.6', 's3fs>=2024.6', 'moto[s3]>=5.0',
-                 'flask>=3', 'flask-cors>=4'],
+                 'flask>=3', 'flask-cors>=4',
+                 # Oracles of tests/test_hf.py: transformers on PyTorch's CPU
+                 # build. Pinned: this index serves torch 2.13.0 as a local
+                 # CPU wheel (2.13.0+cpu, ~200 MB), while an unpinned `torch`
+                 # resolves to the newest PyPI wheel, the multi-GB CUDA build.
+                 # Elsewhere install torch from PyTorch's CPU index first
+                 # (--index-url https://download.pytorch.org/whl/cpu).
+                 'torch==2.13.0', 'transformers>=5.0,<6'],
         'wandb': ['wandb>=0.19.10'],
         'orbax': ['orbax-checkpoint>=0.11'],
         # Checkpoints and --workdir on object stores (lib/storage.py).
