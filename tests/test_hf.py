@@ -310,3 +310,41 @@ def test_init_from_hf(trained_run, tmp_path, capsys):
   assert 'intermediate_size' in err[0] or '48' in err[0], err
   assert not os.path.exists(os.path.join(tmp_path, 'bad', 'checkpoints',
                                          'checkpoint_1'))
+
+
+def test_two_process_fsdp_load_equals_one_process(folders, tmp_path):
+  """2 processes x 2 devices load into FSDP shardings, each reading only
+  its slices; every shard equals the same slice of the 1-process load."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path.insert(0, os.path.join(here, 'cluster'))
+  import harness  # pylint: disable=g-import-not-at-top
+  path, _ = folders['llama_gqa_llama3']
+  port = harness.free_port()
+  worker = os.path.join(here, 'hf_mp_worker.py')
+  procs = [subprocess.Popen(
+      [sys.executable, worker, str(port), str(i), path,
+       str(tmp_path / f'p{i}.npz')], env=harness.env(devices=2),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  _, params = hf.load(path)
+  from gintrain.runner.parallel import rules  # pylint: disable=g-import-not-at-top
+  flat = {rules.path_of(k): v for k, v in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  seen = set()
+  for i in range(2):
+    shards = np.load(tmp_path / f'p{i}.npz')
+    for key in shards.files:
+      name, index = key.split('|')
+      sl = tuple(slice(*(None if x == 'None' else int(x)
+                         for x in part.split(':'))) for part in
+                 index.split(',')) if index else ()
+      np.testing.assert_array_equal(shards[key], flat[name][sl])
+      seen.add((name, i, shards[key].size < flat[name].size))
+  # The embedding is split: each process holds (and read) half of it.
+  assert ('embed_tokens/embedding', 0, True) in seen
+  assert ('embed_tokens/embedding', 1, True) in seen
