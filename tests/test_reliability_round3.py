@@ -449,3 +449,67 @@ def test_a_stale_flax_tmp_is_removed_by_a_save_a_fresh_one_kept(tmp_path,
     checkpoints.save_checkpoint(str(fresh_dir), {'a': 1}, 1, prefix=prefix)
   assert sorted(os.listdir(tmp_path)) == sorted(['fresh', f'{prefix}1'])
   assert sorted(os.listdir(fresh_dir)) == [f'{prefix}1', f'{prefix}tmp']
+
+
+# -- item 9: one recipe installs s3fs and a local S3 server together -----------
+
+
+S3_LOCAL = os.path.join(REPO, 'requirements', 's3-local.txt')
+
+
+def _requirements(path):
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  with open(path, encoding='utf-8') as f:
+    return [Requirement(l.split('#')[0].strip()) for l in f
+            if l.split('#')[0].strip()]
+
+
+def test_s3_local_recipe_is_satisfied_and_consistent_here():
+  """Every requirement of the recipe, and every requirement of what it
+  pulls in (s3fs -> aiobotocore -> botocore; moto -> boto3 -> botocore),
+  holds in this environment: s3fs and moto_server work side by side."""
+  import importlib.metadata as metadata  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  from packaging.utils import canonicalize_name  # pylint: disable=g-import-not-at-top
+  seen, todo, broken = set(), [(r, set(r.extras)) for r in
+                               _requirements(S3_LOCAL)], []
+  while todo:
+    req, extras = todo.pop()
+    name = canonicalize_name(req.name)
+    try:
+      version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+      broken.append(f'{req} not installed')
+      continue
+    if not req.specifier.contains(version, prereleases=True):
+      broken.append(f'{req} but {name} {version} is installed')
+    key = (name, tuple(sorted(extras)))
+    if key in seen or name not in (
+        'fsspec', 's3fs', 'aiobotocore', 'moto', 'boto3', 'botocore',
+        's3transfer', 'flask', 'flask-cors'):
+      continue
+    seen.add(key)
+    for text in metadata.requires(req.name) or []:
+      sub = Requirement(text)
+      if sub.marker and not any(sub.marker.evaluate({'extra': e})
+                                for e in (extras or {''})):
+        continue
+      todo.append((sub, set(sub.extras)))
+  assert not broken, broken
+  assert harness.have('moto_server') or __import__('moto.server')
+
+
+@pytest.mark.skipif(not os.environ.get('GINTRAIN_SLOW'),
+                    reason='resolves with pip (about 50 s, needs the index);'
+                    ' GINTRAIN_SLOW=1')
+def test_s3_local_recipe_resolves_in_one_pip_command(tmp_path):
+  report = tmp_path / 'report.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'pip', 'install', '--dry-run', '--quiet',
+       '--ignore-installed', '--report', str(report), '-r', S3_LOCAL],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = {i['metadata']['name'].lower(): i['metadata']['version']
+         for i in json.loads(report.read_text())['install']}
+  for name in ('s3fs', 'aiobotocore', 'botocore', 'boto3', 'moto', 'flask'):
+    assert name in got, sorted(got)
