@@ -211,13 +211,13 @@ class SpikeGuard(base.Action):
           f'{self.policy.max_rollbacks}); the checkpoints up to step'
           f' {self.last_good} are kept. Lower the learning rate, clip'
           ' gradients or check the data, and resume.')
+    self.ckpt.wait()  # a background save of the last good step lands first
     target = self._target()
     if target is None:
       raise RunnerError(
           f'loss spike at step {step} ({why}) and no checkpoint at or before'
           f' the last good step {self.last_good} to roll back to.')
     self.rollbacks += 1
-    self.ckpt.wait()
     self._move_spiked()
     self.install(self._restore(target, step))
     self.probation = target

@@ -110,6 +110,7 @@ from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import preemption
 from gintrain.runner.parallel import watchdog
 from gintrain.runner.training import init_from as init_from_lib
+from gintrain.runner.training import memory
 from gintrain.runner.training import warm_start
 from gintrain.runner.training import trainer
 
@@ -224,12 +225,17 @@ def dry_run() -> int:
     config.check_required()  # raises with the full list
   print('# All %gin.REQUIRED bindings are set.')
   config.finalize()
-  summary = trainer.dry_run(configurables.train())
+  run = trainer.build(configurables.train())
+  summary = trainer.describe(run)
   layout = summary.pop('layout')
   print('# Built:')
   for key, value in summary.items():
     print(f'#   {key}: {value}')
   print(format_layout(layout))
+  make = trainer.state_maker(run)
+  est = memory.estimate(run, make)  # compiled ahead of time, not run
+  print(memory.format_estimate(est))
+  memory.check(run, make, runner_flags.MEMORY_BUDGET.value, est=est)
   return 0
 
 

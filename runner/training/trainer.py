@@ -63,6 +63,7 @@ from gintrain.runner.tasks import classification
 from gintrain.runner.training import config as config_lib
 from gintrain.runner.training import goodput
 from gintrain.runner.training import init_from as init_from_lib
+from gintrain.runner.training import memory
 from gintrain.runner.training import resume_guard
 from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
@@ -529,6 +530,9 @@ class Trainer:
     self.actions = []
     try:
       self.actions = self._actions(writer, ckpt)
+      memory.check(run, state_maker(run), None if self.settings is None else
+                   settings_lib.flatten(self.settings).get(
+                       'flags.memory_budget'))  # before any checkpoint I/O
       dstate, start, resumed = self._resume_or_start(ckpt, state_maker(run))
       # The resume check passed: now the workdir may be written.
       if self.main:
