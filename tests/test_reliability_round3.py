@@ -513,3 +513,24 @@ def test_s3_local_recipe_resolves_in_one_pip_command(tmp_path):
          for i in json.loads(report.read_text())['install']}
   for name in ('s3fs', 'aiobotocore', 'botocore', 'boto3', 'moto', 'flask'):
     assert name in got, sorted(got)
+
+
+# -- item 9: the README's Python examples run warning-free, twice in a row -----
+
+
+def test_readme_python_examples_run_twice_without_warnings(tmp_path):
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    blocks = re.findall(r'^```python\n(.*?)^```', f.read(), re.M | re.S)
+  blocks = [b for b in blocks if '@gin.configurable' not in b]
+  assert blocks
+  environ = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='default')
+  environ.pop('XLA_FLAGS', None)
+  for body in blocks:
+    script = body.replace('/tmp/', f'{tmp_path}/')
+    for attempt in (1, 2):
+      proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path,
+                            env=environ, capture_output=True, text=True,
+                            timeout=300, check=False)
+      out = proc.stdout + proc.stderr
+      assert proc.returncode == 0, f'run {attempt}:\n{script}\n{out[-3000:]}'
+      assert 'Warning' not in out, f'run {attempt}:\n{script}\n{out[-3000:]}'
