@@ -82,8 +82,15 @@ def test_resume_on_another_process_count(files):
     resumed = _bind(lambda: _source(files), count)
     for s in resumed:
       s.set_state(json.loads(json.dumps(states[0])))  # as in a checkpoint
-    for step in range(kill_at, STEPS):
+    for step in range(kill_at, STEPS - 1):
       assert _bytes(_global(resumed)) == expected[step], (count, step)
+    # a second resume, from the resumed run's own checkpoint
+    state = resumed[0].get_state()
+    assert json.loads(state['grain'])['next_index'] == STEPS - 1
+    again = _bind(lambda: _source(files), 2)
+    for s in again:
+      s.set_state(state)
+    assert _bytes(_global(again)) == expected[STEPS - 1]
 
 
 def test_worker_processes_read_the_same_batches(files):
@@ -118,6 +125,11 @@ def test_mixture_proportions_and_exact_resume(files, caplog):
   picks = np.array([rows.source_of(i)[0] for i in range(10_000)])
   share = (picks == 0).mean()
   assert abs(share - 0.7) < 0.02, share
+  # each source's examples are taken in order, none twice
+  small = mixture.Mixture([None, None], [0.7, 0.3], block=10, seed=2)
+  taken = [small.source_of(i) for i in range(100)]
+  for k, n in ((0, 70), (1, 30)):
+    assert sorted(j for kk, j in taken if kk == k) == list(range(n))
   # the rows really come from the sources it says (their alphabets)
   for i in range(50):
     k, _ = rows.source_of(i)

@@ -53,7 +53,8 @@ class Mixture:
     self.parts, self.weights = list(parts), [float(w) for w in weights]
     self.block, self.seed = int(block), int(seed)
     self.counts = block_counts(self.weights, self.block)
-    self.rows_per_epoch = sum(p.rows_per_epoch for p in self.parts)
+    self.rows_per_epoch = sum(getattr(p, 'rows_per_epoch', 0)
+                              for p in self.parts)
     self._cache = (None, None)
 
   def _block(self, b):
