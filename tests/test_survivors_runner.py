@@ -169,8 +169,9 @@ def test_second_process_on_one_workdir_fails_in_use(tmp_path, capsys):
   finally:
     holder.stdin.close()
     holder.wait(timeout=30)
-  # Released: the run now goes ahead... and holds the lock while it runs.
   assert holder.returncode == 0
+  with lock.WorkdirLock(str(workdir)):  # released with its holder's end
+    pass
 
 
 def test_logged_learning_rate_is_the_one_used(workdir):
