@@ -13,40 +13,15 @@ every file came back byte for byte. A fault prints one line,
 """
 
 import argparse
-import fnmatch
-import os
 import sys
 import time
 
 from gintrain.runner.data import tokenizer as tokenizer_lib
 from gintrain.runner.errors import RunnerError
 
-__all__ = ['main', 'expand_files']
+__all__ = ['main']
 
-
-def expand_files(paths, pattern: str = '*') -> list[str]:
-  """``paths`` with folders replaced by their files matching ``pattern``
-  (sorted; ``site-packages`` skipped).
-
-  Raises:
-    RunnerError: a path that does not exist, or nothing to read.
-  """
-  out = []
-  for path in paths:
-    if os.path.isdir(path):
-      for folder, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if d not in
-                         ('site-packages', 'dist-packages', '__pycache__'))
-        out += [os.path.join(folder, f) for f in sorted(files)
-                if fnmatch.fnmatch(f, pattern) and
-                not os.path.islink(os.path.join(folder, f))]
-    elif os.path.isfile(path):
-      out.append(path)
-    else:
-      raise RunnerError(f'{path}: no such file or folder.')
-  if not out:
-    raise RunnerError(f'no file matching {pattern!r} in {" ".join(paths)}.')
-  return out
+expand_files = tokenizer_lib.expand_files
 
 
 class _Parser(argparse.ArgumentParser):

@@ -74,11 +74,10 @@ def plan(options: Options) -> list[list[tuple[str, int, str]]]:
   Raises:
     RunnerError: a missing input or nothing to read.
   """
-  from gintrain.runner.cli import tokenizer as tokenizer_cli  # pylint: disable=import-outside-toplevel
   files = []
   for path in options.inputs:
     if os.path.isdir(path):
-      files += tokenizer_cli.expand_files([path], options.pattern)
+      files += tokenizer_lib.expand_files([path], options.pattern)
     elif os.path.isfile(path):
       files.append(path)
     else:

@@ -19,6 +19,7 @@ normalised JSON): prepared data records it, and training refuses data made
 with another tokenizer.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import numpy as np
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['Tokenizer', 'ByteTokenizer', 'HFTokenizer', 'load', 'train_bpe',
-           'TOKENIZER_FILE']
+           'TOKENIZER_FILE', 'expand_files']
 
 TOKENIZER_FILE = 'tokenizer.json'
 _SURROGATES = re.compile('[\udc80-\udcff]+')
@@ -278,3 +279,28 @@ def train_bpe(files: Sequence[str], vocab_size: int, out: str,
   tok.save(out + '.tmp')
   os.replace(out + '.tmp', out)
   return HFTokenizer(out)
+
+
+def expand_files(paths, pattern: str = '*') -> list[str]:
+  """``paths`` with folders replaced by their files matching ``pattern``
+  (sorted; ``site-packages`` skipped).
+
+  Raises:
+    RunnerError: a path that does not exist, or nothing to read.
+  """
+  out = []
+  for path in paths:
+    if os.path.isdir(path):
+      for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d not in
+                         ('site-packages', 'dist-packages', '__pycache__'))
+        out += [os.path.join(folder, f) for f in sorted(files)
+                if fnmatch.fnmatch(f, pattern) and
+                not os.path.islink(os.path.join(folder, f))]
+    elif os.path.isfile(path):
+      out.append(path)
+    else:
+      raise RunnerError(f'{path}: no such file or folder.')
+  if not out:
+    raise RunnerError(f'no file matching {pattern!r} in {" ".join(paths)}.')
+  return out
