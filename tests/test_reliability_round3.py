@@ -568,3 +568,19 @@ def test_a_checkpoint_whose_step_differs_from_its_name_is_moved_aside(
   assert int(harness.final_state(workdir, 16)['step']) == 16
   # and a second relaunch does not fail on it ("outdated checkpoint")
   assert run(workdir, '--gin.train.num_steps=16') == 0
+
+
+@pytest.mark.xfail(strict=True, reason='needs the loop (runner/training/'
+                   'trainer.py) to write the final checkpoint before the'
+                   ' final evaluation and end-of-run actions (issue 18 item'
+                   ' 5, asked of the lead)')
+def test_the_final_checkpoint_is_written_before_the_final_actions(tmp_path):
+  from tiny import run  # pylint: disable=g-import-not-at-top
+  seen = {}
+  def at_the_end(step):
+    if step == 12:  # the last step: the end-of-run actions run now
+      seen['final checkpoint'] = (
+          tmp_path / 'checkpoints' / 'checkpoint_12').exists()
+  assert run(tmp_path, '--gin.checkpoint_policy.every_steps=5',
+             hooks=[at_the_end]) == 0
+  assert seen == {'final checkpoint': True}
