@@ -14,7 +14,8 @@ Worker ``k`` (in the order they joined) seeds its sampler with
 
 Trials run as any sweep trial (a runner subprocess in its hashed workdir;
 a config another worker already finished is not run again, its result is
-told). While a trial runs, its eval records (``metrics.jsonl``) are
+told; a trial whose worker died, left ``RUNNING`` in the study, is resumed
+from its checkpoints by the next worker that asks). While a trial runs, its eval records (``metrics.jsonl``) are
 reported to Optuna as intermediate values; when the pruner
 (``MedianPruner``: after 3 finished trials, a trial whose metric at a step
 is worse than the median of the others' at that step) says so, the trial
@@ -145,16 +146,32 @@ def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
         direction='maximize' if goal == 'max' else 'minimize',
         sampler=make_sampler(seed=seed + worker), pruner=the_pruner)
   split, name = status_lib.split_metric(metric)
+  digest = trials_lib.base_digest(base, parse)
   live = {}  # trial name -> (optuna trial, reported steps)
   counted = (optuna.trial.TrialState.COMPLETE,
              optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
              optuna.trial.TrialState.RUNNING)
 
-  def next_trial():
-    with sweep.locked():
-      if len(study.get_trials(deepcopy=False, states=counted)) >= n_trials:
-        return None
-      asked = study.ask(dists)
+  def stale_or_new():
+    """Under the sweep lock: an interrupted trial of the study (its worker
+    died; resumed from its checkpoints), else a new one, else None."""
+    by_name = {t.name: t for t in sweep.trials()}
+    for frozen in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+      trial_name = frozen.user_attrs.get('trial')
+      if trial_name in live:
+        continue
+      if trial_name not in by_name:  # its worker died before registering
+        study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+        continue
+      status = trials_lib.trial_status(sweep.trial_dir(by_name[trial_name]))
+      if status[0] == 'interrupted':
+        asked = optuna.trial.Trial(study, frozen._trial_id)  # pylint: disable=protected-access
+        live[trial_name] = (asked, set(frozen.intermediate_values))
+        return by_name[trial_name]
+    if len(study.get_trials(deepcopy=False, states=counted)) >= n_trials:
+      return None
+    asked = study.ask(dists)
     bindings = {k: (v if isinstance(v, str) else spec_lib.format_value(v))
                 for k, v in asked.params.items()}
     label = f't{asked.number:03d},' + spec_lib.label_of(bindings)
@@ -164,10 +181,14 @@ def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
     except RunnerError:
       study.tell(asked, state=optuna.trial.TrialState.FAIL)
       raise
-    digest = trials_lib.base_digest(base, parse)
     sweep.register(base, digest, [trial])
+    asked.set_user_attr('trial', trial.name)
     live[trial.name] = (asked, set())
     return trial
+
+  def next_trial():
+    with sweep.locked():
+      return stale_or_new()
 
   def monitor(proc):
     asked, seen = live[proc.trial.name]
@@ -183,19 +204,21 @@ def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
 
   def on_end(trial, status):
     asked, _ = live.pop(trial.name)
+    if status == 'running':  # another worker runs it (and will tell)
+      return
     if status == 'done':
       points = _eval_records(sweep.trial_dir(trial), split, name)
       if points:
-        study.tell(asked, points[-1][1])
+        study.tell(asked, points[-1][1], skip_if_finished=True)
         return
       status = 'failed'
     state = {'pruned': optuna.trial.TrialState.PRUNED}.get(
         status, optuna.trial.TrialState.FAIL)
-    study.tell(asked, state=state)
+    study.tell(asked, state=state, skip_if_finished=True)
 
   counts = executors.run_local(sweep, [], parallel=parallel,
                                environ=environ, monitor=monitor,
                                next_trial=next_trial, on_end=on_end)
-  for asked, _ in live.values():  # stopped by a signal
-    study.tell(asked, state=optuna.trial.TrialState.FAIL)
+  # Trials stopped by a signal stay RUNNING in the study: the next worker
+  # on it resumes them from their checkpoints.
   return counts

@@ -223,14 +223,24 @@ class SweepDir:
 
   @contextlib.contextmanager
   def locked(self):
-    """An exclusive lock on the sweep dir (``.sweep.lock``) while held."""
+    """An exclusive lock on the sweep dir (``.sweep.lock``) while held
+    (re-entrant within this object)."""
+    if getattr(self, '_held', 0):
+      self._held += 1
+      try:
+        yield
+      finally:
+        self._held -= 1
+      return
     os.makedirs(self.path, exist_ok=True)
     fd = os.open(os.path.join(self.path, '.sweep.lock'),
                  os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
+      self._held = 1
       yield
     finally:
+      self._held = 0
       os.close(fd)
 
   def register(self, base: Base, digest: str, trials, force=False) -> list:
