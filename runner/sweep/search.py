@@ -10,7 +10,8 @@ worker, and together they run ``n_trials`` trials: a worker asks for a
 trial only while the study holds fewer (counted under the sweep dir's lock,
 so two workers on one machine or a shared filesystem never run more).
 Worker ``k`` (in the order they joined) seeds its sampler with
-``seed + k``, so two workers do not sample the same start-up trials.
+``seed + k``, so two workers do not sample the same start-up trials. TPE
+samples its first third of the study (2 to 10 trials) at random.
 
 Trials run as any sweep trial (a runner subprocess in its hashed workdir;
 a config another worker already finished is not run again, its result is
@@ -136,15 +137,20 @@ def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
   dists, where = distributions(specs)
   storage = storage or f'sqlite:///{os.path.join(sweep.path, "optuna.db")}'
   worker = _worker_index(sweep)
-  make_sampler = {'tpe': optuna.samplers.TPESampler,
-                  'random': optuna.samplers.RandomSampler}[sampler]
+  # TPE samples at random for its first n_startup_trials (10 by default):
+  # a third of a small study, so that TPE itself picks most trials.
+  startup = max(2, min(10, n_trials // 3))
+  make_sampler = {
+      'tpe': lambda seed: optuna.samplers.TPESampler(
+          seed=seed, n_startup_trials=startup),
+      'random': lambda seed: optuna.samplers.RandomSampler(seed=seed)}[sampler]
   the_pruner = (optuna.pruners.MedianPruner(n_startup_trials=3)
                 if pruner == 'median' else optuna.pruners.NopPruner())
   with sweep.locked():  # creating the tables: one worker at a time
     study = optuna.create_study(
         storage=storage, study_name=study_name, load_if_exists=True,
         direction='maximize' if goal == 'max' else 'minimize',
-        sampler=make_sampler(seed=seed + worker), pruner=the_pruner)
+        sampler=make_sampler(seed + worker), pruner=the_pruner)
   split, name = status_lib.split_metric(metric)
   digest = trials_lib.base_digest(base, parse)
   live = {}  # trial name -> (optuna trial, reported steps)
