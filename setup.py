@@ -1,6 +1,17 @@
 """gintrain: flax.training without flax, plus a gin-configured runner."""
 
+import sys
+
 from setuptools import find_packages, setup
+
+# The Pythons that install and pass (see python_requires below). pip checks
+# python_requires only after resolving every dependency (about a minute on
+# 3.10, which then failed building an old PyYAML); this stops it at once.
+SUPPORTED_PYTHONS = ((3, 11), (3, 12), (3, 13))
+if sys.version_info[:2] not in SUPPORTED_PYTHONS:
+  sys.exit('gintrain supports Python '
+           + ', '.join('.'.join(map(str, v)) for v in SUPPORTED_PYTHONS)
+           + f'; this is Python {sys.version.split()[0]} ({sys.executable}).')
 
 # One namespace, mapped from the top-level folders: `gintrain.lib` is lib/,
 # `gintrain.runner` is runner/ (with its subpackages), and the shipped
@@ -20,10 +31,15 @@ setup(
                  ' state, and a gin-configured JAX experiment runner.'),
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.10',
+    # Exactly the Pythons that install and pass here (tests/test_install.py's
+    # GINTRAIN_INSTALL_PYTHONS check): current jax and jaxlib publish no
+    # wheels for 3.10, where pip used to backtrack for minutes and die
+    # building an old PyYAML; with this bound it refuses at once.
+    python_requires='>=3.11,<3.14',
     packages=_PACKAGES,
     package_dir=_PACKAGE_DIRS,
-    package_data={'gintrain.gin': ['*.gin', '*/*.gin', 'README.md']},
+    package_data={'gintrain.gin': ['*.gin', '*/*.gin', 'sweeps/*.sweep',
+                                   'README.md']},
     install_requires=[
         'jax>=0.6,<0.11',
         'optax>=0.2.5,<0.3',

@@ -362,3 +362,14 @@ def test_print_executor_commands_run_by_hand(grid, cache, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path,
                          env=grid['env'], timeout=120)
   assert again.returncode == 0 and ': done' in again.stdout  # skipped
+
+
+def test_shipped_example_sweep(tmp_path, capsys, monkeypatch):
+  """gin/sweeps/digits_lr_seed.sweep, found from any folder, parses on top
+  of the default experiment: 6 trials."""
+  monkeypatch.chdir(tmp_path)
+  assert sweep_cli.main(['sweeps/digits_lr_seed.sweep',
+                         f'--sweep_dir={tmp_path}/s', '--executor=print']) == 0
+  lines = capsys.readouterr().out.strip().split('\n')
+  assert len(lines) == 6
+  assert lines[-1].endswith('# learning_rate=0.03,seed=1')

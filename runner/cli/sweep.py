@@ -146,7 +146,15 @@ def _run_parser() -> _Parser:
 
 
 def _specs(files) -> list:
-  return [spec_lib.parse_file(f) for f in files]
+  """Each sweep file, as given or else in the shipped gin/ folder
+  (``sweeps/digits_lr_seed.sweep``)."""
+  out = []
+  for name in files:
+    shipped = os.path.join(config.REPO_GIN_DIR, name)
+    if not os.path.isfile(name) and os.path.isfile(shipped):
+      name = shipped
+    out.append(spec_lib.parse_file(name))
+  return out
 
 
 def _run(args) -> int:
