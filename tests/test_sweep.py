@@ -373,3 +373,9 @@ def test_shipped_example_sweep(tmp_path, capsys, monkeypatch):
   lines = capsys.readouterr().out.strip().split('\n')
   assert len(lines) == 6
   assert lines[-1].endswith('# learning_rate=0.03,seed=1')
+
+
+def test_doctests():
+  import doctest  # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(spec_lib)
+  assert result.attempted >= 4 and result.failed == 0
