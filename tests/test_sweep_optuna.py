@@ -4,9 +4,10 @@ the sweep dir, pruning fed by the trials' eval records.
 The fast test uses the random sampler with a fixed seed (77: worker 0
 samples lr 0.047, 0.0037, 0.010, then 3.6e-5; worker 1, seeded 78, starts
 with 1.6e-5), and starts the second worker once the first has finished 3
-trials, so at least two trials have an lr far too small while the median
-pruner has its 3 finished trials: they are pruned at their first eval
-(step 10 of 40). With GINTRAIN_SLOW=1, a 12-trial TPE study (two workers)
+trials, so the 4th and 5th trials have an lr far too small while the
+median pruner has its 3 finished trials: they are pruned at their first
+eval (step 10 of 40); the 6th is worker 0's 2.2e-5 (pruned) or worker 1's
+0.0053, whichever asks first. With GINTRAIN_SLOW=1, a 12-trial TPE study (two workers)
 is compared with a 12-trial random search (two workers, same seeds): the
 TPE's best accuracy against the random search's median (both printed).
 """
@@ -111,7 +112,7 @@ def test_two_workers_share_the_study_and_prune(cache, tmp_path):
   assert len(records) == 6  # one workdir per trial, none run twice
   assert all(r['attempts'] == 1 for r in records.values())
   pruned = {n: r for n, r in records.items() if r['status'] == 'pruned'}
-  assert len(pruned) >= 2, records
+  assert len(pruned) in (2, 3), records
   for name, record in pruned.items():
     assert record['exit_status'] == 76
     assert record['reason'].startswith(
