@@ -265,16 +265,25 @@ def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path):
   ckpts = workdir / 'checkpoints'
   path = str(ckpts / 'checkpoint_20')
   original = state(path)
-  # The case: one chunk of the embedding swapped for another valid
-  # one of the same array (a restore without hashes loads it silently).
-  folder = ckpts / 'checkpoint_20_gda' / 'state' / 'params' / 'Embed_0' / (
-      'embedding')
-  chunks = sorted(f for f in os.listdir(folder) if not f.startswith('.'))
-  assert len(chunks) >= 2, chunks
-  a, b = folder / chunks[0], folder / chunks[1]
-  os.rename(a, str(a) + '.x')
-  os.rename(b, a)
-  os.rename(str(a) + '.x', b)
+  # The case: one slice of the embedding swapped for another valid
+  # one of the same array (a restore without hashes loads it silently). The
+  # runner writes the packed layout: the slices are in process_0.bin.
+  import json  # pylint: disable=g-import-not-at-top
+  folder = ckpts / 'checkpoint_20_gda' / 'packed'
+  assert sorted(os.listdir(folder)) == [
+      'process_0.bin', 'process_0.json', 'process_1.bin', 'process_1.json']
+  index = json.loads((folder / 'process_0.json').read_text())
+  a, b = index['arrays']['state/params/Embed_0/embedding']['chunks'][:2]
+  with open(folder / 'process_0.bin', 'r+b') as f:
+    f.seek(a['offset'])
+    da = f.read(a['nbytes'])
+    f.seek(b['offset'])
+    db = f.read(b['nbytes'])
+    assert da != db and len(da) == len(db)
+    f.seek(a['offset'])
+    f.write(db)
+    f.seek(b['offset'])
+    f.write(da)
 
   launch = harness.Launch(command, tmp_path / 'logs2', environ=environ)
   assert launch.wait() == 0, launch.describe()

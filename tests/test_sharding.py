@@ -226,6 +226,12 @@ def _state(workdir, step=STEPS):
   return harness.flat(raw['state'])
 
 
+def _packed_arrays(gda):
+  """The arrays of a packed ``_gda`` directory (lib.packed_arrays)."""
+  from gintrain.lib import packed_arrays  # pylint: disable=g-import-not-at-top
+  return packed_arrays.load_index(str(gda))[0]
+
+
 def _assert_close(workdir, reference):
   got, want = _state(workdir), _state(reference)
   assert got.keys() == want.keys()
@@ -249,8 +255,9 @@ def test_fsdp_on_two_processes_matches_one_device_and_writes_gda(
   for step in (10, 20, 30):
     gda = workdir / 'checkpoints' / f'checkpoint_{step}_gda'
     assert gda.is_dir()
-    # the split arrays are there (zarr), replicated ones in the msgpack file
-    assert (gda / 'state' / 'params' / 'Embed_0' / 'embedding').is_dir()
+    # the split arrays are there (packed: 2 files per process), replicated
+    # ones in the msgpack file
+    assert 'state/params/Embed_0/embedding' in _packed_arrays(gda)
   assert not (reference / 'checkpoints' / 'checkpoint_30_gda').exists()
   # keep-best (keep_best=1): the evicted best checkpoints' arrays go too
   best = sorted(os.listdir(workdir / 'best_checkpoints'))
@@ -300,8 +307,8 @@ def test_tensor_parallel_on_a_data_by_model_mesh_matches_one_device(
   workdir, launch = _launch(cache, tmp_path, 'tp', gin_file, *TP)
   assert launch.wait() == 0, launch.describe()
   _assert_close(workdir, reference)
-  gda = workdir / 'checkpoints' / 'checkpoint_30_gda' / 'state' / 'params'
-  assert (gda / 'Block_0' / 'Dense_0' / 'kernel').is_dir()
+  gda = workdir / 'checkpoints' / 'checkpoint_30_gda'
+  assert 'state/params/Block_0/Dense_0/kernel' in _packed_arrays(gda)
 
 
 def test_sigkill_both_then_relaunch_is_bitwise_identical(cache, gin_file,

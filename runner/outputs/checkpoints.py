@@ -18,8 +18,6 @@ leaves. Loading never executes code (msgpack, no pickle).
 import concurrent.futures
 import dataclasses
 import os
-import re
-import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +29,6 @@ from gintrain.lib import checkpoint_io
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
 from gintrain.lib import multiprocess_arrays
-from gintrain.lib import orbax_delegation
 from gintrain.lib import serialization
 from gintrain.lib import storage
 from gintrain.runner.errors import RunnerError
@@ -408,8 +405,9 @@ class Checkpointer:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', DeprecationWarning)
       if self._multiprocess:
-        checkpoints.save_checkpoint_multiprocess(
-            directory, gda_manager=self._gda_manager(tree), **kwargs)
+        checkpoints.save_checkpoint_multiprocess(  # packed: 2 files/process
+            directory, gda_manager=self._gda_manager(tree),
+            array_format='packed', **kwargs)
       else:
         checkpoints.save_checkpoint(directory, **kwargs)
 
