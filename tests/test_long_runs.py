@@ -9,6 +9,7 @@ source shows as input wait, two SIGKILLs show as lost steps and restart
 gaps in ``gintrain goodput``) and the compilation cache flag.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from gintrain.runner.cli import goodput as goodput_cli
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.training import goodput
+from gintrain.runner.training import memory
 from gintrain.runner.training import resume_guard
 from gintrain.runner.training import warm_start
 
@@ -242,7 +244,7 @@ def test_slow_source_shows_input_wait(tmp_path):
   assert records[-1]['input_fraction'] > records[-1]['checkpoint_fraction']
 
 
-def test_two_sigkills_show_lost_steps_and_gaps(tmp_path):
+def test_two_sigkills_show_lost_steps_and_gaps(tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   gin = tmp_path / 'kills.gin'
   gin.write_text(f"""
@@ -276,9 +278,9 @@ k2/KillAt.marker = '{tmp_path / 'k2'}'
   assert summary['total']['lost_steps'] == 10
   assert all(l['gap_seconds'] > 0 for l in launches[:2])
   assert 0 < summary['total']['goodput'] < 1
-  out = subprocess.run(
-      [sys.executable, '-m', 'gintrain.runner.train', 'goodput', workdir],
-      env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+  capsys.readouterr()
+  assert train.main_with_flags(['gintrain', 'goodput', workdir]) == 0
+  out = capsys.readouterr().out
   assert '10 steps recomputed' in out and 'total' in out
   with open(os.path.join(workdir, 'goodput.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -300,3 +302,66 @@ def test_compilation_cache_dir_flag(tmp_path):
     assert os.path.isdir(target)
   finally:
     warm_start.enable(before or 'none')
+
+
+# -- memory before launch ---------------------------------------------------
+
+LM = ['--gin_file=lm.gin', '--gin.train.num_steps=2', '--gin.train.log_every=1',
+      '--gin.train.eval_every=1000', '--gin.text_files.max_eval_examples=64',
+      '--gin.train.eval_batch_size=64', '--compilation_cache_dir=none',
+      '--gin.transformer.width=64', '--gin.transformer.depth=2',
+      '--gin.transformer.max_len=64', '--gin.text_files.length=64',
+      '--gin.train.batch_size=8']
+
+
+def test_lm_over_memory_budget_fails_before_checkpoint_io(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  capsys.readouterr()
+  assert train.main_with_flags(['gintrain', f'--workdir={workdir}', *LM,
+                                '--memory_budget=1MiB']) == 1
+  errors = _errors(capsys)
+  assert len(errors) == 1, errors
+  line = errors[0]
+  assert 'the train step needs about' in line
+  assert 'budget of 1.00 MiB (--memory_budget=1MiB)' in line
+  assert 'largest arrays: params/' in line
+  assert 'train.microbatches' in line and 'remat' in line
+  assert not (workdir / 'checkpoints').exists()
+  assert not (workdir / 'metrics.jsonl').exists()
+
+
+def test_memory_estimate_within_20_percent_of_live_buffers(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  live = lambda: sum(x.nbytes for x in jax.live_arrays())  # pylint: disable=unnecessary-lambda-assignment
+  measured = []
+
+  def after(step):
+    if step == 1:
+      gc.collect()
+      measured.append(live())
+
+  gc.collect()
+  base = live()
+  assert train.main_with_flags(['gintrain', f'--workdir={tmp_path / "run"}',
+                                *LM, '--memory_budget=100GiB'],
+                               hooks=[after]) == 0
+  est = memory.LAST
+  used = measured[0] - base
+  print('estimate', est['train']['resident_bytes'], 'live', used)
+  assert abs(est['train']['resident_bytes'] - used) <= 0.2 * used, (
+      est['train'], used)
+  assert est['train']['flops'] > 0 and est['train']['temp_bytes'] > 0
+
+
+def test_dry_run_prints_memory_and_flops(capsys):
+  assert train.main_with_flags(['gintrain', '--dry_run',
+                                '--compilation_cache_dir=none']) == 0
+  out = capsys.readouterr().out
+  assert '# Memory per device' in out
+  assert 'train step: arguments' in out and 'FLOPs per step' in out
+
+
+def test_parse_bytes_errors_name_the_flag():
+  assert memory.parse_bytes('2GiB') == 2 * 2**30
+  with pytest.raises(RunnerError, match='--memory_budget=.lots.'):
+    memory.parse_bytes('lots')

@@ -140,7 +140,8 @@ def test_resume_after_torn_metrics_line_exits_0_and_plots(tmp_path, caplog):
     # optimizer.b1 is bound only now (to adam's default): a setting the old
     # run lacks.
     assert run(tmp_path, '--gin.train.num_steps=16',
-               '--gin.optimizer.b1=0.9', hooks=[hook]) == 0
+               '--gin.optimizer.b1=0.9', '--allow_config_change',
+               hooks=[hook]) == 0
   assert seen[0] == 13  # resumed from checkpoint_12
   assert (tmp_path / 'metrics.png').read_bytes()[:4] == b'\x89PNG'
   assert steps_of(tmp_path, 'train') == [4, 8, 12, 16]

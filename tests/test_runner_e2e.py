@@ -186,7 +186,8 @@ def test_resume_with_changed_settings_warns(tmp_path, caplog):
   assert run(tmp_path, '--gin.train.num_steps=4') == 0
   caplog.set_level(logging.WARNING)
   assert run(tmp_path, '--gin.train.num_steps=8',
-             '--gin.optimizer.learning_rate=0.02') == 0
+             '--gin.optimizer.learning_rate=0.02',
+             '--allow_config_change') == 0  # the optimizer: issue 22's guard
   warnings = [r.getMessage() for r in caplog.records
               if 'changed settings' in r.getMessage()]
   assert len(warnings) == 1

@@ -38,6 +38,7 @@ SETTINGS_FILE = workdir_lib.SETTINGS_FILE
 # in the 'gin' section.
 IGNORED_ON_RESUME = frozenset({
     'flags.resume', 'flags.dry_run', 'flags.init_from',
+    'flags.allow_config_change',
     'flags.coordinator_address', 'flags.gin_file', 'flags.gin_bindings',
     'flags.gin_search_paths'})
 _PACKAGES = ('jax', 'jaxlib', 'optax', 'numpy', 'gin-config', 'ml-collections',
