@@ -365,3 +365,18 @@ def test_parse_bytes_errors_name_the_flag():
   assert memory.parse_bytes('2GiB') == 2 * 2**30
   with pytest.raises(RunnerError, match='--memory_budget=.lots.'):
     memory.parse_bytes('lots')
+
+
+# -- launchers --------------------------------------------------------------
+
+
+def test_wandb_writer_resumes_the_same_run_id(tmp_path):
+  pytest.importorskip('wandb')
+  from gintrain.runner.outputs import writers  # pylint: disable=g-import-not-at-top
+  ids = []
+  for step in (1, 2):  # a launch, then its restart
+    with writers.WandbWriter(str(tmp_path), mode='offline') as writer:
+      writer.write_scalars(step, {'loss': 1.0 / step})
+      ids.append(writer.run.id)
+  assert ids[0] == ids[1]
+  assert (tmp_path / 'wandb' / 'run_id').read_text().strip() == ids[0]

@@ -585,8 +585,10 @@ class WandbWriter(MetricWriter):
     mode: ``'offline'`` (the default: nothing leaves the machine; upload
       later with ``wandb sync``), ``'online'`` or ``'disabled'``.
     config: initial run config (e.g. the gin bindings).
-    **init_kwargs: more ``wandb.init`` arguments (e.g. ``id`` and
-      ``resume='allow'`` to continue a run after preemption).
+    **init_kwargs: more ``wandb.init`` arguments. Without an ``id``, the
+      run's id is kept in ``<workdir>/wandb/run_id`` and passed with
+      ``resume='allow'``: a restarted run (preemption, requeue, crash)
+      continues the same W&B run.
 
   Raises:
     ImportError: wandb is not installed.
@@ -603,6 +605,8 @@ class WandbWriter(MetricWriter):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     kwargs = {'reinit': 'create_new', **init_kwargs}  # one run per writer
+    if 'id' not in kwargs:  # restarts continue the same W&B run
+      kwargs.update(id=_wandb_run_id(self.workdir), resume='allow')
     self.run = wandb.init(project=project, name=name, mode=mode,
                           dir=self.workdir,
                           config=None if config is None else dict(config),
@@ -620,6 +624,24 @@ class WandbWriter(MetricWriter):
 
   def _close(self):
     self.run.finish()
+
+
+def _wandb_run_id(workdir: str) -> str:
+  """The W&B run id kept in ``<workdir>/wandb/run_id`` (made once)."""
+  path = os.path.join(workdir, 'wandb', 'run_id')
+  try:
+    with open(path, encoding='utf-8') as f:
+      run_id = f.read().strip()
+    if run_id:
+      return run_id
+  except FileNotFoundError:
+    pass
+  run_id = uuid.uuid4().hex[:16]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.write(run_id + '\n')
+  os.replace(path + '.tmp', path)
+  return run_id
 
 
 # --- Combinators -------------------------------------------------------------
