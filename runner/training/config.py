@@ -162,7 +162,7 @@ def eval_batch_rows(eval_batch_size: int, source: Any, divisor: int) -> int:
   """The global eval batch in rows: ``train.eval_batch_size`` capped at the
   eval set's size when the source knows it (``num_eval_examples``, or an
   array dataset's ``num_test``), rounded up to a multiple of ``divisor``
-  (devices). For :func:`runner.training.trainer.build`, before the source
+  (devices). For :func:`runner.training.assembly.build`, before the source
   is bound.
 
       >>> eval_batch_rows(10**9, type('S', (), {'num_eval_examples': 100}),
@@ -195,10 +195,10 @@ def check_eval_batch(eval_batch_size: int, rows: int, sample: Any,
     return
   row = 0
   for leaf in _leaves(sample):
-    shape = getattr(leaf, 'shape', None)
-    nbytes = getattr(leaf, 'nbytes', None)
-    if shape is None or nbytes is None:
+    shape, dtype = getattr(leaf, 'shape', None), getattr(leaf, 'dtype', None)
+    if shape is None or dtype is None:
       continue
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # arrays or shapes
     row += nbytes // max(shape[0], 1) if len(shape) else nbytes
   need = math.ceil(rows / max(process_count, 1)) * row
   if need > memory / 2:
