@@ -35,6 +35,8 @@ RUNS = {
                '--gin.transformer.depth=1', '--gin.write_samples.num=1'],
     'models/transformer.gin': ['lm.gin'],
     'datasets/text_files.gin': ['lm.gin'],
+    'datasets/packed_text_files.gin': ['lm.gin',
+                                       'datasets/packed_text_files.gin'],
     'tasks/language_model.gin': ['lm.gin'],
     'llama_tiny.gin': ['llama_tiny.gin',
                        '--gin.text_files.max_eval_examples=64',

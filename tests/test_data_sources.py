@@ -89,7 +89,7 @@ def _eval(records):
 
 def test_parquet_trains(data, tmp_path):
   code, records = _train(tmp_path, f"""
-include 'datasets/parquet.gin'
+train.dataset = @data.parquet()
 data.parquet.paths = '{data}/docs.parquet'
 data.parquet.length = 32
 """)
@@ -98,7 +98,7 @@ data.parquet.length = 32
 
 def test_prepared_array_record_trains_with_bpe(data, tmp_path):
   code, records = _train(tmp_path, f"""
-include 'datasets/array_record.gin'
+train.dataset = @data.array_record()
 data.array_record.paths = '{data}/prepared'
 data.array_record.length = 32
 """, vocab=300)
@@ -132,7 +132,7 @@ def test_finetuning_masks_prompts(data, tmp_path):
         assert (w[seg == s][13:] == 1).all()
         checked += 1
   code, records = _train(tmp_path, f"""
-include 'datasets/jsonl.gin'
+train.dataset = @data.jsonl()
 data.jsonl.paths = '{data}/chat.jsonl'
 data.jsonl.field = 'response'
 data.jsonl.prompt_field = 'prompt'
@@ -156,7 +156,7 @@ def _error(tmp_path, capsys, body, vocab=256):
 def test_bad_inputs_are_one_line(data, tmp_path, capsys):
   # a JSONL line that is not JSON, with on_bad_line='error'
   line = _error(tmp_path, capsys, f"""
-include 'datasets/jsonl.gin'
+train.dataset = @data.jsonl()
 data.jsonl.paths = '{data}/docs.jsonl'
 data.jsonl.on_bad_line = 'error'
 """)
@@ -166,27 +166,27 @@ data.jsonl.on_bad_line = 'error'
   assert source.info['skipped_lines'] == 1
   # a missing file
   line = _error(tmp_path, capsys, f"""
-include 'datasets/jsonl.gin'
+train.dataset = @data.jsonl()
 data.jsonl.paths = '{data}/nope.jsonl'
 """)
   assert f'{data}/nope.jsonl: no such file' in line
   # a Parquet file without the field
   line = _error(tmp_path, capsys, f"""
-include 'datasets/parquet.gin'
+train.dataset = @data.parquet()
 data.parquet.paths = '{data}/docs.parquet'
 data.parquet.field = 'body'
 """)
   assert f"{data}/docs.parquet: no column 'body'" in line
   # the model's tokenizer is not the data's
   line = _error(tmp_path, capsys, f"""
-include 'datasets/array_record.gin'
+train.dataset = @data.array_record()
 data.array_record.paths = '{data}/prepared'
 data.array_record.tokenizer = 'byte'
 """)
   assert 'manifest.json' in line and 'tokenized with' in line
   # a tokenizer larger than the model's embedding
   line = _error(tmp_path, capsys, f"""
-include 'datasets/array_record.gin'
+train.dataset = @data.array_record()
 data.array_record.paths = '{data}/prepared'
 data.array_record.length = 32
 """, vocab=256)
@@ -201,7 +201,7 @@ def test_corrupt_array_record_shard(data, tmp_path, capsys):
   raw = shard.read_bytes()
   shard.write_bytes(raw[:len(raw) // 2])
   line = _error(tmp_path, capsys, f"""
-include 'datasets/array_record.gin'
+train.dataset = @data.array_record()
 data.array_record.paths = '{copy}'
 """, vocab=300)
   assert f'{shard}: corrupt or not an ArrayRecord file' in line

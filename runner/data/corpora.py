@@ -11,6 +11,26 @@ The source's ``info`` carries the vocabulary size, the tokens' lengths in
 bytes (so the language-model task reports bits per byte for any
 tokenizer), the tokenizer hash and the packing efficiency; its name shows
 the efficiency (``--dry_run`` and the run's first log line).
+
+In gin (with ``lm.gin``; ``transformer.vocab_size`` at least the
+tokenizer's, ``transformer.max_len`` at least ``length``)::
+
+    train.dataset = @data.jsonl()       # or @data.parquet()
+    data.jsonl.paths = '/data/*.jsonl'
+    data.jsonl.field = 'text'           # text, or a list of token ids
+    data.jsonl.tokenizer = 'byte'       # or a tokenizer.json / model folder
+    data.jsonl.prompt_field = None      # fine-tuning: 'prompt' (masked)
+    data.jsonl.on_bad_line = 'skip'     # or 'error'
+
+    # gintrain data prepare --tokenizer=PATH --out=/data/prepared FILES...
+    train.dataset = @data.array_record()
+    data.array_record.paths = '/data/prepared'
+    data.array_record.tokenizer = 'PATH'  # None: the manifest's
+
+    train.dataset = @data.mixture()
+    data.mixture.sources = [(@web/data.jsonl(), 0.7), (@code/data.array_record(), 0.3)]
+    web/data.jsonl.paths = '/data/web.jsonl'
+    code/data.array_record.paths = '/data/code'
 """
 
 import glob
