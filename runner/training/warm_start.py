@@ -72,21 +72,21 @@ def enable(value: str | None) -> str | None:
 
 
 def process_start_time() -> float:
-  """When this process started (Unix time): the process table's start
-  time, else the import time of this module."""
+  """When this process started (Unix time, to about 10 ms on Linux: its
+  age from ``/proc/self/stat`` against the boot-time clock), else the
+  process table's start time (psutil), else this module's import time."""
+  try:
+    with open('/proc/self/stat', encoding='ascii') as f:
+      ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    age = (time.clock_gettime(time.CLOCK_BOOTTIME) -
+           ticks / os.sysconf('SC_CLK_TCK'))
+    return time.time() - age
+  except (OSError, ValueError, IndexError, AttributeError):
+    pass
   try:
     import psutil  # pylint: disable=g-import-not-at-top
     return float(psutil.Process().create_time())
   except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    with open('/proc/self/stat', encoding='ascii') as f:
-      ticks = int(f.read().rsplit(')', 1)[1].split()[19])
-    with open('/proc/stat', encoding='ascii') as f:
-      boot = next(int(line.split()[1]) for line in f
-                  if line.startswith('btime'))
-    return boot + ticks / os.sysconf('SC_CLK_TCK')
-  except (OSError, ValueError, IndexError, StopIteration):
     return _IMPORTED
 
 
