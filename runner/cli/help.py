@@ -29,6 +29,8 @@ Usage:
       convert flax msgpack <-> Orbax
   gintrain compare RUN_DIR... --out=PNG
       plot several runs' curves on one figure
+  gintrain goodput WORKDIR [--out=PNG]
+      where the run's time went, over all its restarts (table and plot)
 """
 
 
