@@ -365,8 +365,12 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
     hashed = [pool.submit(_wait_and_check, *c) for c in checks]
     for future in hashed:
       future.result()
-    for futures, dest, dslices, temp, tslices in copies:
-      dest[dslices] = temp[tslices]
+    # Overlaps of slices read whole: copied in parallel (numpy releases the
+    # GIL), once every hash matched.
+    copied = [pool.submit(_copy, dest, dslices, temp, tslices)
+              for _, dest, dslices, temp, tslices in copies]
+    for future in copied:
+      future.result()
   finally:
     files.close()
   out = []
@@ -375,6 +379,10 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
     out.append(jax.make_array_from_single_device_arrays(
         merged[subpath]['shape'], sharding, shards))
   return out
+
+
+def _copy(dest, dslices, temp, tslices) -> None:
+  dest[dslices] = temp[tslices]
 
 
 def _wait_and_check(futures, view, digest, path, box) -> None:
