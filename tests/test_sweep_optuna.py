@@ -152,7 +152,11 @@ def test_tpe_beats_the_median_of_a_random_search(cache, tmp_path):
             for i in range(2)]
     procs = [_worker(sweep_file, sweep_dir, log, env, *args) for log in logs]
     for proc in procs:
-      assert proc.wait(1200) == 0
+      proc.wait(1200)
+    for log in logs:
+      log.close()
+    texts = [open(log.name).read() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], texts
     study = _study(sweep_dir)
     assert len(study.trials) == 12
     records = _records(sweep_dir)

@@ -425,7 +425,9 @@ class TrialProcess:
     self.proc.wait()
     self._log.close()
     error = None
-    if self.pruned is not None and rc == _PREEMPTED:
+    if self.pruned is not None and rc != 0:
+      # asked to stop: checkpointed (75), or killed by the SIGTERM itself
+      # when it came before the runner took the signal over or as it exited
       status = 'pruned'
     elif rc == 0:
       status = 'done'
