@@ -21,6 +21,7 @@ Names (the module part may be dropped where the name is unique, e.g.
 ``models.nnx_model``        ``models.nnx`` (adapter for flax nnx modules)
 ``models.transformer``      ``models.transformer`` (decoder-only LM)
 ``models.llama``            ``models.llama`` (Llama/Mistral/Qwen2 decoder)
+``models.lora/trainable``   ``models.lora`` (LoRA adapters, frozen base)
 ``datasets.digits/synthetic/diabetes``  ``data.datasets`` (in memory)
 ``data.iterable_source``    ``data.iterable`` (any iterable of batches)
 ``data.text_files``         ``data.text`` (byte-level text, grain)
@@ -63,6 +64,7 @@ from gintrain.runner.data import text
 from gintrain.runner.models import nnx
 from gintrain.runner.models import plain as models
 from gintrain.runner.models import llama
+from gintrain.runner.models import lora
 from gintrain.runner.models import transformer
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import writers
@@ -138,6 +140,8 @@ for _name in ('mlp', 'cnn'):
 _register(nnx.nnx_model, 'nnx_model', 'models')
 _register(transformer.transformer, 'transformer', 'models')
 _register(llama.llama, 'llama', 'models')
+_register(lora.lora, 'lora', 'models')
+_register(lora.trainable, 'trainable', 'models')
 for _name in ('digits', 'synthetic', 'diabetes'):
   _register(getattr(datasets, _name), _name, 'datasets')
 _register(iterable.iterable_source, 'iterable_source', 'data')
