@@ -136,7 +136,7 @@ def _sweep_crashed_saves(dir_path: str, prefix: str, current_tmp: str) -> list:
     URLs alone; saves into one directory are serialised, so none is live).
   """
   removed = []
-  url = storage.is_url(dir_path)
+  url = storage.local_file(dir_path) is None
   current = os.path.basename(current_tmp)
   for name in storage.listdir(dir_path):
     path = os.path.join(dir_path, name)
