@@ -135,3 +135,25 @@ def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     llama_lib.llama(**{**KW, **kwargs})
 
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+  """The formula (causal attention halved) within 10% of XLA's count of the
+  compiled forward and gradient (which also counts the masked half and
+  the elementwise ops)."""
+  model = llama_lib.llama(vocab_size=256, hidden_size=128,
+                          intermediate_size=352, num_layers=2, num_heads=4,
+                          num_kv_heads=2)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0)))['params']
+  b, t = 2, 64
+  x = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(
+      params, x).compile().cost_analysis()
+  grad = jax.jit(jax.grad(lambda p, x: model.apply(
+      {'params': p}, x).sum())).lower(params, x).compile().cost_analysis()
+  fwd, grad = (c[0] if isinstance(c, list) else c for c in (fwd, grad))
+  forward = model.flops_per_token(t, training=False)
+  assert abs(fwd['flops'] / (b * t) / forward - 1) < 0.10, (
+      fwd['flops'] / (b * t), forward)
+  assert abs(grad['flops'] / (b * t) / model.flops_per_token(t) - 1) < 0.10, (
+      grad['flops'] / (b * t), model.flops_per_token(t))

@@ -340,6 +340,21 @@ class Llama:
     mask = self._mask(q_index, jnp.arange(s))
     return self._run(params, tokens, positions, mask, cache, index)
 
+  def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token at sequence length ``seq_len``: ``2`` per
+    multiply-add of every matmul (q/k/v/o, gate/up/down, the output
+    layer; the embedding lookup is free), plus attention's ``QK^T`` and
+    ``AV``, ``2 * 2 * seq_len * heads * head_dim`` per layer, halved for
+    the causal mask; times 3 for training (backward = 2 forwards).
+    Remat recomputation is not counted (model FLOPs, not hardware)."""
+    h, i = self.hidden_size, self.intermediate_size
+    nd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    matmul = self.num_layers * (2 * h * nd + 2 * h * kd + 3 * h * i)
+    matmul += h * self.vocab_size
+    attention = self.num_layers * 2 * seq_len * nd  # 4 T nd / 2 (causal)
+    forward = 2 * matmul + attention
+    return float(3 * forward if training else forward)
+
   def num_params(self) -> int:
     """Parameter count."""
     h, i = self.hidden_size, self.intermediate_size
