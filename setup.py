@@ -66,7 +66,8 @@ setup(
         # botocore: listed together (no boto3 of its own) pip resolves them
         # without backtracking (a fresh '.[test,orbax]' dry-run: 52 s, 27 s
         # without these five).
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'flax==0.12.8',
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'mkdocs>=1.6,<2',
+                 'mkdocstrings[python]>=0.26', 'flax==0.12.8',
                  'wandb>=0.19.10',
                  'fsspec>=2024.6', 's3fs>=2024.6', 'moto[s3]>=5.0',
                  'flask>=3', 'flask-cors>=4',
@@ -77,6 +78,8 @@ setup(
                  # Elsewhere install torch from PyTorch's CPU index first
                  # (--index-url https://download.pytorch.org/whl/cpu).
                  'torch==2.13.0', 'transformers>=5.0,<6'],
+        # The documentation site (mkdocs.yml; `mkdocs build`).
+        'docs': ['mkdocs>=1.6,<2', 'mkdocstrings[python]>=0.26'],
         'wandb': ['wandb>=0.19.10'],
         'orbax': ['orbax-checkpoint>=0.11'],
         # Checkpoints and --workdir on object stores (lib/storage.py).

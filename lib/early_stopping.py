@@ -22,23 +22,23 @@ class EarlyStopping(struct.PyTreeNode):
   recorded in the current epoch and previous epoch is less than 1e-3
   consecutively for 2 times::
 
-    >>> from gintrain.lib.early_stopping import EarlyStopping
+      >>> from gintrain.lib.early_stopping import EarlyStopping
 
-    >>> def train_epoch(optimizer, train_ds, batch_size, epoch, input_rng):
-    ...   ...
-    ...   loss = [4, 3, 3, 3, 2, 2, 2, 2, 1, 1][epoch]
-    ...   return None, {'loss': loss}
+      >>> def train_epoch(optimizer, train_ds, batch_size, epoch, input_rng):
+      ...   ...
+      ...   loss = [4, 3, 3, 3, 2, 2, 2, 2, 1, 1][epoch]
+      ...   return None, {'loss': loss}
 
-    >>> early_stop = EarlyStopping(min_delta=1e-3, patience=2)
-    >>> optimizer = None
-    >>> for epoch in range(10):
-    ...   optimizer, train_metrics = train_epoch(
-    ...       optimizer=optimizer, train_ds=None, batch_size=None, epoch=epoch, input_rng=None)
-    ...   early_stop = early_stop.update(train_metrics['loss'])
-    ...   if early_stop.should_stop:
-    ...     print(f'Met early stopping criteria, breaking at epoch {epoch}')
-    ...     break
-    Met early stopping criteria, breaking at epoch 7
+      >>> early_stop = EarlyStopping(min_delta=1e-3, patience=2)
+      >>> optimizer = None
+      >>> for epoch in range(10):
+      ...   optimizer, train_metrics = train_epoch(
+      ...       optimizer=optimizer, train_ds=None, batch_size=None, epoch=epoch, input_rng=None)
+      ...   early_stop = early_stop.update(train_metrics['loss'])
+      ...   if early_stop.should_stop:
+      ...     print(f'Met early stopping criteria, breaking at epoch {epoch}')
+      ...     break
+      Met early stopping criteria, breaking at epoch 7
 
   An update improves when no best is known yet (``best_metric`` is
   infinite) or when it beats ``best_metric`` by *more* than ``min_delta``.
