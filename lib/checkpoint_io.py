@@ -80,6 +80,7 @@ import xxhash
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import errors
 from gintrain.lib import serialization
+from gintrain.lib import msgpack_stream
 from gintrain.lib import storage
 
 logger = logging.getLogger(__name__)
@@ -105,17 +106,15 @@ __all__ = [
 _INLINE_WRITE_BYTES = 1 << 16
 # Non-contiguous arrays are written through contiguous pieces of this size.
 _PIECE_BYTES = 64 << 20
-# The reader's read-ahead window for the msgpack framing.
-_WINDOW_BYTES = 1 << 16
 # Arrays up to this size are read while parsing; larger ones in parallel.
 _INLINE_READ_BYTES = 1 << 20
 # Parallel reads: split into pieces of this size, read by this many threads.
 _READ_PIECE_BYTES = 32 << 20
 _READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
-# msgpack's own nesting limit (its packer and unpacker stop at 1024).
-_MAX_DEPTH = 1024
-# numpy's limit on the number of dimensions (numpy 2; numpy 1 has 32).
-_MAX_NDIM = 64
+_MAX_NDIM = msgpack_stream.MAX_NDIM
+# The reader's memory bound, in multiples of msgpack_restore's
+# (lib.msgpack_stream): 500,000 4-element arrays cost under 10x their file.
+_RESTORE_SLACK = 4
 # Integrity sidecars: '<algorithm> <16 hex digits> <size>\n'.
 _SIDECAR_ALGO = 'xxh3_64'
 _SIDECAR_MAX_BYTES = 256
@@ -424,19 +423,7 @@ def fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _kind(mode: int) -> str | None:
-  """What a non-regular file is, in words (None for a regular file)."""
-  if stat.S_ISREG(mode):
-    return None
-  for test, what in ((stat.S_ISDIR, 'a directory'),
-                     (stat.S_ISLNK, 'a symbolic link'),
-                     (stat.S_ISFIFO, 'a FIFO'),
-                     (stat.S_ISSOCK, 'a socket'),
-                     (stat.S_ISCHR, 'a character device'),
-                     (stat.S_ISBLK, 'a block device')):
-    if test(mode):
-      return what
-  return 'not a regular file'
+_kind = msgpack_stream.file_kind
 
 
 def _not_regular(path: str, mode: int) -> NotARegularFileError:
@@ -446,38 +433,15 @@ def _not_regular(path: str, mode: int) -> NotARegularFileError:
 
 
 def _open_regular(path: str, flags: int, follow: bool) -> int:
-  """Opens ``path`` only if it is a regular file; never blocks on a FIFO.
-
-  The file is checked with ``lstat`` before and ``fstat`` after opening it
-  with ``O_NONBLOCK`` (and ``O_NOFOLLOW`` unless ``follow``), so a file
-  swapped in between is caught too.
+  """Opens ``path`` only if it is a regular file; never blocks on a FIFO
+  (``lib.msgpack_stream.open_regular``).
 
   Raises:
     NotARegularFileError: ``path`` is a directory, FIFO, socket, device or
       (unless ``follow``) a symbolic link.
     OSError: it cannot be opened (e.g. ``FileNotFoundError``).
   """
-  st = os.stat(path) if follow else os.lstat(path)
-  if not stat.S_ISREG(st.st_mode):
-    raise _not_regular(path, st.st_mode)
-  extra = os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
-  if not follow:
-    extra |= os.O_NOFOLLOW
-  try:
-    fd = os.open(path, flags | extra)
-  except OSError as e:
-    if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-      raise _not_regular(path, os.lstat(path).st_mode) from e
-    raise
-  try:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-      raise _not_regular(path, st.st_mode)
-    os.set_blocking(fd, True)
-  except BaseException:
-    os.close(fd)
-    raise
-  return fd
+  return msgpack_stream.open_regular(path, flags, follow, _not_regular)
 
 
 def _create_file(path: str, exclusive: bool) -> int:
@@ -778,8 +742,7 @@ def write_and_retain(tree, final_path: str, tmp_path: str | None,
 # Decoding.
 
 
-class _Corrupt(Exception):
-  """The file does not hold a valid msgpack checkpoint (message: why)."""
+_Corrupt = msgpack_stream.StreamError
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -787,7 +750,7 @@ class _PendingArray:
   """A large array found while parsing; its data is read from the file.
 
   Small arrays never get one: they are read at once into their final numpy
-  array (see ``_Parser._array``).
+  array (see ``_Parser.array``).
   """
   dtype: np.dtype
   shape: tuple
@@ -799,34 +762,8 @@ class _PendingArray:
   __hash__ = None  # an array is not a valid map key (as in msgpack_restore)
 
 
-def _s(fmt):
-  return struct.Struct(fmt)
-
-
-_U8, _U16, _U32, _U64 = _s('>B'), _s('>H'), _s('>I'), _s('>Q')
-_I8, _I16, _I32, _I64 = _s('>b'), _s('>h'), _s('>i'), _s('>q')
-_F32, _F64 = _s('>f'), _s('>d')
-
-
-def _pread_bytes(fd: int, n: int, offset: int) -> bytes:
-  parts = []
-  while n > 0:
-    part = os.pread(fd, n, offset)
-    if not part:
-      raise _Corrupt(f'file ended early at offset {offset}')
-    parts.append(part)
-    n -= len(part)
-    offset += len(part)
-  return parts[0] if len(parts) == 1 else b''.join(parts)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-  while view.nbytes:
-    n = os.preadv(fd, [view], offset)
-    if n == 0:
-      raise _Corrupt(f'file ended early at offset {offset}')
-    view = view[n:]
-    offset += n
+_pread_bytes = msgpack_stream.pread_bytes
+_pread_into = msgpack_stream.pread_into
 
 
 class _Reader:
@@ -856,175 +793,24 @@ class _Reader:
     self.futures = []
 
 
-class _Parser:
-  """A msgpack decoder (``raw=False, strict_map_key=False``) over a file.
+class _Parser(msgpack_stream.Parser):
+  """The shared reader (``lib.msgpack_stream``), arrays read into place.
 
-  ExtType-1 arrays are returned as :class:`_PendingArray` (filled by
-  ``reader``). Their reads start as soon as they are parsed, in file order,
-  except for the chunks of a chunked array: those are deferred until the
-  whole array can be allocated (see :func:`_plan_chunked`).
+  Arrays up to ``_INLINE_READ_BYTES`` are read at once (read-only); larger
+  ones become :class:`_PendingArray` (filled by ``reader``), whose reads
+  start as soon as they are parsed, in file order, except for the chunks of
+  a chunked array: those are deferred until the whole array can be
+  allocated (see :func:`_plan_chunked`). Zero-size arrays of one dtype and
+  shape are one shared read-only object.
   """
 
   def __init__(self, fd: int, size: int, reader: _Reader):
-    self.fd = fd
-    self.size = size
+    super().__init__(fd, size, slack=_RESTORE_SLACK)
     self.reader = reader
-    self.pos = 0
-    self.window = b''
-    self.window_start = 0
     self.pending = []
     self.empties = {}  # (dtype, shape) -> the shared zero-size array
 
-  def _read(self, n: int) -> bytes:
-    if n > self.size - self.pos:
-      raise _Corrupt(
-          f'truncated: needs {n} more bytes at offset {self.pos} of'
-          f' {self.size}')
-    off = self.pos - self.window_start
-    if not 0 <= off <= len(self.window) - n:
-      want = min(max(n, _WINDOW_BYTES), self.size - self.pos)
-      self.window = _pread_bytes(self.fd, want, self.pos)
-      self.window_start, off = self.pos, 0
-    self.pos += n
-    return self.window[off:off + n]
-
-  def _skip(self, n: int) -> None:
-    if n > self.size - self.pos:
-      raise _Corrupt(
-          f'truncated: needs {n} more bytes at offset {self.pos} of'
-          f' {self.size}')
-    self.pos += n
-
-  def _unpack(self, st: struct.Struct):
-    return st.unpack(self._read(st.size))[0]
-
-  def parse(self, depth: int = 0, raw: bool = False, defer: bool = False,
-            chunks: bool = False):
-    """Decodes one object.
-
-    Args:
-      depth: nesting depth (limited to msgpack's 1024).
-      raw: decode str as bytes (inside array payloads).
-      defer: an array here is a chunk: do not start reading it.
-      chunks: a map here holds chunks (its array values are deferred).
-    """
-    if depth > _MAX_DEPTH:
-      raise _Corrupt('nesting too deep')
-    b = self._read(1)[0]
-    if b <= 0x7f:
-      return b
-    if b >= 0xe0:
-      return b - 0x100
-    if b <= 0x8f:
-      return self._map(b & 0x0f, depth + 1, chunks)
-    if b <= 0x9f:
-      return [self.parse(depth + 1) for _ in range(b & 0x0f)]
-    if b <= 0xbf:
-      return self._str(b & 0x1f, raw)
-    if b == 0xc0:
-      return None
-    if b == 0xc2:
-      return False
-    if b == 0xc3:
-      return True
-    if 0xc4 <= b <= 0xc6:
-      return bytes(self._read(self._unpack((_U8, _U16, _U32)[b - 0xc4])))
-    if 0xc7 <= b <= 0xc9:
-      length = self._unpack((_U8, _U16, _U32)[b - 0xc7])
-      return self._ext(self._unpack(_I8), length, defer)
-    if b == 0xca:
-      return self._unpack(_F32)
-    if b == 0xcb:
-      return self._unpack(_F64)
-    if 0xcc <= b <= 0xcf:
-      return self._unpack((_U8, _U16, _U32, _U64)[b - 0xcc])
-    if 0xd0 <= b <= 0xd3:
-      return self._unpack((_I8, _I16, _I32, _I64)[b - 0xd0])
-    if 0xd4 <= b <= 0xd8:
-      return self._ext(self._unpack(_I8), 1 << (b - 0xd4), defer)
-    if 0xd9 <= b <= 0xdb:
-      return self._str(self._unpack((_U8, _U16, _U32)[b - 0xd9]), raw)
-    if b in (0xdc, 0xdd):
-      n = self._unpack(_U16 if b == 0xdc else _U32)
-      return [self.parse(depth + 1) for _ in range(n)]
-    if b in (0xde, 0xdf):
-      n = self._unpack(_U16 if b == 0xde else _U32)
-      return self._map(n, depth + 1, chunks)
-    raise _Corrupt(f'invalid msgpack byte 0x{b:02x} at offset {self.pos - 1}')
-
-  def _str(self, n: int, raw: bool):
-    data = self._read(n)
-    if raw:
-      return bytes(data)
-    try:
-      return bytes(data).decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise _Corrupt(f'invalid UTF-8 string at offset {self.pos - n}') from e
-
-  def _map(self, n: int, depth: int, chunks: bool) -> dict:
-    out = {}
-    chunked = False  # this map is a chunked array: defer its chunks
-    for _ in range(n):
-      key = self.parse(depth)
-      chunked = chunked or (type(key) is str and  # pylint: disable=unidiomatic-typecheck
-                            key == serialization.CHUNKED_KEY)
-      value = self.parse(depth, defer=chunks,
-                         chunks=chunked and key == 'chunks')
-      try:
-        out[key] = value
-      except TypeError as e:
-        raise _Corrupt(f'unhashable map key at offset {self.pos}') from e
-    return out
-
-  def _ext(self, code: int, length: int, defer: bool):
-    start, num_pending = self.pos, len(self.pending)
-    if code == serialization._ExtType.ndarray:  # pylint: disable=protected-access
-      arr = self._array(length, defer)
-      if arr is not None:
-        return arr
-      # An unusual layout: decode it like flax does.
-      self.pos, self.pending[num_pending:] = start, []
-    data = bytes(self._read(length))
-    try:
-      return serialization._msgpack_ext_unpack(code, data)  # pylint: disable=protected-access
-    except Exception as e:  # pylint: disable=broad-except
-      raise _Corrupt(f'bad ext type {code} at offset {start}: {e}') from e
-
-  def _array(self, length: int, defer: bool):
-    """Parses ``[shape, dtype, bin]``; None if laid out differently.
-
-    Returns the numpy array itself (read-only) for arrays up to
-    ``_INLINE_READ_BYTES``, else a :class:`_PendingArray`. Zero-size arrays
-    of one dtype and shape are one shared read-only object: a file of
-    millions of empty arrays then costs no more memory than its keys.
-    """
-    end = self.pos + length
-    if length < 1 or self._read(1)[0] != 0x93:
-      return None
-    shape = self.parse(raw=True)
-    name = self.parse(raw=True)
-    tag = self._read(1)[0] if self.pos < end else None
-    if tag not in (0xc4, 0xc5, 0xc6):
-      return None
-    nbytes = self._unpack((_U8, _U16, _U32)[tag - 0xc4])
-    offset = self.pos
-    if offset + nbytes != end:
-      raise _Corrupt(f'array payload at offset {offset} has a bad length')
-    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and
-            all(type(d) is int and 0 <= d < 2**63 for d in shape)):  # pylint: disable=unidiomatic-typecheck
-      raise _Corrupt(f'bad array shape {shape!r} at offset {offset}')
-    shape = tuple(shape)
-    try:
-      dtype = serialization.dtype_from_name(name)
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-      raise _Corrupt(f'bad array dtype at offset {offset}: {e}') from e
-    if dtype.hasobject or dtype.itemsize == 0 or dtype.subdtype is not None:
-      raise _Corrupt(f'unsupported dtype {dtype} at offset {offset}')
-    if int(np.prod(shape, dtype=object)) * dtype.itemsize != nbytes:
-      raise _Corrupt(
-          f'array of shape {shape} and dtype {dtype} does not fit its'
-          f' {nbytes} bytes at offset {offset}')
-    self._skip(nbytes)
+  def array(self, dtype, shape, offset, nbytes, defer):
     if nbytes == 0:
       return self._empty(dtype, shape, offset)
     if nbytes <= _INLINE_READ_BYTES:
@@ -1132,13 +918,8 @@ def _resolve(node):
 
 
 def _decode(fd: int, size: int, reader: _Reader):
-  if size == 0:
-    raise _Corrupt('the file is empty')
   parser = _Parser(fd, size, reader)
-  state = parser.parse()
-  if parser.pos != size:
-    raise _Corrupt(f'{size - parser.pos} extra bytes after the checkpoint at'
-                   f' offset {parser.pos}')
+  state = parser.parse_all()
   state = _plan_unchunk(state)
   for p in parser.pending:
     if not p.started:

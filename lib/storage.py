@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 from typing import Any, Iterator
@@ -62,6 +63,7 @@ __all__ = [
     'isdir',
     'isfile',
     'size',
+    'info',
     'makedirs',
     'remove',
     'rmtree',
@@ -72,6 +74,7 @@ __all__ = [
     'download',
     'staged_download',
     'upload_file',
+    'upload_tree',
     'tensorstore_kvstore_spec',
     'EXTRAS',
 ]
@@ -252,6 +255,40 @@ def size(path: str) -> int:
     return os.path.getsize(local)
   fs, fs_path = filesystem(path)
   return int(fs.size(fs_path))
+
+
+def info(path: str) -> dict:
+  """``{'type', 'size', 'mtime'}`` of ``path`` (not following a local
+  symlink): ``type`` is ``'file'``, ``'directory'`` or, locally, what else
+  it is (``'fifo'``, ``'link'``, ``'other'``); ``mtime`` is None where the
+  store has none. A directory's size is that of its files, recursively.
+
+  Raises:
+    FileNotFoundError: nothing at ``path``.
+  """
+  local = local_file(path)
+  if local is not None:
+    st = os.lstat(local)
+    kind = ('file' if stat.S_ISREG(st.st_mode) else
+            'directory' if stat.S_ISDIR(st.st_mode) else
+            'fifo' if stat.S_ISFIFO(st.st_mode) else
+            'link' if stat.S_ISLNK(st.st_mode) else 'other')
+    size = st.st_size
+    if kind == 'directory':
+      size = sum(os.lstat(os.path.join(root, name)).st_size
+                 for root, _, names in os.walk(local) for name in names)
+    return {'type': kind, 'size': size, 'mtime': st.st_mtime}
+  fs, fs_path = filesystem(path)
+  entry = fs.info(fs_path)
+  kind = 'directory' if entry.get('type') == 'directory' else 'file'
+  size = int(fs.du(fs_path) if kind == 'directory' else entry.get('size') or 0)
+  mtime = entry.get('LastModified') or entry.get('mtime') or entry.get(
+      'updated') or entry.get('created')
+  if hasattr(mtime, 'timestamp'):
+    mtime = mtime.timestamp()
+  elif not isinstance(mtime, (int, float)):
+    mtime = None
+  return {'type': kind, 'size': size, 'mtime': mtime}
 
 
 def makedirs(path: str) -> None:
@@ -540,6 +577,20 @@ def upload_file(local: str, url: str) -> None:
     return
   fs, path = filesystem(url)
   fs.put_file(local, path)
+
+
+def upload_tree(local: str, url: str) -> None:
+  """Copies the local folder ``local`` under ``url`` (each file appears
+  when complete); nothing to do when ``url`` is ``local`` itself."""
+  target = local_file(url)
+  if target is not None and os.path.abspath(target) == os.path.abspath(
+      local):
+    return
+  for root, _, names in os.walk(local):
+    rel = os.path.relpath(root, local)
+    for name in names:
+      parts = [] if rel == '.' else rel.split(os.sep)
+      upload_file(os.path.join(root, name), join(url, *parts, name))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from gintrain.lib import checkpoint_io
+from gintrain.lib import msgpack_stream
 from gintrain.lib import checkpoints
 from gintrain.lib import errors
 from gintrain.lib import serialization
@@ -44,7 +45,7 @@ def small_read_pieces(monkeypatch):
   """Makes the reader use its parallel path on small files."""
   monkeypatch.setattr(checkpoint_io, '_READ_PIECE_BYTES', 4096)
   monkeypatch.setattr(checkpoint_io, '_INLINE_READ_BYTES', 64)
-  monkeypatch.setattr(checkpoint_io, '_WINDOW_BYTES', 16)
+  monkeypatch.setattr(msgpack_stream, 'WINDOW_BYTES', 16)  # the shared reader
 
 
 def same(a, b) -> bool:

@@ -99,3 +99,21 @@ def test_lib_never_imports_the_runner():
   for module, deps in _graph().items():
     if module.startswith('gintrain.lib'):
       assert not [d for d in deps if d.startswith('gintrain.runner')], module
+
+
+def test_only_storage_tells_paths_from_urls():
+  """Callers take local paths and URLs alike (``lib.storage``); code with a
+  faster local route asks ``storage.local_file``, never ``is_url``."""
+  offenders = []
+  for module, path in _modules().items():
+    if module == 'gintrain.lib.storage':
+      continue
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    for node in ast.walk(tree):
+      name = (node.attr if isinstance(node, ast.Attribute) else
+              node.id if isinstance(node, ast.Name) else
+              node.name if isinstance(node, ast.alias) else None)
+      if name is not None and name.rsplit('.', 1)[-1] == 'is_url':
+        offenders.append(f'{os.path.relpath(path, REPO)}:{node.lineno}'
+                         if hasattr(node, 'lineno') else path)
+  assert not offenders, offenders

@@ -52,7 +52,7 @@ class Action(abc.ABC):
 
   def bind(self, run: Any, workdir: str) -> None:
     """Called once before training with the built run
-    (``runner.training.trainer.Run``: model, task, data source, ...) and the
+    (``runner.training.assembly.Run``: model, task, data source, ...) and the
     workdir, for actions that need them."""
 
   def on_start(self, step: int) -> None:

@@ -1,12 +1,11 @@
 """Sampled continuations of held-out text, written at the end of a run."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from gintrain.lib import storage
 from gintrain.runner.actions import base
 from gintrain.runner.parallel import watchdog
 
@@ -97,12 +96,13 @@ class WriteSamples(base.Action):
     out = np.asarray(fill(length, jnp.asarray(tokens),
                           jax.random.key(self.seed), params))
     watchdog.touch()
-    path = os.path.join(self.workdir, SAMPLES_FILE)
-    with open(path, 'w', encoding='utf-8') as f:
-      for row in out:
-        text = bytes(row.astype(np.uint8))
-        f.write(f'=== prompt (step {step}) ===\n')
-        f.write(text[:length].decode('utf-8', 'replace') + '\n')
-        f.write('=== continuation ===\n')
-        f.write(text[length:].decode('utf-8', 'replace') + '\n\n')
+    path = storage.join(self.workdir, SAMPLES_FILE)  # a path or a URL
+    lines = []
+    for row in out:
+      text = bytes(row.astype(np.uint8))
+      lines += [f'=== prompt (step {step}) ===',
+                text[:length].decode('utf-8', 'replace'),
+                '=== continuation ===',
+                text[length:].decode('utf-8', 'replace') + '\n']
+    storage.write_text(path, ''.join(f'{line}\n' for line in lines))
     logging.info('samples written to %s', path)

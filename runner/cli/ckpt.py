@@ -12,7 +12,8 @@ or directories whose latest checkpoint is used; each may be a local path
 or an object-store URL (``s3://...``). An Orbax checkpoint is listed by
 ``ls`` and refused by ``inspect``/``diff`` with the ``convert`` command to
 run. A FIFO or other special file is never opened (nothing blocks), and a
-crafted file costs bounded memory and time (``lib.msgpack_stream``). ``inspect`` reads only the
+crafted file costs bounded memory and time (``lib.msgpack_stream``).
+``inspect`` reads only the
 msgpack framing (:mod:`runner.cli.ckpt_structure`): no array data, so it
 takes about as long for a 2.5 GiB file as for a small one. ``diff`` reads
 the two files one block of one array at a time. A fault prints one line,

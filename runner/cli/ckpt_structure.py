@@ -17,25 +17,24 @@ Nothing is executed and no object dtype is created.
 
 import dataclasses
 import os
-import struct
 from typing import Any
 
 import numpy as np
 
+from gintrain.lib import msgpack_stream
+from gintrain.lib import storage
 from gintrain.lib import serialization
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['Leaf', 'Structure', 'read_structure', 'read_leaf', 'iter_leaf']
 
-_WINDOW = 1 << 16
-_MAX_DEPTH = 1024
-_EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
-_U8, _U16, _U32, _U64 = (struct.Struct(f) for f in ('>B', '>H', '>I', '>Q'))
-_I8, _I16, _I32, _I64 = (struct.Struct(f) for f in ('>b', '>h', '>i', '>q'))
-_F32, _F64 = struct.Struct('>f'), struct.Struct('>d')
+_EXT_NPSCALAR = 3
+# Memory charged per leaf (a Leaf, its path and segments), against the
+# reader's bound (lib.msgpack_stream).
+_LEAF_COST = 400
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Leaf:
   """One leaf of the checkpoint tree.
 
@@ -72,10 +71,6 @@ class Structure:
   leaves: list
 
 
-class _Bad(Exception):
-  """Not a valid checkpoint file (message: why)."""
-
-
 class _Array:
   """An ext-1 array found while parsing (turned into a Leaf later)."""
   __slots__ = ('dtype', 'shape', 'offset', 'nbytes')
@@ -85,130 +80,33 @@ class _Array:
                                                         nbytes)
 
 
-class _Parser:
-  """msgpack over a file descriptor; array payloads are skipped."""
+class _StructureParser(msgpack_stream.Parser):
+  """The shared reader with array data skipped (never read)."""
 
-  def __init__(self, fd: int, size: int):
-    self.fd, self.size = fd, size
-    self.pos, self.window, self.start = 0, b'', 0
+  def __init__(self, source, size: int):
+    super().__init__(source, size, strict_utf8=False)
 
-  def read(self, n: int) -> bytes:
-    if n > self.size - self.pos:
-      raise _Bad(f'truncated: {n} bytes needed at offset {self.pos} of'
-                 f' {self.size}')
-    off = self.pos - self.start
-    if not 0 <= off <= len(self.window) - n:
-      want = min(max(n, _WINDOW), self.size - self.pos)
-      parts, got = [], 0
-      while got < want:
-        part = os.pread(self.fd, want - got, self.pos + got)
-        if not part:
-          raise _Bad(f'file ended early at offset {self.pos + got}')
-        parts.append(part)
-        got += len(part)
-      self.window, self.start, off = b''.join(parts), self.pos, 0
-    self.pos += n
-    return self.window[off:off + n]
+  def array(self, dtype, shape, offset, nbytes, defer):
+    return _Array(dtype, shape, offset, nbytes)
 
-  def skip(self, n: int) -> None:
-    if n > self.size - self.pos:
-      raise _Bad(f'truncated: the data of {n} bytes at offset {self.pos}'
-                 f' runs past the end of the file ({self.size} bytes)')
-    self.pos += n
+  def is_shareable(self, value):
+    return isinstance(value, _Array) and value.nbytes == 0
 
-  def unpack(self, st: struct.Struct):
-    return st.unpack(self.read(st.size))[0]
-
-  def str_(self, n, raw):
-    data = bytes(self.read(n))
-    return data if raw else data.decode('utf-8', errors='replace')
-
-  def parse(self, depth: int = 0, raw: bool = False):
-    if depth > _MAX_DEPTH:
-      raise _Bad('nesting too deep')
-    b = self.read(1)[0]
-    if b <= 0x7f:
-      return b
-    if b >= 0xe0:
-      return b - 0x100
-    if b <= 0x8f:
-      return self.map_(b & 0x0f, depth)
-    if b <= 0x9f:
-      return [self.parse(depth + 1) for _ in range(b & 0x0f)]
-    if b <= 0xbf:
-      return self.str_(b & 0x1f, raw)
-    simple = {0xc0: None, 0xc2: False, 0xc3: True}
-    if b in simple:
-      return simple[b]
-    if 0xc4 <= b <= 0xc6:
-      return bytes(self.read(self.unpack((_U8, _U16, _U32)[b - 0xc4])))
-    if 0xc7 <= b <= 0xc9:
-      length = self.unpack((_U8, _U16, _U32)[b - 0xc7])
-      return self.ext(self.unpack(_I8), length)
-    if b == 0xca:
-      return self.unpack(_F32)
-    if b == 0xcb:
-      return self.unpack(_F64)
-    if 0xcc <= b <= 0xcf:
-      return self.unpack((_U8, _U16, _U32, _U64)[b - 0xcc])
-    if 0xd0 <= b <= 0xd3:
-      return self.unpack((_I8, _I16, _I32, _I64)[b - 0xd0])
-    if 0xd4 <= b <= 0xd8:
-      return self.ext(self.unpack(_I8), 1 << (b - 0xd4))
-    if 0xd9 <= b <= 0xdb:
-      return self.str_(self.unpack((_U8, _U16, _U32)[b - 0xd9]), raw)
-    if b in (0xdc, 0xdd):
-      n = self.unpack(_U16 if b == 0xdc else _U32)
-      return [self.parse(depth + 1) for _ in range(n)]
-    if b in (0xde, 0xdf):
-      return self.map_(self.unpack(_U16 if b == 0xde else _U32), depth)
-    raise _Bad(f'invalid msgpack byte 0x{b:02x} at offset {self.pos - 1}')
-
-  def map_(self, n: int, depth: int) -> dict:
-    out = {}
-    for _ in range(n):
-      key = self.parse(depth + 1)
-      if isinstance(key, (list, dict, _Array)):
-        raise _Bad(f'unhashable map key at offset {self.pos}')
-      out[key] = self.parse(depth + 1)
-    return out
-
-  def ext(self, code: int, length: int):
-    end = self.pos + length
-    if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
-      if length < 1 or self.read(1)[0] != 0x93:
-        raise _Bad(f'bad array payload at offset {self.pos - 1}')
-      shape = self.parse(raw=True)
-      name = self.parse(raw=True)
-      tag = self.read(1)[0]
-      if tag not in (0xc4, 0xc5, 0xc6):
-        raise _Bad(f'bad array payload at offset {self.pos - 1}')
-      nbytes = self.unpack((_U8, _U16, _U32)[tag - 0xc4])
-      offset = self.pos
-      if offset + nbytes != end:
-        raise _Bad(f'array payload at offset {offset} has a bad length')
-      if not (isinstance(shape, list) and
-              all(type(d) is int and d >= 0 for d in shape)):  # pylint: disable=unidiomatic-typecheck
-        raise _Bad(f'bad array shape {shape!r} at offset {offset}')
+  def ext(self, code, data, offset):
+    if code == _EXT_NPSCALAR:
       try:
-        dtype = serialization.dtype_from_name(name)
-      except (ValueError, TypeError) as e:
-        raise _Bad(f'bad array dtype at offset {offset}: {e}') from e
-      if int(np.prod(shape, dtype=object)) * dtype.itemsize != nbytes:
-        raise _Bad(f'array of shape {tuple(shape)} and dtype {dtype} does'
-                   f' not fit its {nbytes} bytes at offset {offset}')
-      self.skip(nbytes)
-      arr = _Array(dtype, tuple(shape), offset, nbytes)
-      if code == _EXT_NPSCALAR:
-        return ('npscalar', arr)
-      return arr
-    data = bytes(self.read(length))
-    if code == _EXT_COMPLEX:
-      try:
-        return serialization._msgpack_ext_unpack(code, data)  # pylint: disable=protected-access
-      except ValueError as e:
-        raise _Bad(f'bad complex value at offset {end - length}') from e
-    return ('ext', code, length)
+        value = serialization._msgpack_ext_unpack(code, bytes(data))  # pylint: disable=protected-access
+      except Exception as e:  # pylint: disable=broad-except
+        raise msgpack_stream.StreamError(
+            f'bad array payload at offset {offset}: {e}') from e
+      value = np.asarray(value)
+      start = offset + len(data) - value.nbytes  # its data: the last bytes
+      return ('npscalar', _Array(value.dtype, value.shape, start,
+                                 value.nbytes))
+    try:
+      return super().ext(code, data, offset)
+    except msgpack_stream.StreamError:
+      return ('ext', code, len(data))
 
 
 def _chunked_leaf(path: str, node: dict) -> Leaf | None:
@@ -227,78 +125,97 @@ def _chunked_leaf(path: str, node: dict) -> Leaf | None:
   return Leaf(path, 'array', chunks[0].dtype, shape, nbytes, segments)
 
 
-def _leaves(node, path: str, out: list, fd: int) -> None:
+def _leaves(node, path: str, out: list, parser: _StructureParser) -> None:
+  """Appends the leaves of ``node`` to ``out`` (charged to ``parser``)."""
   if isinstance(node, dict):
     if node.get(serialization.CHUNKED_KEY) is True:
       leaf = _chunked_leaf(path, node)
       if leaf is not None:
+        parser.charge('leaves', _LEAF_COST)
         out.append(leaf)
         return
     for key, value in node.items():
-      _leaves(value, f'{path}/{key}' if path else str(key), out, fd)
+      _leaves(value, f'{path}/{key}' if path else str(key), out, parser)
   elif isinstance(node, list):
     for i, value in enumerate(node):
-      _leaves(value, f'{path}/{i}' if path else str(i), out, fd)
-  elif isinstance(node, _Array):
+      _leaves(value, f'{path}/{i}' if path else str(i), out, parser)
+  else:
+    parser.charge('leaves', _LEAF_COST + len(path))
+    out.append(_leaf(node, path, parser.fd))
+
+
+def _leaf(node, path: str, fd: int) -> Leaf:
+  """The Leaf of one parsed value."""
+  if isinstance(node, _Array):
     value = None
     if node.shape == () and node.nbytes <= 16:  # e.g. a step counter
-      value = np.frombuffer(os.pread(fd, node.nbytes, node.offset),
-                            node.dtype)[0]
-    out.append(Leaf(path, 'array', node.dtype, node.shape, node.nbytes,
-                    [(node.offset, node.nbytes)] if node.nbytes else [],
-                    value))
-  elif isinstance(node, tuple) and node[0] == 'npscalar':
+      value = np.frombuffer(msgpack_stream.pread_bytes(
+          fd, node.nbytes, node.offset), node.dtype)[0]
+    return Leaf(path, 'array', node.dtype, node.shape, node.nbytes,
+                [(node.offset, node.nbytes)] if node.nbytes else [], value)
+  if isinstance(node, tuple) and node[0] == 'npscalar':
     arr = node[1]
     value = None
     if arr.nbytes <= 64:
-      value = np.frombuffer(os.pread(fd, arr.nbytes, arr.offset),
-                            arr.dtype).reshape(arr.shape)[()]
-    out.append(Leaf(path, 'scalar', arr.dtype, arr.shape, arr.nbytes,
-                    [(arr.offset, arr.nbytes)], value))
-  elif isinstance(node, tuple) and node[0] == 'ext':
-    out.append(Leaf(path, f'ext{node[1]}', nbytes=node[2]))
-  else:
-    nbytes = len(node) if isinstance(node, (str, bytes)) else 0
-    out.append(Leaf(path, type(node).__name__, nbytes=nbytes, value=node))
+      value = np.frombuffer(msgpack_stream.pread_bytes(
+          fd, arr.nbytes, arr.offset), arr.dtype).reshape(arr.shape)[()]
+    return Leaf(path, 'scalar', arr.dtype, arr.shape, arr.nbytes,
+                [(arr.offset, arr.nbytes)], value)
+  if isinstance(node, tuple) and node[0] == 'ext':
+    return Leaf(path, f'ext{node[1]}', nbytes=node[2])
+  nbytes = len(node) if isinstance(node, (str, bytes)) else 0
+  return Leaf(path, type(node).__name__, nbytes=nbytes, value=node)
 
 
 def read_structure(path: str) -> Structure:
-  """The leaves of the msgpack checkpoint file ``path`` (no array data).
+  """The leaves of the msgpack checkpoint file ``path`` (no array data; a
+  local path or a URL, whose framing is read in ranges).
+
+  A FIFO, socket or device is refused without blocking; memory is bounded
+  by ``lib.msgpack_stream``'s limit (a crafted file of millions of leaves
+  fails with one line).
 
   Raises:
     RunnerError: not a regular file, unreadable, truncated or not msgpack
       (naming ``path`` and the offset).
   """
-  if os.path.isdir(path):
+  if storage.isdir(path):
     raise RunnerError(f'{path} is a directory, not a checkpoint file (an'
                       ' Orbax checkpoint, or use `gintrain ckpt ls`).')
   try:
-    fd = os.open(path, os.O_RDONLY)
+    local = storage.local_file(path)
+    if local is not None:
+      source = msgpack_stream.open_regular(local)
+      size = os.fstat(source).st_size
+    else:
+      source, size = storage.open_read(path), storage.size(path)
+  except msgpack_stream.NotARegularFileError as e:
+    raise RunnerError(f'{path}: {e.what}, not a checkpoint file.') from None
   except OSError as e:
     raise RunnerError(f'{path}: {e.strerror or e}.') from e
   try:
-    size = os.fstat(fd).st_size
-    parser = _Parser(fd, size)
-    try:
-      if size == 0:
-        raise _Bad('the file is empty')
-      tree = parser.parse()
-      if parser.pos != size:
-        raise _Bad(f'{size - parser.pos} extra bytes after the tree at'
-                   f' offset {parser.pos}')
-      leaves = []
-      _leaves(tree, '', leaves, fd)
-    except _Bad as e:
-      raise RunnerError(f'{path}: not a complete msgpack checkpoint: {e}.'
-                        ) from None
-    except RecursionError:
-      raise RunnerError(f'{path}: not a msgpack checkpoint: nesting too'
-                        ' deep.') from None
-    except OSError as e:
-      raise RunnerError(f'{path}: read failed: {e}.') from e
+    return Structure(path, size, _parse_leaves(path, source, size))
   finally:
-    os.close(fd)
-  return Structure(path, size, leaves)
+    if isinstance(source, int):
+      os.close(source)
+    else:
+      source.close()
+
+
+def _parse_leaves(path: str, source, size: int) -> list:
+  parser = _StructureParser(source, size)
+  try:
+    leaves = []
+    _leaves(parser.parse_all(), '', leaves, parser)
+    return leaves
+  except msgpack_stream.StreamError as e:
+    raise RunnerError(f'{path}: not a complete msgpack checkpoint: {e}.'
+                      ) from None
+  except RecursionError:
+    raise RunnerError(f'{path}: not a msgpack checkpoint: nesting too'
+                      ' deep.') from None
+  except OSError as e:
+    raise RunnerError(f'{path}: read failed: {e}.') from e
 
 
 def _read_range(f, path: str, leaf: Leaf, start: int, n: int) -> np.ndarray:
@@ -329,7 +246,7 @@ def iter_leaf(path: str, leaf: Leaf, block_elements: int = 1 << 22):
   ``block_elements`` elements (the last one shorter), in C order."""
   if leaf.kind not in ('array', 'scalar'):
     raise ValueError(f'{leaf.path} is not an array')
-  with open(path, 'rb', buffering=0) as f:
+  with storage.open_read(path) as f:
     for start in range(0, leaf.size, block_elements):
       yield _read_range(f, path, leaf, start,
                         min(block_elements, leaf.size - start))

@@ -29,7 +29,7 @@ from gintrain.runner.outputs import writers
 from gintrain.runner.parallel import distributed
 from gintrain.runner.training import config as config_lib
 from gintrain.runner.training import steps
-from gintrain.runner.training import trainer
+from gintrain.runner.training import assembly
 
 __all__ = ['CHECKPOINT', 'SPLIT', 'find_checkpoint', 'evaluate',
            'evaluate_checkpoint']
@@ -89,14 +89,12 @@ def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
   Raises:
     RunnerError: the file is unreadable or does not fit the model.
   """
-  run = trainer.build(config)
+  run = assembly.build(config)
   p = run.partitioner
   state, _ = checkpoints.restore_state(
-      path, jax.eval_shape(trainer.state_maker(run)), p, hint='')
-  _, eval_step = p.compile(
-      steps.make_train_step(run.task, config.seed, p.axis_name),
-      steps.make_eval_step(run.task, p.axis_name))
-  return int(np.asarray(p.get(state.step))), trainer.evaluate(
+      path, jax.eval_shape(assembly.state_maker(run)), p, hint='')
+  eval_step = p.compile_eval(steps.make_eval_step(run.task, p.axis_name))
+  return int(np.asarray(p.get(state.step))), assembly.evaluate(
       run, eval_step, state)
 
 

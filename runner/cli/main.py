@@ -112,6 +112,7 @@ from gintrain.runner.parallel import watchdog
 from gintrain.runner.training import init_from as init_from_lib
 from gintrain.runner.training import memory
 from gintrain.runner.training import warm_start
+from gintrain.runner.training import assembly
 from gintrain.runner.training import trainer
 
 __all__ = ['main_with_flags', 'run', 'PARSED_CONFIG', 'OPERATIVE_CONFIG',
@@ -225,14 +226,14 @@ def dry_run() -> int:
     config.check_required()  # raises with the full list
   print('# All %gin.REQUIRED bindings are set.')
   config.finalize()
-  run = trainer.build(configurables.train())
-  summary = trainer.describe(run)
+  run = assembly.build(configurables.train())
+  summary = assembly.describe(run)
   layout = summary.pop('layout')
   print('# Built:')
   for key, value in summary.items():
     print(f'#   {key}: {value}')
   print(format_layout(layout))
-  make = trainer.state_maker(run)
+  make = assembly.state_maker(run)
   est = memory.estimate(run, make)  # compiled ahead of time, not run
   print(memory.format_estimate(est))
   memory.check(run, make, runner_flags.MEMORY_BUDGET.value, est=est)

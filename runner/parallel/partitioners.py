@@ -95,10 +95,13 @@ class Partitioner(abc.ABC):
     """Placed values -> host numpy values (one copy of replicated ones)."""
 
   @abc.abstractmethod
-  def compile(self, train_step: Callable, eval_step: Callable,
-              donate: bool = True) -> tuple[Callable, Callable]:
-    """The compiled steps; with ``donate`` the train step donates the state
+  def compile_train(self, step: Callable, donate: bool = True) -> Callable:
+    """The compiled ``train_step``; with ``donate`` it donates the state
     (its input buffers are reused for the output)."""
+
+  @abc.abstractmethod
+  def compile_eval(self, step: Callable) -> Callable:
+    """The compiled ``eval_step``."""
 
   def create_state(self, make: Callable[[], Any]) -> Any:
     """The placed train state that ``make()`` builds (traced, not run on
@@ -128,9 +131,8 @@ class Partitioner(abc.ABC):
       total += nbytes
       rows.append({'path': rules_lib.path_of(keys), 'shape': list(x.shape),
                    'spec': '()', 'bytes_per_device': nbytes})
-    return {'mesh': {'devices': jax.local_device_count()
-                     if self.name == 'pmap' else 1},
-            'arrays': rows, 'state_bytes_per_device': total}
+    return {'mesh': {'devices': 1}, 'arrays': rows,
+            'state_bytes_per_device': total}
 
   def snapshot(self, tree: Any) -> Any:
     """Values of ``tree`` a checkpoint writer may read in the background:
@@ -158,9 +160,11 @@ class Single(Partitioner):
   def get(self, tree):
     return jax.device_get(tree)
 
-  def compile(self, train_step, eval_step, donate=True):
-    return (jax.jit(train_step, donate_argnums=0 if donate else ()),
-            jax.jit(eval_step))
+  def compile_train(self, step, donate=True):
+    return jax.jit(step, donate_argnums=0 if donate else ())
+
+  def compile_eval(self, step):
+    return jax.jit(step)
 
   def snapshot(self, tree):
     return tree
@@ -191,10 +195,16 @@ class Pmap(Partitioner):
     return jax.tree_util.tree_map(
         lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
-  def compile(self, train_step, eval_step, donate=True):
-    return (jax.pmap(train_step, axis_name=_AXIS,
-                     donate_argnums=0 if donate else ()),
-            jax.pmap(eval_step, axis_name=_AXIS))
+  def compile_train(self, step, donate=True):
+    return jax.pmap(step, axis_name=_AXIS, donate_argnums=0 if donate else ())
+
+  def compile_eval(self, step):
+    return jax.pmap(step, axis_name=_AXIS)
+
+  def describe(self, tree):
+    out = super().describe(tree)  # every array whole on each local device
+    out['mesh'] = {'devices': jax.local_device_count()}
+    return out
 
 
 def _numpy(x):
@@ -352,31 +362,35 @@ class Sharded(Partitioner):
         lambda x: np.asarray(x.addressable_data(0))
         if isinstance(x, jax.Array) and x.is_fully_replicated else x, tree)
 
-  def compile(self, train_step, eval_step, donate=True):
+  def compile_train(self, step, donate=True):
+    """Jitted on first call, with the state's shardings (the state keeps
+    them), the sums replicated and the batch split."""
     rep, split = self.replicated, self.split
-    compiled = {}
+    compiled = []
 
     def train(state, sums, batch):
-      fn = compiled.get('train')
-      if fn is None:
+      if not compiled:
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        out = jax.eval_shape(train_step, state, sums, batch)
+        out = jax.eval_shape(step, state, sums, batch)
         out_sh = (state_sh,) + tuple(
             jax.tree_util.tree_map(lambda _: rep, o) for o in out[1:])
-        fn = compiled['train'] = jax.jit(
-            train_step, in_shardings=(state_sh, rep, split),
-            out_shardings=out_sh, donate_argnums=0 if donate else ())
-      return fn(state, sums, batch)
+        compiled.append(jax.jit(
+            step, in_shardings=(state_sh, rep, split),
+            out_shardings=out_sh, donate_argnums=0 if donate else ()))
+      return compiled[0](state, sums, batch)
+    return train
+
+  def compile_eval(self, step):
+    rep, split = self.replicated, self.split
+    compiled = []
 
     def evaluate(state, batch):
-      fn = compiled.get('eval')
-      if fn is None:
+      if not compiled:
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        fn = compiled['eval'] = jax.jit(
-            eval_step, in_shardings=(state_sh, split), out_shardings=rep)
-      return fn(state, batch)
-
-    return train, evaluate
+        compiled.append(jax.jit(step, in_shardings=(state_sh, split),
+                                out_shardings=rep))
+      return compiled[0](state, batch)
+    return evaluate
 
   def describe(self, tree) -> dict:
     """Per array of ``tree`` (shapes suffice): its shape, ``PartitionSpec``

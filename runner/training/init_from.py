@@ -168,6 +168,22 @@ def _latest_in(folder: str, flag: str) -> str:
   return latest
 
 
+def _renamed(rules: 'InitFrom', got: dict, flag: str) -> dict:
+  """``{model path: checkpoint path}`` after ``rules.rename``."""
+  sources = {}
+  for key in got:
+    target = key
+    for pattern, replacement in rules.rename:
+      if pattern.search(key):
+        target = pattern.sub(replacement, key)
+        break
+    if target in sources:
+      raise RunnerError(f'{flag}: init_from.rename maps both {sources[target]}'
+                        f' and {key} to {target}.')
+    sources[target] = key
+  return sources
+
+
 def select_params(rules: InitFrom, params: Any, raw: Any,
                   path: str | None = None) -> tuple[Any, InitReport]:
   """``params`` with the leaves ``rules`` select replaced from ``raw``.
@@ -189,17 +205,7 @@ def select_params(rules: InitFrom, params: Any, raw: Any,
   path = path or rules.path
   want = checkpoints.flatten(serialization.to_state_dict(params))
   got = checkpoints.flatten(raw)
-  sources = {}  # model path -> checkpoint path
-  for key in got:
-    target = key
-    for pattern, replacement in rules.rename:
-      if pattern.search(key):
-        target = pattern.sub(replacement, key)
-        break
-    if target in sources:
-      raise RunnerError(f'{flag}: init_from.rename maps both {sources[target]}'
-                        f' and {key} to {target}.')
-    sources[target] = key
+  sources = _renamed(rules, got, flag)
   loaded, initial, faults = {}, [], []
   for key, leaf in want.items():
     chosen = (any(p.search(key) for p in rules.include) and

@@ -1,11 +1,7 @@
-"""The trainer: builds a run from its config, then steps and runs actions.
+"""The trainer: the loop that steps a built run and runs its actions.
 
-:func:`build` turns a checked :class:`~.config.TrainConfig` into a
-:class:`Run` (model, task, data source, partitioner, optimizer, step count)
-and checks that they fit together, using only shapes (``jax.eval_shape``):
-a model whose output does not fit the data, or an early-stopping metric the
-task does not report, fails here with one line. :func:`dry_run` describes a
-run; :func:`train` trains it:
+``runner.training.assembly`` builds and checks the run (:func:`train`
+calls its ``build``); :func:`train` trains it:
 
 1. create the train state, or resume it from ``<workdir>/checkpoints`` (train
    state, data position, each checkpointed action's state);
@@ -23,7 +19,6 @@ checkpoint and preemption calls in the same order.
 """
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,10 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from gintrain.lib import serialization
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import checkpoint as checkpoint_action
 from gintrain.runner.actions import early_stop
@@ -45,9 +38,6 @@ from gintrain.runner.actions import preempt
 from gintrain.runner.actions import profiler
 from gintrain.runner.actions import report
 from gintrain.runner.actions import spike_guard
-from gintrain.runner.data import arrays
-from gintrain.runner.data import base as data_base
-from gintrain.runner.data import datasets
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import lock as lock_lib
@@ -56,21 +46,16 @@ from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import writers as writers_lib
 from gintrain.runner.parallel import distributed
-from gintrain.runner.parallel import partitioners
 from gintrain.runner.parallel import watchdog
-from gintrain.runner.tasks import base as task_base
-from gintrain.runner.tasks import classification
+from gintrain.runner.training import assembly
 from gintrain.runner.training import config as config_lib
 from gintrain.runner.training import goodput
 from gintrain.runner.training import init_from as init_from_lib
 from gintrain.runner.training import memory
 from gintrain.runner.training import resume_guard
-from gintrain.runner.training import schedules
 from gintrain.runner.training import steps
 
-__all__ = ['Run', 'TrainResult', 'build', 'dry_run',
-           'state_maker', 'train', 'evaluate',
-           'Preempted', 'METRICS_PLOT']
+__all__ = ['TrainResult', 'Trainer', 'train', 'Preempted', 'METRICS_PLOT']
 
 METRICS_PLOT = workdir_lib.METRICS_PLOT
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -95,198 +80,6 @@ class TrainResult:
   eval_metrics: dict
   stopped_early: bool = False
   best: list = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Run:
-  """The built, mutually checked pieces of a run (see :func:`build`)."""
-  config: config_lib.TrainConfig
-  model: Any
-  task: task_base.Task
-  source: data_base.DataSource
-  partitioner: partitioners.Partitioner
-  tx: optax.GradientTransformation
-  learning_rate: Callable[[int], float] | None
-  total: int
-  steps_per_epoch: int | None
-  eval_every: int
-  policy: checkpoints.CheckpointPolicy
-  variables: Any          # shapes of the model's variables
-  train_metrics: list[str]
-  eval_metrics: list[str]
-
-
-def _resolve(obj, what, check, want):
-  """``obj``, or ``obj()`` if it is a factory failing ``check``."""
-  if not check(obj) and callable(obj) and not isinstance(obj, type):
-    obj = obj()
-  if not check(obj):
-    raise RunnerError(f'train.{what} must be {want} (or a factory returning'
-                      f' one); got {obj!r}.')
-  return obj
-
-
-def _source(dataset) -> data_base.DataSource:
-  is_data = lambda d: isinstance(d, (data_base.DataSource, datasets.Dataset))  # pylint: disable=unnecessary-lambda-assignment
-  dataset = _resolve(dataset, 'dataset', is_data,
-                     'a Dataset or a runner.data.base.DataSource')
-  if isinstance(dataset, datasets.Dataset):
-    return arrays.ArraySource(dataset)
-  return dataset
-
-
-def _task(task, model) -> task_base.Task:
-  if task is None:
-    return classification.Classification(model)
-  if isinstance(task, task_base.Task):
-    return task
-  if callable(task):
-    task = task(model=model)
-  if not isinstance(task, task_base.Task):
-    raise RunnerError('train.task must be a Task factory called as'
-                      f' task(model=...) or a Task; got {task!r}.')
-  return task
-
-
-def _optimizer(optimizer, spe):
-  if isinstance(optimizer, optax.GradientTransformation):
-    return optimizer, None
-  if hasattr(optimizer, 'build'):
-    if spe is None and isinstance(optimizer.learning_rate,
-                                  schedules.EpochSchedule):
-      raise RunnerError('an epoch-based learning-rate schedule needs a data'
-                        ' source with epochs; use an optax schedule (steps).')
-    spe = spe or 1
-    lr = schedules.resolve(optimizer.learning_rate, spe)
-    lr_fn = lr if callable(lr) else (lambda step, lr=lr: lr)
-    return optimizer.build(spe), lr_fn
-  raise RunnerError('train.optimizer must be @optimizers.optimizer() or an'
-                    f' optax GradientTransformation, got {optimizer!r}.')
-
-
-def _with_mask(batch):
-  rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
-  return {**batch, 'mask': jax.ShapeDtypeStruct((rows,), np.float32)}
-
-
-def build(config: config_lib.TrainConfig) -> Run:
-  """Builds and cross-checks the pieces of a run (no device work).
-
-  Raises:
-    RunnerError: pieces that do not fit together, naming the binding.
-  """
-  model = _resolve(config.model, 'model',
-                   lambda m: callable(getattr(m, 'init', None)) and
-                   callable(getattr(m, 'apply', None)),
-                   'a model with init and apply')
-  source = _source(config.dataset)
-  task = _task(config.task, model)
-  partitioner = partitioners.make(config.parallelism)
-  divisor = partitioner.batch_divisor
-  if config.batch_size % divisor:
-    raise RunnerError(
-        f'train.batch_size={config.batch_size} must be a multiple of'
-        f' {divisor} (devices) for parallelism={partitioner.name!r}.')
-  if (config.batch_size // divisor) % config.microbatches:
-    raise RunnerError(
-        f'train.microbatches={config.microbatches} must divide the batch of'
-        f' each device ({config.batch_size // divisor} = train.batch_size'
-        f' {config.batch_size} / {divisor} device(s)).')
-  eval_size = config.eval_batch_size
-  cap = getattr(source, 'num_eval_examples', None)
-  if cap:
-    eval_size = min(eval_size, cap)
-  eval_size = -(-eval_size // divisor) * divisor
-  spec = data_base.Spec(config.batch_size, eval_size, config.seed,
-                        jax.process_index(), jax.process_count())
-  try:
-    source.bind(spec)
-  except ValueError as e:
-    raise RunnerError(f'train.dataset ({source.name}): {e}') from e
-  spe = source.steps_per_epoch
-  if config.num_epochs is not None and not spe:
-    raise RunnerError(f'train.num_epochs needs a data source with epochs;'
-                      f' {source.name} has none: set train.num_steps.')
-  total = config.num_steps or config.num_epochs * spe
-  tx, lr_fn = _optimizer(config.optimizer, spe)
-  policy = config.checkpoint or checkpoints.CheckpointPolicy()
-
-  sample = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-      source.sample())
-  rng = jax.random.key(config.seed)
-  try:
-    variables = jax.eval_shape(task.init, rng, sample)
-  except (KeyError, TypeError, ValueError) as e:
-    raise RunnerError(f'{task.name}: cannot initialise {task.caller.name}'
-                      f' on the batch {_shapes(sample)}: {e}') from e
-  task.check(variables, sample, source.info)
-  params = variables['params']
-  mutable = {k: v for k, v in variables.items() if k != 'params'}
-  train_out = jax.eval_shape(task.loss, params, mutable, sample, rng)
-  eval_out = jax.eval_shape(task.eval, params, mutable, _with_mask(sample))
-  train_names = ['loss', *train_out[1]]
-  eval_names = [k for k in eval_out if k != 'count']
-  eval_names = sorted(task.summarize({k: 0.0 for k in eval_names}),
-                      key=lambda k: (k != 'loss', k))
-  if 'count' not in eval_out:
-    raise RunnerError(f'{task.name}.eval must return a "count" with the'
-                      f' metric sums; it returned {sorted(eval_out)}.')
-  for what, name in (('early_stopping.metric', config.early_stopping and
-                      config.early_stopping.metric),
-                     ('checkpoint_policy.best_metric', policy.best_metric)):
-    if name and name not in eval_names:
-      raise RunnerError(f'{what}={name!r} is not an eval metric; choose one'
-                        f' of {", ".join(eval_names)}.')
-  built = Run(config, model, task, source, partitioner, tx, lr_fn, total,
-              spe, config.eval_every or spe or config.log_every, policy,
-              variables, train_names, eval_names)
-  # Partition rules that cannot split the state fail here, on shapes.
-  partitioner.describe(jax.eval_shape(state_maker(built)))
-  return built
-
-
-def _shapes(tree):
-  return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
-
-
-def state_maker(run: Run) -> Callable[[], Any]:
-  """A function building the fresh train state of ``run`` (for ``jax.jit``
-  or ``jax.eval_shape``: partitioners trace it, to create the state where
-  it belongs)."""
-  cfg = run.config
-  sample = run.source.sample()
-
-  def make():
-    variables = run.task.init(jax.random.key(cfg.seed), sample)
-    return cfg.state_factory(variables, run.model.apply, run.tx)
-  return make
-
-
-def describe(run: Run) -> dict:
-  """What a dry run prints: the pieces, step counts, parameter shapes, and
-  how the partitioner lays out the train state (``layout``: per array its
-  shape, ``PartitionSpec`` and bytes per device; the total per device).
-
-  Raises:
-    RunnerError: a partition rule that cannot split an array.
-  """
-  sizes = [int(np.prod(x.shape))
-           for x in jax.tree_util.tree_leaves(run.variables['params'])]
-  layout = run.partitioner.describe(jax.eval_shape(state_maker(run)))
-  return {'model': run.task.caller.name, 'task': run.task.name,
-          'dataset': run.source.name, 'parallelism': run.partitioner.name,
-          'devices': jax.device_count(), 'steps': run.total,
-          'steps_per_epoch': run.steps_per_epoch, 'parameters': sum(sizes),
-          'train_metrics': run.train_metrics,
-          'eval_metrics': run.eval_metrics,
-          'param_shapes': _shapes(run.variables['params']),
-          'layout': layout}
-
-
-def dry_run(config: config_lib.TrainConfig) -> dict:
-  """:func:`describe` of :func:`build`: everything checked, nothing run."""
-  return describe(build(config))
 
 
 _WATCHED = ('loss', 'grad_norm')
@@ -351,9 +144,9 @@ class _Rates:
 
 
 class Trainer:
-  """Runs a built :class:`Run` in ``workdir`` (see the module doc)."""
+  """Runs a built ``assembly.Run`` in ``workdir`` (see the module doc)."""
 
-  def __init__(self, run: Run, workdir: str, resume: str = 'auto',
+  def __init__(self, run: assembly.Run, workdir: str, resume: str = 'auto',
                init_from: str | None = None, settings=None,
                hooks: Sequence[Callable[[int], None]] = (),
                files: dict | None = None):
@@ -362,7 +155,15 @@ class Trainer:
     self.settings, self.hooks = settings, hooks
     self.files = dict(files or {})
     self.main = distributed.is_main_process()
-    self.dstate = None
+    self.dstate = None  # the placed train state, while training
+    # Set by fit(): the actions (in order) and the built-in ones the loop
+    # reads; the compiled steps; the checkpoint writes seen so far.
+    self.actions: list = []
+    self.report = self.eval_action = self.early = self.best = None
+    self.save = self.guard = None
+    self._steps: dict = {}
+    self.eval_step = None
+    self._saves = 0
 
   # -- pieces -------------------------------------------------------------
 
@@ -396,7 +197,7 @@ class Trainer:
 
   def evaluate(self, dstate) -> dict:
     """Means of the task's eval metrics over the source's eval batches."""
-    return evaluate(self.run, self.eval_step, dstate)
+    return assembly.evaluate(self.run, self.eval_step, dstate)
 
   def _step_fn(self, norms: bool, donate: bool):
     """The compiled train step variant, compiled on first use."""
@@ -404,10 +205,10 @@ class Trainer:
     if key not in self._steps:
       run, cfg = self.run, self.run.config
       p = run.partitioner
-      self._steps[key], _ = p.compile(  # its eval twin is never compiled
+      self._steps[key] = p.compile_train(
           steps.make_train_step(run.task, cfg.seed, p.axis_name, norms=norms,
                                 microbatches=cfg.microbatches),
-          self._eval_fn, donate=donate)
+          donate=donate)
     return self._steps[key]
 
   def _actions(self, writer, ckpt):
@@ -418,7 +219,7 @@ class Trainer:
     actions = [self.report]
     guard = spike_guard.policy_of(cfg.spike_guard)  # issue 22
     self.guard = guard and spike_guard.SpikeGuard(
-        guard, ckpt, lambda: jax.eval_shape(state_maker(run)),
+        guard, ckpt, lambda: jax.eval_shape(assembly.state_maker(run)),
         lambda s: setattr(self, 'dstate', s), writer, self.main)
     actions += [self.guard] if self.guard else []
     actions.append(goodput_action.GoodputReport(
@@ -530,10 +331,10 @@ class Trainer:
     self.actions = []
     try:
       self.actions = self._actions(writer, ckpt)
-      memory.check(run, state_maker(run), None if self.settings is None else
+      memory.check(run, assembly.state_maker(run), None if self.settings is None else
                    settings_lib.flatten(self.settings).get(
                        'flags.memory_budget'))  # before any checkpoint I/O
-      dstate, start, resumed = self._resume_or_start(ckpt, state_maker(run))
+      dstate, start, resumed = self._resume_or_start(ckpt, assembly.state_maker(run))
       # The resume check passed: now the workdir may be written.
       if self.main:
         for name, text in self.files.items():
@@ -564,9 +365,9 @@ class Trainer:
     # steps only: they cost 10-20% of a small model's step), and without
     # donating the state (the step after a checkpoint, whose writer may
     # still read the arrays).
-    self._eval_fn = steps.make_eval_step(run.task, p.axis_name)
     self._steps = {}
-    _, self.eval_step = p.compile(lambda *a: None, self._eval_fn)
+    self.eval_step = p.compile_eval(steps.make_eval_step(run.task,
+                                                         p.axis_name))
     self.dstate = dstate
     zero = p.put_state({k: np.zeros((), np.float32)
                         for k in run.train_metrics})
@@ -643,21 +444,6 @@ class Trainer:
     return stop
 
 
-def evaluate(run: Run, eval_step: Callable, dstate) -> dict:
-  """Means of the task's eval metrics over ``run``'s eval batches, with the
-  compiled ``eval_step`` on the placed state ``dstate`` ({} without data)."""
-  p = run.partitioner
-  totals = None
-  for batch in run.source.eval_batches():
-    sums = p.get(eval_step(dstate, p.put_batch(batch)))
-    totals = sums if totals is None else {k: totals[k] + sums[k]
-                                          for k in totals}
-  if totals is None:
-    return {}
-  count = float(totals.pop('count'))
-  return run.task.summarize({k: float(v) / count for k, v in totals.items()})
-
-
 def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
           init_from: str | None = None, settings=None,
           hooks: Sequence[Callable[[int], None]] = (),
@@ -684,7 +470,7 @@ def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
   if distributed.is_main_process():
     lock.acquire()  # a second run on this workdir stops here, at once
   try:
-    return Trainer(build(config), workdir, resume, init_from, settings,
+    return Trainer(assembly.build(config), workdir, resume, init_from, settings,
                    hooks, files).fit()
   finally:
     lock.release()

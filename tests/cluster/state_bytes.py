@@ -16,14 +16,14 @@ import jax
 
 from gintrain.runner.cli import config
 from gintrain.runner.cli import configurables
-from gintrain.runner.training import trainer
+from gintrain.runner.training import assembly
 
 
 def per_device_bytes(rules):
   config.parse([sys.argv[1]], [f'partitioner.rules = {rules!r}'])
   config.finalize()
-  run = trainer.build(configurables.train())
-  state = run.partitioner.create_state(trainer.state_maker(run))
+  run = assembly.build(configurables.train())
+  state = run.partitioner.create_state(assembly.state_maker(run))
   totals = {d: 0 for d in jax.devices()}
   for leaf in jax.tree_util.tree_leaves(state):
     for shard in leaf.addressable_shards:
