@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -380,3 +381,63 @@ def test_wandb_writer_resumes_the_same_run_id(tmp_path):
       ids.append(writer.run.id)
   assert ids[0] == ids[1]
   assert (tmp_path / 'wandb' / 'run_id').read_text().strip() == ids[0]
+
+
+HANG_ONCE_TASK = '''
+import os, sys
+marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attempted')
+if not os.path.exists(marker):
+  open(marker, 'w').close()
+  print('gintrain: error: no training step completed within --step_timeout=5'
+        ' s after step 40 (process 0 of 1): hung.', file=sys.stderr,
+        flush=True)
+  sys.exit(3)
+print('finished after the requeue', flush=True)
+'''
+
+
+def _slurm_harness():
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+  import harness  # pylint: disable=g-import-not-at-top
+  if not harness.have('slurmctld', 'slurmd', 'sbatch', 'srun', 'munged'):
+    pytest.skip('SLURM/munge not installed; .ci/run installs them')
+  if os.geteuid() != 0:
+    pytest.skip('starting slurmd/munged needs root')
+  return harness
+
+
+def test_slurm_job_exiting_3_once_is_requeued_and_finishes(tmp_path):
+  harness = _slurm_harness()
+  (tmp_path / 'hang_once.py').write_text(HANG_ONCE_TASK)
+  output = tmp_path / 'job.out'
+  with harness.SlurmCluster() as slurm:
+    environ = slurm.client_env(harness.env(
+        GINTRAIN_PYTHON=sys.executable, GINTRAIN_MODULE='hang_once',
+        GINTRAIN_STATE_DIR=tmp_path, PYTHONPATH=tmp_path))
+    submit = subprocess.run(
+        ['sbatch', '--parsable', '--ntasks=1', f'--chdir={tmp_path}',
+         f'--output={output}', os.path.join(harness.LAUNCH, 'slurm.sbatch')],
+        env=environ, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(';')[0]
+    try:
+      deadline = time.monotonic() + 200
+      released = False
+      while True:
+        state = slurm.job_field(job, 'JobState')
+        restarts = slurm.job_field(job, 'Restarts')
+        if state in ('FAILED', 'COMPLETED', 'CANCELLED', 'TIMEOUT'):
+          break
+        # A requeued job is held for the credential lifetime: start it now.
+        if restarts == '1' and state == 'PENDING' and not released:
+          released = slurm.run('scontrol', 'update', f'JobId={job}',
+                               'StartTime=now+3').returncode == 0
+        assert time.monotonic() < deadline, (state, restarts)
+        time.sleep(0.2)
+    finally:
+      slurm.run('scancel', job)
+    text = output.read_text()
+    assert state == 'COMPLETED', text
+    assert slurm.job_field(job, 'Restarts') == '1', text
+  assert text.count('requeueing job') == 1, text
+  assert 'finished after the requeue' in text, text
