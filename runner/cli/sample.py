@@ -46,7 +46,6 @@ def load_run(workdir: str, checkpoint: str | None = None):
   from gintrain.runner.cli import evaluate  # pylint: disable=g-import-not-at-top
   from gintrain.runner.outputs import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from gintrain.runner.training import init_from  # pylint: disable=g-import-not-at-top
-  from gintrain.runner.training import trainer  # pylint: disable=g-import-not-at-top
   if not storage.isdir(workdir):
     raise RunnerError(f'--workdir={workdir}: no such directory.')
   parsed = workdir_lib.path(workdir, workdir_lib.PARSED_CONFIG)
@@ -58,9 +57,12 @@ def load_run(workdir: str, checkpoint: str | None = None):
                  [])
   config.finalize()
   cfg = configurables.train()
-  model = trainer._resolve(  # pylint: disable=protected-access
-      cfg.model, 'model', lambda m: callable(getattr(m, 'apply', None)),
-      'a model with init and apply')
+  model = cfg.model
+  if not callable(getattr(model, 'apply', None)) and callable(model):
+    model = model()  # a factory (train.model = @models.llama without ())
+  if not callable(getattr(model, 'apply', None)):
+    raise RunnerError(f'{parsed}: train.model is not a model with init and'
+                      f' apply ({model!r}).')
   path = evaluate.find_checkpoint(workdir, checkpoint)
   _, raw = init_from.checkpoint_params(path, '--checkpoint')
   return model, raw, path
