@@ -135,7 +135,7 @@ class WorkdirLock:
   # -- local: fcntl -------------------------------------------------------
 
   def acquire(self) -> 'WorkdirLock':
-    if storage.is_url(self.path):
+    if storage.local_file(self.path) is None:
       return self._acquire_lease()
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
