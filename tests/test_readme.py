@@ -1,4 +1,4 @@
-"""Every example of README.md and gin/README.md runs, in a temp dir, without
+"""Every example of README.md, gin/README.md and the docs' guides runs, in a temp dir, without
 a warning from gintrain's own code.
 
 Fenced ``sh`` blocks run in order with bash (``/tmp/`` becomes the test's
@@ -9,6 +9,7 @@ configurables, which is saved as ``plugins.py`` and run through the gin
 block that imports it.
 """
 
+import glob
 import os
 import re
 import subprocess
@@ -57,7 +58,11 @@ def _sh_blocks(path):
   return out
 
 
-@pytest.mark.parametrize('path', ['README.md', 'gin/README.md'])
+GUIDES = sorted(os.path.relpath(p, REPO) for p in glob.glob(
+    os.path.join(REPO, 'docs', 'guides', '*.md')))
+
+
+@pytest.mark.parametrize('path', ['README.md', 'gin/README.md', *GUIDES])
 def test_shell_examples_run(tmp_path, path):
   blocks = _sh_blocks(path)
   if path == 'README.md':
