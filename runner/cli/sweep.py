@@ -116,7 +116,11 @@ def _base_from(rest: list) -> trials_lib.Base:
 
 def _run_parser() -> _Parser:
   p = _Parser(prog='gintrain sweep', description=__doc__.split('\n')[0],
-              allow_abbrev=False)
+              allow_abbrev=False,
+              epilog='Also: gintrain sweep status DIR [--format=table|csv|'
+              'json|md]; gintrain sweep plot DIR [--out=PNG]; gintrain sweep'
+              ' trial DIR INDEX. Runner flags (--gin_file, --gin.NAME=VALUE,'
+              ' --jax_*, ...) go to every trial.')
   p.add_argument('sweep_files', nargs='+', metavar='SWEEP_FILE')
   p.add_argument('--sweep_dir', required=True,
                  help='directory of the sweep: one workdir per trial')
