@@ -539,10 +539,6 @@ def test_readme_python_examples_run_twice_without_warnings(tmp_path):
 # -- item 5: a checkpoint whose stored step differs from its name --------------
 
 
-@pytest.mark.xfail(strict=True, reason='needs runner/outputs/checkpoints.py'
-                   ' Checkpointer._newest_readable to compare the stored'
-                   ' state step with the name (issue 18 item 5, asked of'
-                   ' the structure helper / lead)')
 def test_a_checkpoint_whose_step_differs_from_its_name_is_moved_aside(
     tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top

@@ -337,6 +337,15 @@ class Checkpointer:
         raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
                           ' entry); move it out of the checkpoint'
                           ' directory.')
+      stored = _stored_step(raw)
+      if stored is not None and stored != step:
+        if distributed.is_main_process():
+          logging.warning(
+              'Skipping checkpoint %s: it holds step %d, not the step of its'
+              ' name. It is moved to %s/; the run resumes from an older'
+              ' checkpoint, if any.', path, stored, CORRUPT_DIR)
+        skipped.append(path)
+        continue
       self._validated = (step, raw)
       return step, skipped
     return None, skipped
@@ -460,6 +469,19 @@ class Checkpointer:
         self.wait()
       finally:
         self._async.executor.shutdown(wait=True)
+
+
+def _stored_step(raw: dict) -> int | None:
+  """The train state step stored in a checkpoint's raw tree (None when it
+  is not a plain number, e.g. saved among the sharded arrays)."""
+  value = raw['state'].get('step')
+  try:
+    array = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if array.shape != () or array.dtype.kind not in 'iu':
+    return None
+  return int(array)
 
 
 def _has_placeholder(tree) -> bool:
