@@ -100,3 +100,11 @@ def test_compare_plots_runs(tmp_path, capsys):
   assert capsys.readouterr().err.strip() == (
       f'gintrain compare: error: {tmp_path / "nope"}: no metrics.jsonl (not a'
       ' run directory?).')
+
+
+def test_help_names_every_subcommand(capsys):
+  from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
+  assert cli.main_with_flags(['gintrain', '--help']) == 0
+  out = capsys.readouterr().out
+  for name in [*cli.TOOLS, 'eval']:
+    assert f'gintrain {name} ' in out, name

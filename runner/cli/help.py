@@ -31,6 +31,16 @@ Usage:
       plot several runs' curves on one figure
   gintrain goodput WORKDIR [--out=PNG]
       where the run's time went, over all its restarts (table and plot)
+  gintrain sweep SWEEP_FILE... --sweep_dir=DIR [--parallel=N]
+      many runs from one config (grids, random, Optuna); also: sweep
+      status DIR, sweep plot DIR
+  gintrain sample --workdir=DIR|--hf=FOLDER --prompt=TEXT
+      generate text from a trained model (KV cache)
+  gintrain tokenizer train|encode|check ...
+      train a byte-level BPE, tokenize, check a round trip
+  gintrain data prepare --tokenizer=T --out=DIR FILES...
+      tokenize a corpus into ArrayRecord shards with a manifest
+Each subcommand has its own --help.
 """
 
 
