@@ -39,10 +39,11 @@ build(load_config('mkdocs.yml'))
 
 
 def _tree(tmp_path):
-  """A project root in ``tmp_path``: mkdocs.yml and docs/ copied, runner/
+  """A project root in ``tmp_path``: mkdocs.yml, README.md and docs/ copied, runner/
   copied, lib/ and gin/ linked."""
-  shutil.copy(os.path.join(REPO, 'mkdocs.yml'), tmp_path)
-  ignore = shutil.ignore_patterns('generated', '__pycache__')
+  for name in ('mkdocs.yml', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), tmp_path)
+  ignore = shutil.ignore_patterns('generated', '__pycache__', 'index.md')
   shutil.copytree(os.path.join(REPO, 'docs'), tmp_path / 'docs',
                   ignore=ignore)
   shutil.copytree(os.path.join(REPO, 'runner'), tmp_path / 'runner',

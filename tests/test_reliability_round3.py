@@ -50,8 +50,10 @@ SHORT = (
 
 
 def _readme_sharded_command() -> str:
-  """The README's 2-process tensor-parallel example (one shell line)."""
-  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+  """The sharding guide's 2-process tensor-parallel example (one shell
+  line; it was the README's)."""
+  with open(os.path.join(REPO, 'docs', 'guides', 'sharding.md'),
+            encoding='utf-8') as f:
     text = f.read()
   blocks = re.findall(r'^```sh\n(.*?)^```', text, re.M | re.S)
   (block,) = [b for b in blocks if 'launch/local.sh' in b and

@@ -1,13 +1,15 @@
 """MkDocs hook: writes the reference pages that come from the code.
 
 Run by ``mkdocs build`` (mkdocs.yml's ``hooks``) before the files are
-collected, into ``docs/reference/generated/`` (not committed):
+collected, into ``docs/reference/generated/`` and ``docs/index.md`` (not
+committed):
 
 - ``gin.md``: every configurable the runner registers with gin (its
   ``configurables.REGISTERED``), with its parameters and defaults read from
   the function gin wraps, and the shipped gin files that bind it;
 - ``flags.md``: ``gintrain --help`` as the CLI prints it, every absl flag the
   runner's modules define, and each subcommand's own ``--help``;
+- ``docs/index.md``: the README, its links pointed into the site;
 - ``errors.md``: every ``gintrain: error:`` line the code can raise (each
   ``RunnerError`` message in ``runner/`` and ``lib/``), with where it is
   raised and the comment or docstring that explains it.
@@ -227,6 +229,21 @@ def errors_reference() -> str:
   return '\n'.join(lines)
 
 
+def home_page() -> str:
+  """docs/index.md: the README, its links pointed into the site."""
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+
+  def link(match):
+    label, target = match.group(1), match.group(2)
+    if target.startswith(('http:', 'https:', '#')):
+      return match.group(0)
+    if target.startswith('docs/'):
+      return f'[{label}]({target[len("docs/"):]})'
+    return f'{label} (`{target}`)' if label != target else f'`{target}`'
+  return _GENERATED + re.sub(r'(?<!!)\[([^\]]+)\]\(([^)]+)\)', link, text)
+
+
 PAGES = {'gin.md': gin_reference, 'flags.md': flags_reference,
          'errors.md': errors_reference}
 
@@ -236,8 +253,9 @@ def generate(out_dir: str = OUT) -> list:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for name, make in PAGES.items():
-    path = os.path.join(out_dir, name)
+  pages = [(os.path.join(out_dir, name), make) for name, make in PAGES.items()]
+  pages.append((os.path.join(REPO, 'docs', 'index.md'), home_page))
+  for path, make in pages:
     text = make()
     old = None
     if os.path.exists(path):
