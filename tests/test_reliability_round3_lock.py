@@ -288,6 +288,9 @@ def test_an_endpoint_that_is_down_at_start_is_one_line(tmp_path):
   assert 's3://nowhere/run' in line, line
 
 
+@pytest.mark.skipif(not os.environ.get('GINTRAIN_SLOW'), reason=(
+    'a known open defect (issue 18 item 7, storage side), 90 s:'
+    ' GINTRAIN_SLOW=1 runs it'))
 @pytest.mark.xfail(strict=True, reason='storage side (lib/storage.py, the'
                    ' structure helper\'s): a botocore EndpointConnectionError'
                    ' and a FileNotFoundError of a deleted bucket still end'
