@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gintrain.lib import storage
 from gintrain.runner.data import grain_source
 from gintrain.runner.data import packing
 from gintrain.runner.data import sources
@@ -83,7 +84,10 @@ def expand(paths, what: str) -> list[str]:
     paths = [paths]
   out = []
   for path in paths:
-    path = os.path.expanduser(path)
+    if storage.local_file(path) is None:
+      out += _expand_url(path, what)
+      continue
+    path = os.path.expanduser(storage.local_file(path))
     if any(c in path for c in '*?['):
       found = sorted(glob.glob(path))
       if not found:
@@ -96,6 +100,18 @@ def expand(paths, what: str) -> list[str]:
   if not out:
     raise RunnerError(f'{what}: no files given.')
   return out
+
+
+def _expand_url(url: str, what: str) -> list[str]:
+  """An object-store URL, or its ``*`` pattern's matches (sorted)."""
+  if not any(c in url for c in '*?['):
+    return [url]  # checked when read
+  fs, fs_path = storage.filesystem(url)
+  scheme = url.split('://', 1)[0]
+  found = sorted(f'{scheme}://{p}' for p in fs.glob(fs_path))
+  if not found:
+    raise RunnerError(f'{what}: no file matches {url}.')
+  return found
 
 
 def _split(docs, holdout_fraction):

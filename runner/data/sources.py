@@ -34,12 +34,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gintrain.lib import storage
 from gintrain.runner.data import tokenizer as tokenizer_lib
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['Documents', 'JsonlDocs', 'ParquetDocs', 'ArrayRecordDocs',
            'TextFileDocs', 'ConcatDocs', 'MANIFEST', 'read_manifest',
-           'decode_record', 'encode_record']
+           'decode_record', 'encode_record', 'local_copy']
 
 MANIFEST = 'manifest.json'
 _INDEX_VERSION = 2
@@ -91,6 +92,44 @@ def _check_file(path: str, what: str) -> str:
   if not os.path.isfile(path):
     raise RunnerError(f'{what}: {path}: no such file.')
   return path
+
+
+def _url_info(url: str, what: str) -> dict:
+  try:
+    entry = storage.info(url)
+  except (FileNotFoundError, OSError) as e:
+    raise RunnerError(f'{what}: {url}: no such file ({e}).') from e
+  if entry['type'] != 'file':
+    raise RunnerError(f'{what}: {url}: not a file.')
+  return entry
+
+
+def local_copy(path: str, what: str, cache_dir: str | None = None) -> str:
+  """A local file with ``path``'s bytes: a local path itself (checked); an
+  object-store URL copied once into ``cache_dir`` (default
+  ``~/.cache/gintrain/data``) and copied again only when its size or
+  modification time changes (for readers that need a local file: JSONL
+  offsets, ArrayRecord).
+
+  Raises:
+    RunnerError: nothing at ``path``, naming it.
+  """
+  local = storage.local_file(path)
+  if local is not None:
+    return _check_file(local, what)
+  entry = _url_info(path, what)
+  folder = cache_dir or os.path.join(os.path.expanduser('~'), '.cache',
+                                     'gintrain', 'data')
+  key = f'{path}|{entry["size"]}|{entry["mtime"]}'
+  digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:16]
+  target = os.path.join(folder, f'{digest}-{path.rstrip("/").rsplit("/", 1)[-1]}')
+  if os.path.isfile(target) and os.path.getsize(target) == entry['size']:
+    return target
+  os.makedirs(folder, exist_ok=True)
+  tmp = f'{target}.{os.getpid()}.tmp'
+  storage.download(path, tmp)
+  os.replace(tmp, target)
+  return target
 
 
 class _Tokenize:
@@ -164,11 +203,13 @@ class JsonlDocs(Documents):
     if on_bad_line not in ('skip', 'error'):
       raise RunnerError("jsonl.on_bad_line must be 'skip' or 'error', got"
                         f' {on_bad_line!r}.')
-    self.path = _check_file(path, 'jsonl')
+    self.url = path
+    self.path = local_copy(path, 'jsonl', cache_dir)
     self.tokenizer = tokenizer_lib.load(tokenizer)
     self.field, self.prompt_field = field, prompt_field
     self.on_bad_line, self.cache_dir = on_bad_line, cache_dir
-    self.name = f'jsonl({self.path}, field={field!r})'
+    self.name = f'jsonl({self.path if path == self.path else path},' \
+                f' field={field!r})'
     self._convert = _Tokenize(self.tokenizer, self.path, field, prompt_field)
     self._offsets, self.skipped, self.first_bad = self._index()
     self._lengths = None
@@ -273,12 +314,16 @@ class ParquetDocs(Documents):
   def __init__(self, path: str, field: str = 'text', tokenizer='byte',
                prompt_field: str | None = None, cached_row_groups: int = 2):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    self.path = _check_file(path, 'parquet')
+    if storage.local_file(path) is not None:
+      self.path = _check_file(storage.local_file(path), 'parquet')
+    else:
+      self.path = path  # row groups read through the store, when needed
+      _url_info(path, 'parquet')
     self.tokenizer = tokenizer_lib.load(tokenizer)
     self.field, self.prompt_field = field, prompt_field
     self.name = f'parquet({self.path}, field={field!r})'
     try:
-      meta = pq.ParquetFile(self.path).metadata
+      meta = self._open().metadata
     except Exception as e:  # pylint: disable=broad-except
       raise RunnerError(f'{self.path}: not a readable Parquet file'
                         f' ({type(e).__name__}: {e}).') from e
@@ -298,6 +343,12 @@ class ParquetDocs(Documents):
     self._lengths = None
     self._lock = threading.Lock()
 
+  def _open(self):
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    if storage.local_file(self.path) is not None:
+      return pq.ParquetFile(self.path)
+    return pq.ParquetFile(storage.open_read(self.path))
+
   def __getstate__(self):
     return {**self.__dict__, '_file': None, '_lock': None,
             '_groups': collections.OrderedDict()}
@@ -315,7 +366,7 @@ class ParquetDocs(Documents):
       return self._groups[g]
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     if self._file is None:
-      self._file = pq.ParquetFile(self.path)
+      self._file = self._open()
     columns = [c for c in (self.field, self.prompt_field) if c is not None]
     table = self._file.read_row_group(g, columns=columns)
     data = {c: table.column(c).to_pylist() for c in columns}
@@ -350,7 +401,9 @@ class ArrayRecordDocs(Documents):
     from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
     if isinstance(paths, str):
       paths = [paths]
-    paths = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+    paths = [local_copy(p, 'array_record') if storage.local_file(p) is None
+             else os.path.abspath(os.path.expanduser(storage.local_file(p)))
+             for p in paths]
     self.manifest = None
     lengths = None
     if len(paths) == 1 and os.path.isdir(paths[0]):
