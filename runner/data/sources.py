@@ -10,13 +10,22 @@ when asked for, so memory does not grow with the corpus.
 * :class:`JsonlDocs`: one JSON object per line; an index of line offsets is
   built once (bad lines skipped with a count, or an error, as
   ``on_bad_line`` says) and cached beside the file, or under ``cache_dir``
-  when the data folder is read-only.
+  when the data folder is read-only. A record found bad when read (a
+  missing field, or a line changed since it was indexed) is, with
+  ``'skip'``, an empty document and a warning naming it (file:line) with
+  the running count of bad records, once per record; with ``'error'``,
+  an error naming it.
 * :class:`ParquetDocs`: one row per document; only the named columns of the
   row group holding a row are read (row groups are read lazily, a few kept).
 * :class:`ArrayRecordDocs`: shards written by ``gintrain data prepare``
   (records of little-endian uint32: the prompt length, then the tokens) with
   their ``manifest.json``; or any ArrayRecord file of UTF-8 text records.
 * :class:`TextFileDocs`: whole text files, one document each.
+
+Paths may be object-store URLs (``s3://...``, through
+:mod:`gintrain.lib.storage`): Parquet row groups are read through the store
+when needed; JSONL and ArrayRecord files are copied once into a local cache
+(:func:`local_copy`).
 
 A named ``field`` holds text (tokenized with the ``tokenizer``) or a list of
 ints (already tokens). Faults in the input (a missing file, a field that is
@@ -43,7 +52,10 @@ __all__ = ['Documents', 'JsonlDocs', 'ParquetDocs', 'ArrayRecordDocs',
            'decode_record', 'encode_record', 'local_copy']
 
 MANIFEST = 'manifest.json'
-_INDEX_VERSION = 2
+_INDEX_VERSION = 3
+# Bad records met when read: each warned about once, the first _WARN_EACH of
+# a file one by one, then every _WARN_EVERY-th.
+_WARN_EACH, _WARN_EVERY = 20, 100
 # Sources are read from grain's prefetch thread and the main thread (eval)
 # at once: file positions are never shared (os.pread), caches are locked.
 
@@ -203,17 +215,21 @@ class JsonlDocs(Documents):
     if on_bad_line not in ('skip', 'error'):
       raise RunnerError("jsonl.on_bad_line must be 'skip' or 'error', got"
                         f' {on_bad_line!r}.')
-    self.url = path
     self.path = local_copy(path, 'jsonl', cache_dir)
+    self.url = self.path if storage.local_file(path) is not None else path
     self.tokenizer = tokenizer_lib.load(tokenizer)
     self.field, self.prompt_field = field, prompt_field
     self.on_bad_line, self.cache_dir = on_bad_line, cache_dir
     self.name = f'jsonl({self.path if path == self.path else path},' \
                 f' field={field!r})'
-    self._convert = _Tokenize(self.tokenizer, self.path, field, prompt_field)
-    self._offsets, self.skipped, self.first_bad = self._index()
+    self._convert = _Tokenize(self.tokenizer, self.url, field, prompt_field)
+    (self._offsets, self._lines, self.skipped,
+     self.first_bad) = self._index()
     self._lengths = None
     self._fh = None
+    self.bad_records = 0  # records found bad when read (on_bad_line='skip')
+    self._warned = set()
+    self._bad_lock = threading.Lock()
     self._check_first()
 
   def _index(self):
@@ -227,10 +243,10 @@ class JsonlDocs(Documents):
             bad = int(z['skipped'])
             if bad and self.on_bad_line == 'error':
               break  # rebuild to name the line
-            return z['offsets'], bad, str(z['first_bad'])
+            return z['offsets'], z['lines'], bad, str(z['first_bad'])
       except (OSError, KeyError, ValueError):
         continue
-    offsets, ends, skipped, first_bad = [], [], 0, ''
+    offsets, ends, lines, skipped, first_bad = [], [], [], 0, ''
     with open(self.path, 'rb') as f:
       pos = 0
       for number, line in enumerate(f, 1):
@@ -244,6 +260,7 @@ class JsonlDocs(Documents):
         if ok:
           offsets.append(start)
           ends.append(pos)
+          lines.append(number)
           continue
         if self.on_bad_line == 'error':
           raise RunnerError(f'{self.path}:{number}: not a JSON object'
@@ -258,21 +275,49 @@ class JsonlDocs(Documents):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         tmp = f'{cached}.{os.getpid()}.tmp.npz'
         np.savez(tmp, key=key, offsets=offsets, skipped=skipped,
-                 first_bad=first_bad)
+                 first_bad=first_bad, lines=lines)
         os.replace(tmp, cached)
         break
       except OSError:
         continue
-    return offsets, skipped, first_bad
+    lines = np.asarray(lines, np.int64)
+    return offsets, lines, skipped, first_bad
 
   def _check_first(self):
     if not len(self._offsets):
       raise RunnerError(f'{self.path}: no JSON lines to read'
                         f' ({self.skipped} bad).')
-    self[0]  # a missing field fails now, naming the file and line
+    self._convert(self._row(0), self._where(0))  # a missing field fails
+    # now, naming the file and line
 
   def __getstate__(self):
-    return {**self.__dict__, '_fh': None}
+    return {**self.__dict__, '_fh': None, '_bad_lock': None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._bad_lock = threading.Lock()
+
+  def _where(self, index):
+    return f':{int(self._lines[index])}'
+
+  def _bad(self, index, reason):
+    """A record found bad when read: an error (``on_bad_line='error'``),
+    or a warning naming it (file:line) with the running count of bad
+    records, once per record (rate-limited past the first few), and an
+    empty document in its place."""
+    where = f'{self.url}{self._where(index)}'
+    if self.on_bad_line == 'error':
+      raise RunnerError(f'{where}: {reason} (jsonl.on_bad_line=\'error\').')
+    with self._bad_lock:
+      if index in self._warned:
+        return
+      self._warned.add(index)
+      self.bad_records += 1
+      count = self.bad_records
+    if count <= _WARN_EACH or count % _WARN_EVERY == 0:
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.warning('jsonl: %s: %s; skipped (%d bad record(s) so far in'
+                      ' this file).', where, reason, count)
 
   def __len__(self):
     return len(self._offsets)
@@ -283,22 +328,44 @@ class JsonlDocs(Documents):
     start, end = (int(x) for x in self._offsets[index])
     return json.loads(os.pread(self._fh.fileno(), end - start, start))
 
+  def _checked_row(self, index):
+    """The record's JSON object, or None when it is bad (see _bad): the
+    file changed since it was indexed."""
+    try:
+      row = self._row(index)
+    except ValueError:
+      row = None
+    if isinstance(row, dict):
+      return row
+    self._bad(index, 'not a JSON object (the file changed since it was'
+              ' indexed?)')
+    return None
+
+  def _tokens(self, index, row):
+    if row is not None:
+      try:
+        return self._convert(row)
+      except RunnerError as e:
+        self._bad(index, str(e).removeprefix(f'{self.url}: ').rstrip('.'))
+    return np.zeros(0, np.int32), 0
+
   def __getitem__(self, index):
-    return self._convert(self._row(int(index)),
-                         f' (record {int(index)})')
+    index = int(index)
+    return self._tokens(index, self._checked_row(index))
 
   def _compute_lengths(self):
     out = np.empty(len(self), np.int64)
     for start in range(0, len(self), 1024):
-      rows = [self._row(i) for i in range(start, min(start + 1024,
-                                                     len(self)))]
+      index = range(start, min(start + 1024, len(self)))
+      rows = [self._checked_row(i) for i in index]
       if self.prompt_field is None and all(
-          isinstance(r.get(self.field), (str, bytes)) for r in rows):
+          isinstance(r, dict) and isinstance(r.get(self.field), (str, bytes))
+          for r in rows):
         ids = self.tokenizer.encode_batch([r[self.field] for r in rows])
         out[start:start + len(rows)] = [len(x) for x in ids]
       else:
-        out[start:start + len(rows)] = [len(self._convert(r)[0])
-                                        for r in rows]
+        out[start:start + len(rows)] = [len(self._tokens(i, r)[0])
+                                        for i, r in zip(index, rows)]
     return out
 
 
