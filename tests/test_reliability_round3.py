@@ -568,10 +568,6 @@ def test_a_checkpoint_whose_step_differs_from_its_name_is_moved_aside(
   assert run(workdir, '--gin.train.num_steps=16') == 0
 
 
-@pytest.mark.xfail(strict=True, reason='needs the loop (runner/training/'
-                   'trainer.py) to write the final checkpoint before the'
-                   ' final evaluation and end-of-run actions (issue 18 item'
-                   ' 5, asked of the lead)')
 def test_the_final_checkpoint_is_written_before_the_final_actions(tmp_path):
   from tiny import run  # pylint: disable=g-import-not-at-top
   seen = {}

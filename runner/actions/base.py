@@ -17,6 +17,21 @@ After every step the loop calls each action that is due, in order::
   it); a true return value from an action asks the loop to stop after this
   step (``last`` is then true for the actions after it).
 
+After the final step (the run's last, or the step an action stopped it
+at) the loop calls ``action.end(step, state, metrics)`` once on each
+action instead (by default: ``action(step, state, metrics)`` if
+``action.due(step, True)``), first the ones with ``end_first`` (the spike
+guard, the finite check and the checkpoint: the final checkpoint is written
+and waited for before a final evaluation or sampling that could hang), then
+the others in order. The actions publish what the run's result needs in
+that ``metrics``: ``metrics['eval']`` (the last evaluation),
+``metrics['stop_reason']`` (e.g. ``'early_stopping'``) and
+``metrics['best']`` (``[(step, value)]`` of the kept-best checkpoints).
+
+Each built-in action has a ``name`` (``'eval'``, ``'checkpoint'``, ...);
+``train.replace_actions = {'eval': @my_module.MyEval}`` replaces it with
+``MyEval(built_in)`` (see ``runner.actions.defaults``).
+
 An action that must survive a restart also has ``checkpoint_key`` (a
 string), ``get_state()`` and ``set_state(state)``: its state is saved in
 every checkpoint under that key and restored on resume.
@@ -39,11 +54,15 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ['Action', 'PeriodicAction', 'Callback', 'as_action', 'is_stateful']
+__all__ = ['Action', 'PeriodicAction', 'Callback', 'StepHook', 'as_action',
+           'is_stateful']
 
 
 class Action(abc.ABC):
   """Something the loop does after a step (see the module doc)."""
+
+  name: str | None = None  # built-ins: what train.replace_actions calls it
+  end_first = False  # ended before the others (see the module doc)
 
   def due(self, step: int, last: bool) -> bool:
     """Whether to run after ``step``; every step by default."""
@@ -55,12 +74,20 @@ class Action(abc.ABC):
     (``runner.training.assembly.Run``: model, task, data source, ...) and the
     workdir, for actions that need them."""
 
-  def on_start(self, step: int) -> None:
-    """Called once before the first step (``step``: where the run starts)."""
+  def on_start(self, step: int) -> bool | None:
+    """Called once before the first step (``step``: where the run starts);
+    a true result stops the run at once (e.g. early stopping restored as
+    stopped): only the end-of-run calls follow."""
 
   @abc.abstractmethod
   def __call__(self, step: int, state: Any, metrics: dict) -> bool | None:
     """Does the work; a true result stops training after this step."""
+
+  def end(self, step: int, state: Any, metrics: dict) -> None:
+    """Called once after the final step (see the module doc); by default
+    the action runs if it is due at the end."""
+    if self.due(step, True):
+      self(step, state, metrics)
 
   def close(self) -> None:
     """Called once when the run ends, also after an error."""
@@ -96,6 +123,18 @@ class Callback(Action):
 
   def __call__(self, step, state, metrics):
     return self.fn(step, state, metrics)
+
+
+class StepHook(Action):
+  """Calls ``hook(step)`` after every step (``train(..., hooks=)``: at a
+  log step after the metrics fetch, at the end after the final checkpoint).
+  """
+
+  def __init__(self, hook: Callable[[int], Any]):
+    self.hook = hook
+
+  def __call__(self, step, state, metrics):
+    self.hook(step)
 
 
 def as_action(obj: Any) -> Action:

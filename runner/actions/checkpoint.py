@@ -1,4 +1,5 @@
-"""Periodic and final checkpoints."""
+"""Periodic and final checkpoints (the final one written and waited for
+before the other end-of-run actions)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,9 @@ class SaveCheckpoint(base.PeriodicAction):
     every_steps: the period (0 or None: only the final checkpoint).
   """
 
+  name = 'checkpoint'
+  end_first = True  # the final checkpoint lands before the final eval
+
   def __init__(self, checkpointer, snapshot: Callable[[int], Any],
                every_steps: int | None):
     super().__init__(every_steps)
@@ -28,3 +32,8 @@ class SaveCheckpoint(base.PeriodicAction):
 
   def __call__(self, step, state, metrics):
     self.save(step)
+
+  def end(self, step, state, metrics):
+    """The final checkpoint, waited for (also after a background save)."""
+    self.save(step)
+    self.checkpointer.wait()

@@ -18,9 +18,14 @@ class EarlyStop(base.Action):
     log: whether to write log lines (process 0).
   """
   checkpoint_key = 'early_stopping'
+  name = 'early_stopping'
 
   def __init__(self, stopper, log: bool = True):
     self.stopper, self.log = stopper, log
+    self.seen = None  # the step of the last evaluation taken
+
+  def on_start(self, step):
+    return self.should_stop  # restored as stopped: the run ends at once
 
   @property
   def should_stop(self) -> bool:
@@ -30,8 +35,9 @@ class EarlyStop(base.Action):
     return True
 
   def __call__(self, step, state, metrics):
-    if 'eval' not in metrics:
-      return None
+    if 'eval' not in metrics or step == self.seen:
+      return self.should_stop if step == self.seen else None
+    self.seen = step
     self.stopper = self.stopper.update(metrics['eval'])
     if self.should_stop and self.log:
       s = self.stopper
@@ -39,6 +45,11 @@ class EarlyStop(base.Action):
                    ' evaluations (best %.4f).', step, s.metric,
                    s.state.patience_count, s.state.best_metric)
     return self.should_stop
+
+  def end(self, step, state, metrics):
+    """Takes a final evaluation; publishes ``metrics['stop_reason']``."""
+    if self(step, state, metrics):
+      metrics['stop_reason'] = 'early_stopping'
 
   def get_state(self):
     return self.stopper.state

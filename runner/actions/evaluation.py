@@ -21,6 +21,8 @@ class Evaluate(base.PeriodicAction):
     log: whether to write log lines (process 0).
   """
 
+  name = 'eval'
+
   def __init__(self, evaluate: Callable, writer, every_steps: int,
                log: bool = True):
     super().__init__(every_steps)

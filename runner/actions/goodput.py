@@ -27,6 +27,7 @@ class GoodputReport(base.Action):
   """
 
   goodput_part = 'idle'
+  name = 'goodput'
 
   def __init__(self, writer, record: Callable[[], dict], main: bool = True):
     self.writer, self.record, self.main = writer, record, main

@@ -34,13 +34,29 @@ class KeepBest(base.Action):
     self.checkpointer, self.snapshot = checkpointer, snapshot
     self.metric, self.mode, self.keep, self.log = metric, mode, keep, log
     self.best: list[tuple[int, float]] = []
+    self.seen = None  # the step of the last evaluation taken
+    self.restored = False
+
+  name = 'keep_best'
 
   def due(self, step, last):
     return True
 
+  def on_start(self, step):
+    """After a resume, drops best checkpoints newer than ``step`` that the
+    restored record does not list (they will be recomputed, identically)."""
+    if self.restored:
+      self.checkpointer.prune_best_after(step, {s for s, _ in self.best})
+
+  def end(self, step, state, metrics):
+    """Takes a final evaluation; publishes ``metrics['best']``."""
+    self(step, state, metrics)
+    metrics['best'] = list(self.best)
+
   def __call__(self, step, state, metrics):
-    if 'eval' not in metrics:
+    if 'eval' not in metrics or step == self.seen:
       return
+    self.seen = step
     value = float(metrics['eval'][self.metric])
     if not np.isfinite(value):
       return
@@ -59,12 +75,8 @@ class KeepBest(base.Action):
             'values': np.array([v for _, v in self.best], np.float64)}
 
   def set_state(self, state):
+    self.restored = True
     state = state or {}
     self.best = [(int(s), float(v)) for s, v in zip(
         np.asarray(state.get('steps', [])),
         np.asarray(state.get('values', [])))]
-
-  def after_restore(self, step: int) -> None:
-    """Drops best checkpoints newer than ``step`` that the restored record
-    does not list (they will be recomputed, identically)."""
-    self.checkpointer.prune_best_after(step, {s for s, _ in self.best})

@@ -39,6 +39,8 @@ class CheckPreemption(base.Action):
   runs only once a signal arrived.
   """
 
+  name = 'preemption'
+
   def __init__(self, save: Callable[[int], object],
                wait: Callable[[], None]):
     self.save, self.wait = save, wait
@@ -56,6 +58,9 @@ class CheckPreemption(base.Action):
       self.save(step)
       self.wait()
       raise Preempted(step, signum)
+
+  def end(self, step, state, metrics):
+    """Nothing: the final checkpoint is written already."""
 
   def close(self):
     preemption.close_agreement()

@@ -24,6 +24,8 @@ class Profile(base.Action):
   and uploaded when it stops.
   """
 
+  name = 'profiler'
+
   def __init__(self, workdir: str, first: int, last: int):
     self.logdir = storage.join(workdir, PROFILE_DIR)
     self.first, self.last = first, last

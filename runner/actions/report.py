@@ -1,7 +1,14 @@
 """Train records and log lines, written shortly after their metric fetch.
 
 At a log step the loop fetches the metric sums (which waits for that step)
-into ``metrics['train']``. Writing the record and the log line (about a
+into ``metrics['train']``: the means since the previous record, the
+learning rate, ``data_wait_fraction`` (the share of the time the loop waited
+for input, when the source tells it) and the rates ``steps_per_sec``,
+``examples_per_sec`` and ``tokens_per_sec`` (and the ETA of the log line).
+The rates leave out evaluation time and, in the first record of a launch,
+the first step (compilation): they are measured from the end of the first
+step. The first record also carries ``packing_efficiency`` when the source's
+``info`` has it. Writing the record and the log line (about a
 millisecond of host work) waits until ``delay`` more steps are dispatched,
 so the device computes meanwhile instead of idling.
 """
@@ -38,16 +45,20 @@ class ReportTrain(base.Action):
     delay: steps between the fetch and the write.
   """
 
+  name = 'report'
+
   def __init__(self, writer, total: int, log: bool = True, delay: int = 8):
     self.writer, self.total, self.log, self.delay = writer, total, log, delay
     self.pending = None
     self.last: dict = {}
+    self.seen = None  # the step of the last record taken
 
   def due(self, step, last):
     return True
 
   def __call__(self, step, state, metrics):
-    if 'train' in metrics:
+    if 'train' in metrics and step != self.seen:
+      self.seen = step
       self.write()
       self.pending = (step, dict(metrics['train']))
       self.last = self.pending[1]
@@ -69,6 +80,10 @@ class ReportTrain(base.Action):
                    format_metrics(shown), rate,
                    format_eta((self.total - step) / rate if rate else
                               float('nan')))
+
+  def end(self, step, state, metrics):
+    self(step, state, metrics)
+    self.write()
 
   def close(self):
     self.write()

@@ -59,6 +59,8 @@ class WriteSamples(base.Action):
     seed: the sampling seed.
   """
 
+  name = 'samples'
+
   def __init__(self, num: int = 4, prompt_length: int = 48,
                temperature: float = 0.7, seed: int = 0):
     self.num, self.prompt_length = num, prompt_length

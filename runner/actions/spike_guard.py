@@ -134,6 +134,8 @@ class SpikeGuard(base.Action):
   """
 
   checkpoint_key = 'spike_guard'
+  name = 'spike_guard'
+  end_first = True  # a spiked final state is rolled back, not saved
 
   def __init__(self, policy: SpikeGuardPolicy, checkpointer,
                shapes: Callable[[], Any], install: Callable[[Any], None], writer, main: bool = True):

@@ -116,17 +116,17 @@ def _bind_source(config, source, partitioner) -> None:
         f'train.microbatches={config.microbatches} must divide the batch of'
         f' each device ({config.batch_size // divisor} = train.batch_size'
         f' {config.batch_size} / {divisor} device(s)).')
-  eval_size = config.eval_batch_size
-  cap = getattr(source, 'num_eval_examples', None)
-  if cap:
-    eval_size = min(eval_size, cap)
-  eval_size = -(-eval_size // divisor) * divisor
+  eval_size = config_lib.eval_batch_rows(config.eval_batch_size, source,
+                                         divisor)
   spec = data_base.Spec(config.batch_size, eval_size, config.seed,
                         jax.process_index(), jax.process_count())
   try:
     source.bind(spec)
   except ValueError as e:
     raise RunnerError(f'train.dataset ({source.name}): {e}') from e
+  # One eval batch must fit this host (input bytes alone), before training.
+  config_lib.check_eval_batch(config.eval_batch_size, eval_size,
+                              source.sample(), jax.process_count())
 
 
 def _shaped(config, task, source):

@@ -70,6 +70,12 @@ class TrainConfig:
     spike_guard: the loss-spike guard (``runner.actions.spike_guard``):
       True (the default settings), False (off) or
       ``@runner.spike_guard()``.
+    replace_actions: ``{name: factory}``: each built-in action of that
+      name (``report``, ``eval``, ``early_stopping``, ``keep_best``,
+      ``checkpoint``, ``preemption``, ``profiler``, ``samples``,
+      ``spike_guard``, ``finite_check``, ``goodput``) is replaced by
+      ``factory(built_in)``, e.g. ``{'eval': @my_module.MyEval}``
+      (``runner.training.action_list``).
   """
   model: Any = None
   dataset: Any = None
@@ -91,6 +97,7 @@ class TrainConfig:
   profile_steps: tuple[int, int] | None = None
   microbatches: int = 1
   spike_guard: Any = True
+  replace_actions: Any = None
 
   def __post_init__(self):
     unset = [f'train.{name}' for name in ('model', 'dataset', 'optimizer')
@@ -131,6 +138,13 @@ class TrainConfig:
         callable(a) for a in self.actions):
       raise RunnerError('train.actions must be a list of actions (callables'
                         f' of (step, state, metrics)), got {self.actions!r}.')
+    if self.replace_actions is not None and not (
+        isinstance(self.replace_actions, dict) and
+        all(isinstance(k, str) and callable(v)
+            for k, v in self.replace_actions.items())):
+      raise RunnerError('train.replace_actions must be a dict of action'
+                        ' names to factories (called with the built-in'
+                        f' action), got {self.replace_actions!r}.')
     if not (isinstance(self.spike_guard, bool) or
             hasattr(self.spike_guard, 'max_rollbacks')):
       raise RunnerError('train.spike_guard must be True, False or'

@@ -36,6 +36,34 @@ def _split(batch, n):
       lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
+def _accumulate(grads_of, task, microbatches, state, batch, rng):
+  """``(grads, metrics, mutable)`` of ``batch`` in ``microbatches`` parts
+  weighted by ``task.loss_weight`` (see :func:`make_train_step`)."""
+  parts = _split(batch, microbatches)
+
+  def body(carry, part):
+    grads, metrics, total, mutable, i = carry
+    w = jnp.asarray(task.loss_weight(part), jnp.float32)
+    g, m, mutable = grads_of(state.params, mutable, part,
+                             jax.random.fold_in(rng, i))
+    grads = jax.tree_util.tree_map(lambda a, b: a + w * b, grads, g)
+    metrics = {k: metrics[k] + w * m[k].astype(jnp.float32) for k in m}
+    return (grads, metrics, total + w, mutable, i + 1), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], parts)
+  shapes = jax.eval_shape(grads_of, state.params, state.model_state, first,
+                          rng)
+  zeros = jax.tree_util.tree_map(
+      lambda s: jnp.zeros(s.shape, jnp.float32), shapes[1])
+  grad_zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (grads, metrics, total, mutable, _), _ = jax.lax.scan(
+      body, (grad_zeros, zeros, jnp.zeros((), jnp.float32),
+             state.model_state, 0), parts)
+  total = jnp.maximum(total, 1e-9)
+  return (jax.tree_util.tree_map(lambda g: g / total, grads),
+          {k: v / total for k, v in metrics.items()}, mutable)
+
+
 def make_train_step(task, seed: int, axis_name: str | None = None,
                     norms: bool = False, microbatches: int = 1) -> Callable:
   """``train_step(state, sums, batch) -> (state, sums + metrics)``.
@@ -63,39 +91,14 @@ def make_train_step(task, seed: int, axis_name: str | None = None,
         objective, has_aux=True)(params)
     return grads, {'loss': loss, **metrics}, new_mutable
 
-  def accumulate(state, batch, rng):
-    parts = _split(batch, microbatches)
-
-    def body(carry, part):
-      grads, metrics, total, mutable, i = carry
-      w = jnp.asarray(task.loss_weight(part), jnp.float32)
-      g, m, mutable = grads_of(state.params, mutable, part,
-                               jax.random.fold_in(rng, i))
-      grads = jax.tree_util.tree_map(lambda a, b: a + w * b, grads, g)
-      metrics = {k: metrics[k] + w * m[k].astype(jnp.float32) for k in m}
-      return (grads, metrics, total + w, mutable, i + 1), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], parts)
-    shapes = jax.eval_shape(grads_of, state.params, state.model_state, first,
-                            rng)
-    zeros = jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape, jnp.float32), shapes[1])
-    grad_zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    (grads, metrics, total, mutable, _), _ = jax.lax.scan(
-        body, (grad_zeros, zeros, jnp.zeros((), jnp.float32),
-               state.model_state, 0), parts)
-    total = jnp.maximum(total, 1e-9)
-    return (jax.tree_util.tree_map(lambda g: g / total, grads),
-            {k: v / total for k, v in metrics.items()}, mutable)
-
-
   def train_step(state, sums, batch):
     rng = step_key(seed, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     if microbatches > 1:
-      grads, metrics, new_mutable = accumulate(state, batch, rng)
+      grads, metrics, new_mutable = _accumulate(
+          grads_of, task, microbatches, state, batch, rng)
     else:
       grads, metrics, new_mutable = grads_of(state.params, state.model_state,
                                              batch, rng)
