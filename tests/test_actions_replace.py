@@ -138,3 +138,19 @@ def test_hooks_are_actions_seeing_the_final_checkpoint(tmp_path):
   # after each step before the checkpoint action; at the end after the
   # final checkpoint
   assert seen == [(s, False) for s in range(1, 6)] + [(6, True)], seen
+
+
+def test_the_first_rates_leave_the_first_step_out():
+  """The first record of a launch measures from the end of the first
+  (compiling) step: a slow first step does not lower it."""
+  import time  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.training import records  # pylint: disable=g-import-not-at-top
+  rates = records.Rates(0, 10, lambda: 0.0, tokens_per_example=4)
+  time.sleep(1.0)  # the first step, compiling
+  rates.after_first_step(1, {})
+  time.sleep(0.05)  # steps 2 and 3
+  out = rates.means(3, {'loss': 3.0}, 0)
+  assert out['loss'] == 1.0
+  assert out['steps_per_sec'] > 5, out  # 3 steps over 1.05 s would be < 3
+  assert out['examples_per_sec'] == 10 * out['steps_per_sec']
+  assert out['tokens_per_sec'] == 40 * out['steps_per_sec']
