@@ -23,7 +23,9 @@ action instead (by default: ``action(step, state, metrics)`` if
 ``action.due(step, True)``), first the ones with ``end_first`` (the spike
 guard, the finite check and the checkpoint: the final checkpoint is written
 and waited for before a final evaluation or sampling that could hang), then
-the others in order. The actions publish what the run's result needs in
+the others in order; then ``action.after_end(...)`` on each (the checkpoint
+is saved again there if a final evaluation changed a checkpointed action's
+state, so it holds the run's final state). The actions publish what the run's result needs in
 that ``metrics``: ``metrics['eval']`` (the last evaluation),
 ``metrics['stop_reason']`` (e.g. ``'early_stopping'``) and
 ``metrics['best']`` (``[(step, value)]`` of the kept-best checkpoints).
@@ -88,6 +90,10 @@ class Action(abc.ABC):
     the action runs if it is due at the end."""
     if self.due(step, True):
       self(step, state, metrics)
+
+  def after_end(self, step: int, state: Any, metrics: dict) -> None:
+    """Called once after every action's ``end`` (e.g. the checkpoint
+    saved again if a final evaluation changed a checkpointed state)."""
 
   def close(self) -> None:
     """Called once when the run ends, also after an error."""

@@ -292,11 +292,11 @@ class GuardedSave(checkpoint_action.SaveCheckpoint):
     super().__init__(*args, **kwargs)
     self.guard = guard
 
-  def save(self, step: int) -> bool:
+  def save(self, step: int, overwrite: bool = False) -> bool:
     if self.guard.probation is not None:
       if self.guard.main:
         logging.warning('Not saving step %d: the loss has not been good'
                         ' since the rollback to step %d.', step,
                         self.guard.probation)
       return False
-    return super().save(step)
+    return super().save(step, overwrite)

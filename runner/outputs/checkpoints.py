@@ -437,12 +437,16 @@ class Checkpointer:
     every = self.policy.every_steps
     return bool(every) and step % every == 0
 
-  def save(self, step: int, tree: Callable[[], Any]) -> bool:
-    """Saves ``tree()`` at ``step`` unless that step is already saved."""
-    if step in self._saved_steps:
+  def save(self, step: int, tree: Callable[[], Any],
+           overwrite: bool = False) -> bool:
+    """Saves ``tree()`` at ``step`` unless that step is already saved
+    (``overwrite``: replaces it, after waiting for a background save)."""
+    if step in self._saved_steps and not overwrite:
       return False
+    if overwrite:
+      self.wait()
     self._save(self.dir, tree(), step, keep=self.policy.keep,
-               overwrite=False)
+               overwrite=overwrite)
     self._saved_steps.add(step)
     return True
 

@@ -49,7 +49,9 @@ def default_actions(run, workdir: str, writer, checkpointer,
 
   At the end of the run the ``end_first`` actions (``finite_check``,
   ``spike_guard``, ``checkpoint``) end before the others, so the final
-  checkpoint is written before the final evaluation and samples. Finally
+  checkpoint is written before the final evaluation and samples (and
+  written again after them if they changed a checkpointed action's state,
+  ``after_end``). Finally
   ``train.replace_actions`` puts each named action's replacement in its
   place (:func:`replace`).
   """

@@ -253,6 +253,9 @@ class Trainer:
         continue
       with goodput.CLOCK.span(goodput.part_of(action)):
         action.end(step, self.dstate, metrics)
+    for action in self.actions:
+      with goodput.CLOCK.span(goodput.part_of(action)):
+        action.after_end(step, self.dstate, metrics)
 
 
 def train(config: config_lib.TrainConfig, workdir: str, resume: str = 'auto',
