@@ -441,3 +441,23 @@ def test_slurm_job_exiting_3_once_is_requeued_and_finishes(tmp_path):
     assert slurm.job_field(job, 'Restarts') == '1', text
   assert text.count('requeueing job') == 1, text
   assert 'finished after the requeue' in text, text
+
+
+def test_resume_guard_leaves_action_and_writer_parameters_free():
+  import gin  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.actions import base as actions_base  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.training import resume_guard  # pylint: disable=g-import-not-at-top
+
+  @gin.configurable(module='guard_probe')
+  class ProbeAction(actions_base.Action):  # pylint: disable=unused-variable
+    def __init__(self, step=3):
+      self.step = step
+
+  @gin.configurable(module='guard_probe')
+  def probe_model(width=3):  # pylint: disable=unused-variable
+    return width
+
+  assert resume_guard.is_free('gin.guard_probe.ProbeAction.step')
+  assert resume_guard.is_free('gin.ProbeAction.step')
+  assert not resume_guard.is_free('gin.guard_probe.probe_model.width')
+  assert not resume_guard.is_free('gin.mlp.features')

@@ -4,7 +4,8 @@ it was checkpointed with.
 On resume the trainer compares the run's settings (``runner.outputs.
 settings``) with the ``settings.json`` the previous launch saved. Changes
 to how long the run goes, how it logs, evaluates, checkpoints and is laid
-out on the devices are free (logged as a warning, as before); any other
+out on the devices are free (logged as a warning, as before), and so are
+the parameters of any Action or MetricWriter, the user's own included; any other
 change of a gin binding (the model and its shapes, the optimizer and its
 schedule, the data source, batch size, seeds, the task, gin macros) is
 refused with one line listing the changes, before anything in the workdir
@@ -15,11 +16,13 @@ is written or deleted, unless ``--allow_config_change``.
     ['gin.mlp.features: [8] -> [16]']
 """
 
+import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+import gin
 
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import settings as settings_lib
@@ -41,9 +44,27 @@ FREE = tuple(re.compile(p) for p in (
 ))
 
 
+def _observer_binding(key: str) -> bool:
+  """Whether ``key`` (``gin.<configurable>.<parameter>``) binds a parameter
+  of an Action or a MetricWriter, the user's own included: they observe
+  the run (log, evaluate, checkpoint, inject a fault in a test) and do not
+  change what it computes."""
+  if not key.startswith('gin.') or key.count('.') < 2:
+    return False
+  name = key[len('gin.'):].rsplit('.', 1)[0].rsplit('/', 1)[-1]
+  try:
+    target = inspect.unwrap(gin.get_configurable(name))
+  except (ValueError, KeyError, TypeError):
+    return False
+  from gintrain.runner.actions import base as actions_base  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import writers  # pylint: disable=g-import-not-at-top
+  return inspect.isclass(target) and issubclass(
+      target, (actions_base.Action, writers.MetricWriter))
+
+
 def is_free(key: str) -> bool:
   """Whether the flattened setting ``key`` may change on resume."""
-  return any(p.search(key) for p in FREE)
+  return any(p.search(key) for p in FREE) or _observer_binding(key)
 
 
 def fixed_changes(old: Mapping[str, Any], new: Mapping[str, Any]
