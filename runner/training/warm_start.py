@@ -2,9 +2,9 @@
 
 A relaunched run (a requeued job, the next trial of a sweep) compiles the
 same programs again; with the cache on, XLA's executables are read back from
-``--compilation_cache_dir`` instead. It is on by default, under the user's
-cache directory (``$XDG_CACHE_HOME/gintrain/jax_cache``, else
-``~/.cache/gintrain/jax_cache``); ``--compilation_cache_dir=''`` (or
+``--compilation_cache_dir`` instead. It is on by default: where JAX is already told to
+cache (``JAX_COMPILATION_CACHE_DIR``), else under the user's cache directory
+(``$XDG_CACHE_HOME/gintrain/jax_cache``, else ``~/.cache/gintrain/jax_cache``); ``--compilation_cache_dir=''`` (or
 ``none``) turns it off. The directory may be an object-store URL when JAX's
 file layer reaches it (``gs://``; ``s3://`` with fsspec's s3fs).
 JAX caches only programs that took at least
@@ -39,8 +39,8 @@ def default_dir() -> str:
 
 def resolve_dir(value: str | None) -> str | None:
   """The cache directory a flag value names (None: off)."""
-  if value is None:
-    return default_dir()
+  if value is None:  # the flag unset: JAX's own setting, else ours
+    return jax.config.jax_compilation_cache_dir or default_dir()
   if value.strip().lower() in _OFF:
     return None
   if '://' in value:
