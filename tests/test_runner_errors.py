@@ -164,9 +164,12 @@ def test_resume_require_and_never(tmp_path, capsys):
 def test_checkpoint_of_another_model(tmp_path, capsys):
   assert in_process(capsys, f'--workdir={tmp_path}', *TINY)[0] == 0
   before = (tmp_path / 'checkpoints' / 'checkpoint_2').read_bytes()
+  # --allow_config_change passes the resume guard (which refuses the changed
+  # width first: tests/test_long_runs.py): the checkpoint's check remains.
   code, errors = in_process(capsys, f'--workdir={tmp_path}', *TINY,
                             '--gin.train.num_steps=4',
-                            '--gin.mlp.features=(32,)')
+                            '--gin.mlp.features=(32,)',
+                            '--allow_config_change')
   assert code == 1
   assert len(errors) == 1
   assert errors[0].startswith(
