@@ -35,7 +35,7 @@ __all__ = ['slot_environments', 'run_local', 'run_one', 'submit_slurm',
 
 # launch/slurm.sbatch of the repository (not part of an installed wheel).
 SBATCH_SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(
         __file__)))), 'launch', 'slurm.sbatch')
 _THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
 
