@@ -72,7 +72,7 @@ class Trainer:
   """Runs a built ``assembly.Run`` in ``workdir`` (see the module doc).
 
   ``actions``: more actions, after the goodput report (``train(hooks=)``
-  as ``runner.actions.base.StepHook``)."""
+  as actions, ``action_list.hook_actions``)."""
 
   def __init__(self, run: assembly.Run, workdir: str, resume: str = 'auto',
                init_from: str | None = None, settings=None,
