@@ -166,7 +166,7 @@ def test_sigkill_mid_epoch_and_relaunch_is_bitwise_identical(tmp_path,
   a, b = _latest(tmp_path / 'straight'), _latest(tmp_path / 'killed')
   assert int(a['state']['step']) == 30
   _assert_same_state(a, b)
-  assert a['data'] == b['data'] == {'grain': '{"next_index": 30}'}
+  assert a['data'] == b['data'] == {'grain': '{"next_index": 30}', 'step': 30}
 
 
 def _peak_rss_mb(workdir, gin_file, *args):

@@ -256,6 +256,9 @@ train.num_steps = 40
 train.log_every = 1
 train.eval_every = 1000
 checkpoint_policy.every_steps = 10
+# synchronous saves: checkpoint 20 is on disk when step 27 is killed (an
+# async save could still be writing on a loaded machine)
+checkpoint_policy.async_save = False
 train.actions = [@k1/long_runs.KillAt(), @k2/long_runs.KillAt()]
 k1/KillAt.step = 27
 k1/KillAt.marker = '{tmp_path / 'k1'}'
@@ -448,16 +451,23 @@ def test_resume_guard_leaves_action_and_writer_parameters_free():
   from gintrain.runner.actions import base as actions_base  # pylint: disable=g-import-not-at-top
   from gintrain.runner.training import resume_guard  # pylint: disable=g-import-not-at-top
 
-  @gin.configurable(module='guard_probe')
-  class ProbeAction(actions_base.Action):  # pylint: disable=unused-variable
+  class ProbeAction(actions_base.Action):
     def __init__(self, step=3):
       self.step = step
 
-  @gin.configurable(module='guard_probe')
-  def probe_model(width=3):  # pylint: disable=unused-variable
+  def probe_model(width=3):
     return width
+
+  with gin.unlock_config():
+    for fn in (ProbeAction, probe_model):
+      try:
+        gin.get_configurable(f'guard_probe.{fn.__name__}')
+      except ValueError:
+        gin.external_configurable(fn, module='guard_probe')
 
   assert resume_guard.is_free('gin.guard_probe.ProbeAction.step')
   assert resume_guard.is_free('gin.ProbeAction.step')
   assert not resume_guard.is_free('gin.guard_probe.probe_model.width')
   assert not resume_guard.is_free('gin.mlp.features')
+  # a configurable this launch does not know (its module not imported)
+  assert resume_guard.is_free('gin.no_such_module.KillAt.step')

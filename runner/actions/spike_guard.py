@@ -32,6 +32,7 @@ is far outside ordinary noise.
 """
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -153,14 +154,62 @@ class SpikeGuard(base.Action):
     self.partitioner, self.workdir = run.partitioner, workdir
 
   def on_start(self, step):
+    if step and self.workdir is not None:
+      self.history = self._agreed(
+          self._logged_losses(step) if self.main else [])
     if not self.history:  # a fresh run, or one checkpointed without it
       self.last_good = step
+
+  def _agreed(self, history: list[float]) -> list[float]:
+    """Process 0's ``history`` on every process (a workdir need not be on
+    a shared filesystem; every process must decide alike)."""
+    if jax.process_count() == 1:
+      return history
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    padded = np.full(self.policy.window + 1, np.nan, np.float64)
+    padded[0] = len(history)
+    padded[1:1 + len(history)] = history
+    padded = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    return [float(x) for x in padded[1:1 + int(padded[0])]]
+
+  def _logged_losses(self, step) -> list[float]:
+    """The last ``window`` good train losses logged at or before ``step``
+    (the step resumed from), from the workdir's records.
+
+    The history is not in the checkpoint: after a preemption mid-window the
+    next record averages fewer steps than the uninterrupted run's does, so a
+    checkpointed history would differ from the uninterrupted run's and
+    break bitwise-identical resumes. The records of steps after ``step``
+    (a crashed attempt's) are ignored; a step logged twice keeps its last
+    record.
+    """
+    path = workdir_lib.path(self.workdir, workdir_lib.METRICS_FILE)
+    try:
+      text = storage.read_text(path)
+    except (OSError, ValueError):
+      return []
+    losses, spiked = {}, set()
+    for line in text.splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a torn last line
+      at = record.get('step') if isinstance(record, dict) else None
+      if not isinstance(at, int) or at > step:
+        continue
+      if record.get('split') == 'spike_guard':
+        spiked.add(at)
+      value = record.get(self.policy.metric)
+      if (record.get('split') == 'train' and
+          isinstance(value, (int, float)) and math.isfinite(value)):
+        losses[at] = float(value)
+    good = [losses[k] for k in sorted(losses) if k not in spiked]
+    return good[-self.policy.window:]
 
   # -- checkpointed state -------------------------------------------------
 
   def get_state(self):
-    return {'history': np.asarray(self.history, np.float64),
-            'rollbacks': np.int64(self.rollbacks),
+    return {'rollbacks': np.int64(self.rollbacks),
             'last_good': np.int64(self.last_good),
             'probation': np.int64(-1 if self.probation is None
                                   else self.probation),
@@ -169,7 +218,6 @@ class SpikeGuard(base.Action):
   def set_state(self, state):
     if not state:
       return
-    self.history = [float(x) for x in np.asarray(state['history']).ravel()]
     self.rollbacks = int(state['rollbacks'])
     self.last_good = int(state['last_good'])
     probation = int(state['probation'])

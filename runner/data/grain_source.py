@@ -184,11 +184,9 @@ class GrainSource(base.DataSource):
     # The global batches taken, in the plain iterator's format, whatever
     # the worker count (worker processes' own state would not restore
     # without them): a run resumes with any worker or process count.
-    state = {'next_index': self._start + self._taken}
-    out = {'grain': json.dumps(state, sort_keys=True)}
-    if isinstance(state, dict) and isinstance(state.get('next_index'), int):
-      out['step'] = state['next_index']  # batches taken = the train step
-    return out
+    taken = int(self._start + self._taken)  # restored counts may be numpy
+    return {'grain': json.dumps({'next_index': taken}, sort_keys=True),
+            'step': taken}  # batches taken = the train step
 
   def set_state(self, state) -> None:
     """Restores the position of :meth:`get_state`.

@@ -48,14 +48,17 @@ def _observer_binding(key: str) -> bool:
   """Whether ``key`` (``gin.<configurable>.<parameter>``) binds a parameter
   of an Action or a MetricWriter, the user's own included: they observe
   the run (log, evaluate, checkpoint, inject a fault in a test) and do not
-  change what it computes."""
+  change what it computes; or of a configurable this launch does not know."""
   if not key.startswith('gin.') or key.count('.') < 2:
     return False
   name = key[len('gin.'):].rsplit('.', 1)[0].rsplit('/', 1)[-1]
   try:
     target = inspect.unwrap(gin.get_configurable(name))
   except (ValueError, KeyError, TypeError):
-    return False
+    # Not registered in this launch (its module is no longer imported): it
+    # takes no part in this run; a model or data change shows in the
+    # fixed train.* bindings that would have to name something else.
+    return True
   from gintrain.runner.actions import base as actions_base  # pylint: disable=g-import-not-at-top
   from gintrain.runner.outputs import writers  # pylint: disable=g-import-not-at-top
   return inspect.isclass(target) and issubclass(
