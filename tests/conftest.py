@@ -31,17 +31,3 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
     report.sections = [(title, _tail(content, _TAIL_LINES))
                        for title, content in report.sections]
 
-
-# The longest files start first: pytest-xdist (.ci/run) hands whole files to
-# its workers in collection order, and a long file collected last (the SIGKILL
-# soak, 220 s) would run alone at the end while the other workers idle.
-_SLOW_FIRST = ('test_reliability_kills.py', 'test_sweep.py',
-               'test_object_store_crash.py', 'test_sharded_integrity.py',
-               'test_sharding.py', 'test_readme.py',
-               'test_reliability_round3.py', 'test_sweep_optuna.py',
-               'test_sweep_slurm.py', 'test_object_store_runner.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
