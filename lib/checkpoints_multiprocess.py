@@ -51,7 +51,8 @@ from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
 from gintrain.lib import storage
 
-__all__ = ['save_checkpoint_multiprocess', 'restore_checkpoint']
+__all__ = ['save_checkpoint_multiprocess', 'restore_checkpoint',
+           'checkpoint_files']
 
 logger = logging.getLogger(__name__)
 
@@ -406,3 +407,56 @@ def _map_pairs(fn, state, shardings):
   if isinstance(shardings, dict):
     return state
   return fn(state, shardings)
+
+
+
+def _tree_files(path: str) -> tuple[int, int]:
+  """``(bytes, files)`` under the directory ``path`` ((0, 0): nothing)."""
+  total = files = 0
+  local = storage.local_file(path)
+  if local is not None:
+    for root, _, names in os.walk(local):
+      for name in names:
+        try:
+          total += os.lstat(os.path.join(root, name)).st_size
+          files += 1
+        except FileNotFoundError:
+          pass  # removed meanwhile
+    return total, files
+  fs, fs_path = storage.filesystem(path)
+  try:
+    found = fs.find(fs_path, detail=True)
+  except FileNotFoundError:
+    found = {}
+  for entry in found.values():
+    if entry.get('type', 'file') == 'file':
+      total, files = total + int(entry.get('size') or 0), files + 1
+  return total, files
+
+
+def checkpoint_files(ckpt_path: str) -> tuple[int, int]:
+  """``(bytes, files)`` of the checkpoint ``ckpt_path`` (a local path or a
+  URL): its msgpack file (or, for an Orbax checkpoint, its directory), its
+  integrity sidecar and its sharded arrays (``<ckpt_path>_gda``); what is
+  missing counts as nothing.
+
+    >>> import tempfile, numpy as np
+    >>> d = tempfile.mkdtemp()
+    >>> from gintrain.lib.checkpoints import save_checkpoint
+    >>> size, files = checkpoint_files(save_checkpoint(d, {'a': np.zeros(256)}, 1))
+    >>> files, size > 2048
+    (1, True)
+  """
+  total = files = 0
+  for item in (ckpt_path, checkpoint_naming.sidecar_path(ckpt_path)):
+    try:
+      info = storage.info(item)
+    except (FileNotFoundError, NotADirectoryError):
+      continue
+    if info['type'] == 'directory':
+      size, count = _tree_files(item)
+      total, files = total + size, files + count
+    elif info['type'] == 'file':
+      total, files = total + info['size'], files + 1
+  size, count = _tree_files(multiprocess_arrays.array_dir(ckpt_path))
+  return total + size, files + count

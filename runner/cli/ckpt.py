@@ -1,6 +1,6 @@
 """``gintrain ckpt``: list, inspect and compare checkpoints from the shell.
 
-    gintrain ckpt ls DIR              # steps, sizes, times, complete or not
+    gintrain ckpt ls DIR              # steps, sizes, file counts, times, complete or not
     gintrain ckpt inspect PATH [--json]   # the tree: shape, dtype, bytes
     gintrain ckpt diff A B            # leaves that differ, max abs difference
     gintrain ckpt convert SRC DST     # flax msgpack <-> Orbax (runner.cli.convert)
@@ -30,6 +30,7 @@ import numpy as np
 
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints as lib_checkpoints
+from gintrain.lib import checkpoints_multiprocess
 from gintrain.lib import storage
 from gintrain.runner.cli import ckpt_structure
 from gintrain.runner.cli import convert as convert_lib
@@ -68,8 +69,10 @@ def _status(path: str, kind: str, temp: bool) -> str:
 
 
 def list_checkpoints(directory: str, prefix: str = _PREFIX) -> list[dict]:
-  """``[{'path', 'step', 'bytes', 'mtime', 'status'}]`` of ``directory``
-  (a local folder or a URL).
+  """``[{'path', 'step', 'bytes', 'files', 'mtime', 'status'}]`` of
+  ``directory`` (a local folder or a URL); ``bytes`` and ``files`` count
+  every file of a checkpoint (its msgpack file, its sidecar and its sharded
+  arrays in ``<name>_gda``).
 
   ``status``: ``'complete'`` (the msgpack tree parses to the file's end),
   ``'incomplete: <why>'``, ``'temporary'`` (a save in progress or
@@ -97,8 +100,12 @@ def list_checkpoints(directory: str, prefix: str = _PREFIX) -> list[dict]:
       st = storage.info(path)
     except FileNotFoundError:
       continue  # removed meanwhile (retention of a live run)
+    # The size and file count of all its files: the msgpack file, its
+    # sidecar and the sharded arrays in <name>_gda (every process's).
+    size, files = (checkpoints_multiprocess.checkpoint_files(path)
+                   if st['type'] in ('file', 'directory') else (st['size'], 1))
     rows.append({'path': path, 'step': step, 'mtime': st['mtime'],
-                 'bytes': st['size'],
+                 'bytes': size, 'files': files,
                  'status': _status(path, st['type'], temp)})
   rows.sort(key=lambda r: (r['step'] is None, r['step'] or 0,
                            os.path.basename(r['path'])))
@@ -118,8 +125,9 @@ def _ls(args) -> int:
       when = '-' if r['mtime'] is None else datetime.datetime.fromtimestamp(
           r['mtime']).isoformat(sep=' ', timespec='seconds')
       step = '-' if r['step'] is None else str(r['step'])
-      print(f'  {step:>8}  {human_bytes(r["bytes"]):>10}  {when}  '
-            f'{r["status"]:<10}  {os.path.basename(r["path"])}')
+      files = f'{r["files"]} file' + ('s' if r['files'] != 1 else '')
+      print(f'  {step:>8}  {human_bytes(r["bytes"]):>10}  {files:>9}  {when}'
+            f'  {r["status"]:<10}  {os.path.basename(r["path"])}')
   return 0
 
 

@@ -466,6 +466,19 @@ class Checkpointer:
     if self._gda is not None:
       self._gda.wait_until_finished()  # every process's shards committed
 
+  def busy(self) -> bool:
+    """Whether a background save is still running, without waiting; a
+    finished one that failed raises its error here (once)."""
+    future = self._async.save_future if self._async is not None else None
+    if future is not None and future.done():
+      self._async.wait_previous_save()
+      future = None
+    thread = getattr(self._gda, '_thread', None)  # jax's commit thread
+    if self._gda is not None and (thread is None or not thread.is_alive()):
+      self._gda.check_for_errors()
+      thread = None
+    return future is not None or thread is not None
+
   def close(self) -> None:
     """Waits for the last save and stops the background thread."""
     if self._async is not None:

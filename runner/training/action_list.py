@@ -60,9 +60,10 @@ def default_actions(run, workdir: str, writer, checkpointer,
   guard = policy and spike_guard.SpikeGuard(
       policy, checkpointer, shapes, install, writer, main)
   save = (spike_guard.GuardedSave(guard, checkpointer, snapshot,
-                                  run.policy.every_steps) if guard else
+                                  run.policy.every_steps, writer, main)
+          if guard else
           checkpoint.SaveCheckpoint(checkpointer, snapshot,
-                                    run.policy.every_steps))
+                                    run.policy.every_steps, writer, main))
   actions = [guard or finite.CheckFinite(checkpointer),
              report.ReportTrain(writer, run.total, main),
              goodput_action.GoodputReport(writer, goodput.CLOCK.record, main),
