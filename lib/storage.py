@@ -23,6 +23,16 @@ Rules this module enforces:
   into place. Data is streamed in blocks; the whole file is never held.
 * Listings are never cached (``use_listings_cache=False``): a checkpoint
   written by another process is seen at once.
+* A store that fails under a call (endpoint unreachable, bucket deleted,
+  access denied, a 5xx) raises :class:`StoreError`, an ``OSError`` carrying
+  the URL and a short reason (``ConnectionError`` / ``FileNotFoundError`` /
+  ``PermissionError`` by kind), never a botocore/aiohttp exception. A
+  transient failure (unreachable, timeout, 5xx, throttling) is retried
+  :data:`RETRIES_ENV` times (default :data:`DEFAULT_RETRIES`) with a
+  doubling wait (1, 2, 4 s ...), on top of botocore's own retries
+  (``AWS_MAX_ATTEMPTS``); once a store failed after its retries, later calls
+  to it fail at once until one succeeds (the run's cleanup does not wait
+  again).
 
   >>> is_url('s3://b/run'), is_url('/tmp/run'), is_url('file:///tmp/run')
   (True, False, False)
@@ -42,12 +52,20 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from typing import Any, Iterator
 
 from gintrain.lib import errors
 
 __all__ = [
     'StorageError',
+    'StoreError',
+    'StoreUnreachableError',
+    'StoreNotFoundError',
+    'StorePermissionError',
+    'translate_error',
+    'RETRIES_ENV',
+    'DEFAULT_RETRIES',
     'is_url',
     'local_path',
     'local_file',
@@ -100,6 +118,243 @@ class StorageError(errors.GintrainError, ValueError):
   def __init__(self, url, reason, hint=''):
     self.url, self.reason = url, reason
     errors.GintrainError.__init__(self, f'{url}: {reason}', hint)
+
+
+# -- store failures -----------------------------------------------------------
+
+# The environment variable holding how many times a transient store failure
+# is retried (an integer >= 0; see the module docstring).
+RETRIES_ENV = 'GINTRAIN_STORE_RETRIES'
+DEFAULT_RETRIES = 3
+RETRY_FIRST_WAIT_S = 1.0  # doubled after each retry ...
+RETRY_MAX_WAIT_S = 8.0  # ... up to this
+# (scheme, bucket) of stores that failed after their retries: later calls
+# are tried once, until one succeeds.
+_FAILED_STORES = set()
+_FAILED_LOCK = threading.Lock()
+
+
+class StoreError(StorageError, OSError):
+  """An object store failed under a call: ``url`` is the object (or
+  folder) the call was about, ``reason`` says what failed, in a few words;
+  ``transient`` whether waiting may help (retried first)."""
+
+  transient = False
+  errno_value = None
+  _HINT = ''
+
+  def __init__(self, url, reason, hint=None):
+    StorageError.__init__(self, url, reason,
+                          self._HINT if hint is None else hint)
+    # (strerror/filename unset: str() is the message, naming the URL)
+    self.errno = self.errno_value
+
+  def __reduce__(self):
+    return (type(self), (self.url, self.reason, self.hint))
+
+
+class StoreUnreachableError(StoreError, ConnectionError):
+  """The store's endpoint cannot be reached (refused, reset, timed out) or
+  answers with a server error (5xx, throttling)."""
+
+  transient = True
+  errno_value = 111  # ECONNREFUSED
+  _HINT = ('(the run stops; what is already saved is kept: relaunch when'
+           ' the store is back and it resumes from its last checkpoint)')
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+  """The bucket is not there (never created, or deleted)."""
+
+  errno_value = 2  # ENOENT
+  _HINT = '(create the bucket, or use another --workdir)'
+
+
+class StorePermissionError(StoreError, PermissionError):
+  """The store refused the credentials or the call (access denied)."""
+
+  errno_value = 13  # EACCES
+  _HINT = ('(check the credentials: AWS_ACCESS_KEY_ID / AWS_PROFILE,'
+           ' GOOGLE_APPLICATION_CREDENTIALS, and the bucket\'s policy)')
+
+
+# Error codes of S3 / GCS answers, by what they mean here.
+_UNREACHABLE_CODES = frozenset({
+    'InternalError', 'ServiceUnavailable', 'SlowDown', 'RequestTimeout',
+    'Throttling', 'ThrottlingException', 'RequestLimitExceeded',
+    '500', '502', '503', '504'})
+_NO_BUCKET_CODES = frozenset({'NoSuchBucket'})
+_DENIED_CODES = frozenset({
+    'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch',
+    'ExpiredToken', 'InvalidToken', 'AllAccessDisabled', 'AccountProblem',
+    '403'})
+# tensorstore's (absl status) messages: 'UNAVAILABLE: ...'.
+_TS_STATUS_RE = re.compile(
+    r'^(UNAVAILABLE|DEADLINE_EXCEEDED|PERMISSION_DENIED|UNAUTHENTICATED|'
+    r'RESOURCE_EXHAUSTED)\b')
+
+
+def _short(text, limit=160) -> str:
+  text = ' '.join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _bucket(url) -> str:
+  match = _URL_RE.match(url) if isinstance(url, str) else None
+  return match.group('rest').split('/', 1)[0] if match else ''
+
+
+def _endpoint(error) -> str | None:
+  """``scheme://host[:port]`` of the endpoint a client error names."""
+  for value in (getattr(error, 'kwargs', None) or {}).values():
+    match = re.match(r'^(https?://[^/\s"]+)', str(value))
+    if match:
+      return match.group(1)
+  match = re.search(r'https?://[^/\s"]+', str(error))
+  if match:
+    return match.group(0)
+  match = re.search(r'host ([^\s:]+:\d+)', str(error))  # aiohttp's
+  return f'http://{match.group(1)}' if match else None
+
+
+def _unreachable(url, error) -> StoreUnreachableError:
+  where = _endpoint(error) or os.environ.get(
+      'AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL')
+  text = str(error).lower()
+  why = ('connection refused' if 'refused' in text or 'connect call failed'
+         in text or 'could not connect' in text else
+         'timed out' if 'timeout' in text or 'timed out' in text else
+         _short(error, 100))
+  at = f' at {where}' if where else ''
+  return StoreUnreachableError(url, f'cannot reach the object store{at}'
+                               f' ({why})')
+
+
+def _client_code(error) -> str | None:
+  """The S3/GCS error code of ``error`` or of the error it wraps."""
+  seen = 0
+  while error is not None and seen < 5:
+    response = getattr(error, 'response', None)
+    if isinstance(response, dict):
+      code = (response.get('Error') or {}).get('Code')
+      status = (response.get('ResponseMetadata') or {}).get('HTTPStatusCode')
+      return str(code or status or '') or None
+    code = getattr(error, 'code', None)  # gcsfs HttpError
+    if isinstance(code, int) and code >= 400:
+      return str(code)
+    error = error.__cause__ or error.__context__
+    seen += 1
+  return None
+
+
+def translate_error(url: str, error: BaseException) -> StoreError | None:
+  """``error`` (raised by a store's client under a call about ``url``) as a
+  :class:`StoreError`, or None when it is not a failure of the store (a
+  missing object stays ``FileNotFoundError``; errors of the library's own
+  stay as they are).
+
+  Knows botocore / aiobotocore / s3fs, aiohttp, gcsfs and tensorstore
+  errors (tensorstore's ``ValueError('UNAVAILABLE: ...')``).
+  """
+  if isinstance(error, errors.GintrainError) or not isinstance(
+      error, Exception):
+    return None
+  module = type(error).__module__ or ''
+  name = type(error).__name__
+  code = _client_code(error)
+  if code in _NO_BUCKET_CODES or (
+      isinstance(error, FileNotFoundError) and
+      'bucket does not exist' in str(error).lower()):
+    return StoreNotFoundError(
+        url, f"the bucket '{_bucket(url)}' does not exist (deleted?)")
+  if code in _DENIED_CODES or name in ('NoCredentialsError',
+                                       'PartialCredentialsError'):
+    reason = ('no credentials found' if 'Credentials' in name else
+              f'access denied ({code}: {_short(error, 100)})')
+    return StorePermissionError(url, reason)
+  if code in _UNREACHABLE_CODES or (code or '').startswith('5'):
+    return StoreUnreachableError(
+        url, f'the object store failed ({code}: {_short(error, 100)})')
+  if module.startswith(('botocore', 'aiobotocore', 'aiohttp', 'urllib3',
+                        'requests')) and (
+                            'Connect' in name or 'Timeout' in name or
+                            'Connection' in name or 'ServerDisconnected' in
+                            name or name == 'ClientOSError'):
+    return _unreachable(url, error)
+  if isinstance(error, (ConnectionError, TimeoutError)) or name in (
+      'FSTimeoutError',):
+    return _unreachable(url, error)
+  if isinstance(error, ValueError) and _TS_STATUS_RE.match(str(error)):
+    status = _TS_STATUS_RE.match(str(error)).group(1)
+    if status in ('PERMISSION_DENIED', 'UNAUTHENTICATED'):
+      return StorePermissionError(url, f'access denied ({_short(error)})')
+    return StoreUnreachableError(
+        url, f'the object store failed ({_short(error)})')
+  return None
+
+
+def _store_key(url):
+  return (_scheme(url), _bucket(url))
+
+
+def _retries(url) -> int:
+  with _FAILED_LOCK:
+    if _store_key(url) in _FAILED_STORES:
+      return 0
+  text = os.environ.get(RETRIES_ENV, '').strip()
+  if not text:
+    return DEFAULT_RETRIES
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise StorageError(f'{RETRIES_ENV}={text}', 'must be an integer >= 0'
+                       ' (how many times a failing object store is retried)')
+  return value
+
+
+def _call_once(url: str, fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` with store failures raised as
+  :class:`StoreError`, not retried (a call that is not safe to repeat, such
+  as a write into a buffered file)."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    error = translate_error(url, e)
+    if error is None:
+      raise
+    raise error from e
+
+
+def _call(url: str, fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` (a store call about ``url``, safe to repeat):
+  store failures raised as :class:`StoreError`, transient ones retried
+  first."""
+  attempt = 0
+  while True:
+    try:
+      out = fn(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      error = translate_error(url, e)
+      if error is None:
+        raise
+      retries = _retries(url) if error.transient else 0
+      if attempt < retries:
+        wait = min(RETRY_FIRST_WAIT_S * 2 ** attempt, RETRY_MAX_WAIT_S)
+        attempt += 1
+        logger.warning('%s: %s; retry %d of %d in %g s (%s).', error.url,
+                       error.reason, attempt, retries, wait, RETRIES_ENV)
+        time.sleep(wait)
+        continue
+      if error.transient:
+        with _FAILED_LOCK:
+          _FAILED_STORES.add(_store_key(url))
+      raise error from e
+    if attempt or _FAILED_STORES:
+      with _FAILED_LOCK:
+        _FAILED_STORES.discard(_store_key(url))
+    return out
 
 
 def _scheme(path) -> str | None:
@@ -205,8 +460,8 @@ def list_entries(path: str) -> dict[str, str]:
       return {}
   fs, fs_path = filesystem(path)
   try:
-    entries = fs.ls(fs_path, detail=True)
-  except FileNotFoundError:
+    entries = _call(path, fs.ls, fs_path, detail=True)
+  except FileNotFoundError:  # a missing bucket too: nothing there
     return {}
   out = {}
   base = fs_path.rstrip('/')
@@ -230,7 +485,7 @@ def exists(path: str, follow_symlinks: bool = True) -> bool:
   if local is not None:
     return (os.path.exists if follow_symlinks else os.path.lexists)(local)
   fs, fs_path = filesystem(path)
-  return bool(fs.exists(fs_path))
+  return bool(_call(path, fs.exists, fs_path))
 
 
 def isdir(path: str) -> bool:
@@ -238,7 +493,7 @@ def isdir(path: str) -> bool:
   if local is not None:
     return os.path.isdir(local)
   fs, fs_path = filesystem(path)
-  return bool(fs.isdir(fs_path))
+  return bool(_call(path, fs.isdir, fs_path))
 
 
 def isfile(path: str) -> bool:
@@ -246,7 +501,7 @@ def isfile(path: str) -> bool:
   if local is not None:
     return os.path.isfile(local)
   fs, fs_path = filesystem(path)
-  return bool(fs.isfile(fs_path))
+  return bool(_call(path, fs.isfile, fs_path))
 
 
 def size(path: str) -> int:
@@ -254,7 +509,7 @@ def size(path: str) -> int:
   if local is not None:
     return os.path.getsize(local)
   fs, fs_path = filesystem(path)
-  return int(fs.size(fs_path))
+  return int(_call(path, fs.size, fs_path))
 
 
 def info(path: str) -> dict:
@@ -279,9 +534,10 @@ def info(path: str) -> dict:
                  for root, _, names in os.walk(local) for name in names)
     return {'type': kind, 'size': size, 'mtime': st.st_mtime}
   fs, fs_path = filesystem(path)
-  entry = fs.info(fs_path)
+  entry = _call(path, fs.info, fs_path)
   kind = 'directory' if entry.get('type') == 'directory' else 'file'
-  size = int(fs.du(fs_path) if kind == 'directory' else entry.get('size') or 0)
+  size = int(_call(path, fs.du, fs_path) if kind == 'directory' else
+             entry.get('size') or 0)
   mtime = entry.get('LastModified') or entry.get('mtime') or entry.get(
       'updated') or entry.get('created')
   if hasattr(mtime, 'timestamp'):
@@ -298,7 +554,7 @@ def makedirs(path: str) -> None:
     os.makedirs(local, exist_ok=True)
     return
   fs, fs_path = filesystem(path)
-  fs.makedirs(fs_path, exist_ok=True)
+  _call(path, fs.makedirs, fs_path, exist_ok=True)
 
 
 def remove(path: str) -> None:
@@ -308,7 +564,7 @@ def remove(path: str) -> None:
     os.remove(local)
     return
   fs, fs_path = filesystem(path)
-  fs.rm_file(fs_path)
+  _call(path, fs.rm_file, fs_path)
 
 
 def rmtree(path: str) -> None:
@@ -323,7 +579,7 @@ def rmtree(path: str) -> None:
     return
   fs, fs_path = filesystem(path)
   try:
-    fs.rm(fs_path, recursive=True)
+    _call(path, fs.rm, fs_path, recursive=True)
   except FileNotFoundError:
     pass
 
@@ -336,8 +592,8 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
       return f.read() if limit is None else f.read(limit)
   fs, fs_path = filesystem(path)
   if limit is None:
-    return fs.cat_file(fs_path)
-  return fs.cat_file(fs_path, start=0, end=limit)
+    return _call(path, fs.cat_file, fs_path)
+  return _call(path, fs.cat_file, fs_path, start=0, end=limit)
 
 
 def read_text(path: str) -> str:
@@ -351,7 +607,7 @@ def open_read(path: str):
   if local is not None:
     return open(local, 'rb')  # pylint: disable=consider-using-with
   fs, fs_path = filesystem(path)
-  return fs.open(fs_path, 'rb')
+  return _call(path, fs.open, fs_path, 'rb')
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -359,7 +615,7 @@ def write_bytes(path: str, data: bytes) -> None:
   temporary file renamed into place; on S3/GCS one request)."""
   if _scheme(path) in _ATOMIC_UPLOAD:
     fs, fs_path = filesystem(path)
-    fs.pipe_file(fs_path, bytes(data))
+    _call(path, fs.pipe_file, fs_path, bytes(data))
     return
   with Upload(path) as up:
     up.write(data)
@@ -382,7 +638,8 @@ def move(src: str, dst: str) -> None:
     return
   fs, src_path = filesystem(src)
   _, dst_path = filesystem(dst)
-  fs.mv(src_path, dst_path, recursive=fs.isdir(src_path))
+  recursive = _call(src, fs.isdir, src_path)
+  _call(dst, fs.mv, src_path, dst_path, recursive=recursive)
 
 
 class _S3MultipartUpload:
@@ -392,8 +649,10 @@ class _S3MultipartUpload:
   ``put_object`` if it fits in a single block); :meth:`abort` aborts it.
   """
 
-  def __init__(self, fs, path: str, block: int, in_flight: int):
+  def __init__(self, fs, path: str, block: int, in_flight: int,
+               url: str = ''):
     self.fs = fs
+    self.url = url
     self.bucket, self.key, _ = fs.split_path(path)
     self.block = block
     self.buf = bytearray()
@@ -403,7 +662,10 @@ class _S3MultipartUpload:
     self.slots = threading.BoundedSemaphore(in_flight)
 
   def _call(self, method, **kwargs):
-    return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+    # each request alone is safe to repeat (a part, the whole object, the
+    # completion with the parts' ETags)
+    return _call(self.url, self.fs.call_s3, method, Bucket=self.bucket,
+                 Key=self.key, **kwargs)
 
   def _upload_part(self, number: int, data: bytes) -> dict:
     try:
@@ -487,14 +749,14 @@ class Upload:
     self._path = path
     if _scheme(url) in ('s3', 's3a') and hasattr(self.fs, 'call_s3'):
       self._s3 = _S3MultipartUpload(self.fs, path, block_bytes,
-                                    UPLOAD_PARTS_IN_FLIGHT)
+                                    UPLOAD_PARTS_IN_FLIGHT, url)
       return
     if _scheme(url) not in _ATOMIC_UPLOAD:
       parent, _, name = path.rpartition('/')
       self._tmp = f'{parent}/.{name}.part-{secrets.token_hex(4)}'
-    self.fs.makedirs(self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
-    self._file = self.fs.open(self._tmp or self._path, 'wb',
-                              block_size=block_bytes)
+    _call(url, self.fs.makedirs, self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
+    self._file = _call(url, self.fs.open, self._tmp or self._path, 'wb',
+                       block_size=block_bytes)
 
   def write(self, data) -> None:
     view = memoryview(data).cast('B')
@@ -502,7 +764,7 @@ class Upload:
       self._s3.write(view)
       return
     for start in range(0, view.nbytes, self.block):
-      self._file.write(view[start:start + self.block])
+      _call_once(self.url, self._file.write, view[start:start + self.block])
 
   def commit(self) -> None:
     self.done = True
@@ -515,9 +777,9 @@ class Upload:
       self._file.close()
       os.replace(self._tmp, self._path)
       return
-    self._file.close()
+    _call_once(self.url, self._file.close)
     if self._tmp is not None:
-      self.fs.mv(self._tmp, self._path)
+      _call(self.url, self.fs.mv, self._tmp, self._path)
 
   def abort(self) -> None:
     if self.done:
@@ -566,7 +828,7 @@ def download(url: str, local: str) -> None:
     shutil.copyfile(source, local)
     return
   fs, path = filesystem(url)
-  fs.get_file(path, local)
+  _call(url, fs.get_file, path, local)
 
 
 def upload_file(local: str, url: str) -> None:
@@ -576,7 +838,7 @@ def upload_file(local: str, url: str) -> None:
       shutil.copyfileobj(f, up)
     return
   fs, path = filesystem(url)
-  fs.put_file(local, path)
+  _call(url, fs.put_file, local, path)
 
 
 def upload_tree(local: str, url: str) -> None:

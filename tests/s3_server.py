@@ -8,6 +8,14 @@ for the test process and which subprocesses inherit.
 
 Ports: 24500-24559 (the first free one of this xdist worker's share).
 
+:class:`Outage` is a TCP forwarder in the test process in front of the
+server: clients given its endpoint reach moto through it, and the test can
+take the endpoint down (the port closed, every connection cut: clients get
+"connection refused") and bring it back on the same port in milliseconds,
+while moto keeps its data (stopping moto itself loses every bucket). It can
+also go down by itself the moment a request it names arrives (e.g. the PUT
+of ``checkpoint_20``): the store fails in the middle of that operation.
+
 Use from a test module::
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -16,10 +24,14 @@ Use from a test module::
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -40,9 +52,10 @@ def _moto_command(port: int) -> list:
 
 
 class S3Server:
-  """``moto_server`` on a free port of :data:`PORT_RANGE`, until :meth:`stop`."""
+  """``moto_server`` on a free port of :data:`PORT_RANGE`, until :meth:`stop`
+  (``environ``: extra variables of the server, e.g. moto's own settings)."""
 
-  def __init__(self, log_path: str):
+  def __init__(self, log_path: str, environ: dict | None = None):
     try:
       import moto.server  # pylint: disable=g-import-not-at-top,unused-import
       import s3fs  # pylint: disable=g-import-not-at-top,unused-import
@@ -59,12 +72,14 @@ class S3Server:
     self.endpoint = f'http://127.0.0.1:{port}'
     self.proc = subprocess.Popen(
         _moto_command(port), stdout=self.log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, env={**os.environ, **(environ or {})})
     deadline = time.monotonic() + 60
     while True:
       try:
         with urllib.request.urlopen(self.endpoint, timeout=2):
           break
+      except urllib.error.HTTPError:
+        break  # it answers (an error, with moto's authentication on)
       except OSError:
         if self.proc.poll() is not None or time.monotonic() > deadline:
           self.stop()
@@ -93,6 +108,136 @@ class S3Server:
         self.proc.kill()
         self.proc.wait(10)
     self.log.close()
+
+
+class Outage:
+  """A forwarder from a free port of :data:`PORT_RANGE` to ``target_port``
+  (the S3 server), up until :meth:`down`; see the module docstring.
+
+  Attributes:
+    endpoint: the URL clients use (``http://127.0.0.1:<port>``).
+    cut: set once :meth:`cut_on`'s request arrived and the endpoint went
+      down.
+  """
+
+  def __init__(self, target_port: int):
+    self.target = target_port
+    for port in range(*PORT_RANGE):
+      if port != target_port and harness.port_free(port):
+        break
+    else:
+      raise RuntimeError('no free port for the S3 forwarder')
+    self.port = port
+    self.endpoint = f'http://127.0.0.1:{port}'
+    self.cut = threading.Event()
+    self._lock = threading.Lock()
+    self._sockets = set()
+    self._listener = None
+    self._pattern = None
+    self._threads = []
+    self.up()
+
+  def env(self) -> dict:
+    return {'AWS_ENDPOINT_URL': self.endpoint,
+            'AWS_ACCESS_KEY_ID': 'testing',
+            'AWS_SECRET_ACCESS_KEY': 'testing',
+            'AWS_DEFAULT_REGION': 'us-east-1'}
+
+  def up(self) -> None:
+    """Listens (again) on the same port."""
+    with self._lock:
+      if self._listener is not None:
+        return
+      listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      listener.bind(('127.0.0.1', self.port))
+      listener.listen(128)
+      listener.settimeout(0.05)
+      self._listener = listener
+    thread = threading.Thread(target=self._accept, args=(listener,),
+                              daemon=True, name='s3-outage-accept')
+    thread.start()
+    self._threads.append(thread)
+
+  def down(self) -> None:
+    """Closes the port and cuts every connection (refused from now on)."""
+    with self._lock:
+      listener, self._listener = self._listener, None
+      sockets, self._sockets = self._sockets, set()
+    if listener is not None:
+      listener.close()
+    for sock in sockets:
+      with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+      sock.close()
+
+  def down_for(self, seconds: float) -> threading.Timer:
+    """:meth:`down` now and :meth:`up` after ``seconds`` (a blip)."""
+    self.down()
+    timer = threading.Timer(seconds, self.up)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+  def cut_on(self, pattern: str) -> None:
+    """Goes :meth:`down` when a request whose bytes match the regular
+    expression ``pattern`` arrives (that request is not forwarded)."""
+    self._pattern = re.compile(pattern.encode())
+
+  def close(self) -> None:
+    self._pattern = None
+    self.down()
+
+  def _accept(self, listener) -> None:
+    while True:
+      try:
+        client, _ = listener.accept()
+      except socket.timeout:
+        if self._listener is not listener:
+          return
+        continue
+      except OSError:
+        return
+      try:
+        server = socket.create_connection(('127.0.0.1', self.target), 10)
+      except OSError:
+        client.close()
+        continue
+      with self._lock:
+        if self._listener is not listener:  # went down meanwhile
+          client.close()
+          server.close()
+          continue
+        self._sockets.update((client, server))
+      for src, dst, check in ((client, server, True),
+                              (server, client, False)):
+        threading.Thread(target=self._pump, args=(src, dst, check),
+                         daemon=True, name='s3-outage-pump').start()
+
+  def _pump(self, src, dst, check) -> None:
+    tail = b''
+    try:
+      while True:
+        data = src.recv(1 << 16)
+        if not data:
+          break
+        pattern = self._pattern
+        if check and pattern is not None and pattern.search(tail + data):
+          self._pattern = None
+          self.cut.set()
+          self.down()
+          return
+        tail = data[-256:]
+        dst.sendall(data)
+    except OSError:
+      pass
+    finally:
+      for sock in (src, dst):  # the other pump ends too
+        with contextlib.suppress(OSError):
+          sock.shutdown(socket.SHUT_RDWR)
+      with self._lock:  # each socket is one pump's source: closed once
+        self._sockets.discard(src)
+      src.close()
 
 
 def _clear_fsspec_instances() -> None:

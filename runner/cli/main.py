@@ -380,7 +380,35 @@ def _os_error_line(error: OSError) -> str:
           f' {operation or "access"} {target}: {reason}{code}.')
 
 
+def _activity(error: BaseException) -> str | None:
+  """What the runner was doing when ``error`` was raised (its innermost
+  own frame), or None."""
+  for frame in reversed(traceback.extract_tb(error.__traceback__)):
+    relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
+    parts = tuple(os.path.splitext(relative)[0].split(os.sep))
+    for fragment, what in _ACTIVITIES:
+      if parts[:len(fragment)] == fragment:
+        return what
+  return None
+
+
+def _store_error(error: BaseException):
+  """The object-store failure (``storage.StoreError``) that ``error`` is
+  or was explicitly raised from, or None."""
+  for _ in range(8):
+    if error is None or isinstance(error, storage.StoreError):
+      return error
+    error = error.__cause__
+  return None
+
+
 def _one_line(error: BaseException) -> str:
+  store = _store_error(error)
+  if store is not None and not isinstance(error, RunnerError):
+    # e.g. 'writing the metrics: s3://b/run/metrics.jsonl: cannot reach the
+    # object store at http://...: (connection refused) (the run stops; ...)'
+    activity = _activity(store)
+    return f'{activity}: {store}' if activity else str(store)
   if (isinstance(error, OSError) and error.filename is not None and
       type(error).__module__ == 'builtins'):
     return _os_error_line(error)
@@ -394,6 +422,10 @@ def _one_line(error: BaseException) -> str:
 
 def _is_user_error(error: BaseException) -> bool:
   if isinstance(error, (RunnerError, distributed.DistributedConfigError)):
+    return True
+  # The object store failed under the run (endpoint unreachable, bucket
+  # deleted, access denied): lib.storage's error names the URL and why.
+  if _store_error(error) is not None:
     return True
   # A checkpoint that cannot be written (disk full, quota, permissions) or
   # a non-regular file in its place: the lib's message names the path.
