@@ -6,11 +6,17 @@ sharded (packed) run."""
 
 import json
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from gintrain.lib import checkpoints  # pylint: disable=wrong-import-position
 from gintrain.runner import train  # pylint: disable=wrong-import-position
 from gintrain.runner.cli import ckpt  # pylint: disable=wrong-import-position
 
@@ -43,7 +49,7 @@ def _files_of(ckpt_dir, step):
   return sum(sizes), len(sizes)
 
 
-def _check_records(workdir, steps, files):
+def check_records(workdir, steps, files):
   records = _records(workdir)
   assert [r['step'] for r in records] == steps, records
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -58,7 +64,7 @@ def _check_records(workdir, steps, files):
   return records
 
 
-def _check_ls(workdir, capsys, steps, files):
+def check_ls(workdir, capsys, steps, files):
   capsys.readouterr()
   assert ckpt.main(['ls', str(workdir)]) == 0
   out = capsys.readouterr().out
@@ -79,23 +85,66 @@ def test_one_process_async_saves_are_recorded_and_listed(tmp_path, capsys):
   workdir = tmp_path / 'run'
   assert train.main_with_flags(['gintrain', f'--workdir={workdir}',
                                 *TINY]) == 0
-  records = _check_records(str(workdir), [4, 8], files=1)
+  records = check_records(str(workdir), [4, 8], files=1)
   # Every train record is there too (the checkpoint records are extra).
   assert [r['step'] for r in _records(str(workdir), 'train')] == [4, 8]
   assert records[0]['bytes'] > 4 * 64 * 16  # the kernel, Adam's two slots
-  _check_ls(workdir, capsys, [4, 8], files=1)
+  check_ls(workdir, capsys, [4, 8], files=1)
 
 
-def test_two_process_sharded_saves_are_recorded_and_listed(tmp_path, capsys):
+# -- a background save that fails (full disk) stops the run at the next step -
+
+def _mount_namespace():
+  """A command prefix running in a private mount namespace, or None."""
+  if shutil.which('unshare') is None:
+    return None
+  for cmd in (['unshare', '-m'], ['unshare', '-rm']):
+    probe = subprocess.run(cmd + ['true'], capture_output=True, check=False)
+    if probe.returncode == 0:
+      return cmd
+  return None
+
+
+def test_a_background_save_on_a_full_disk_stops_the_run_at_the_next_step(
+    tmp_path):
+  namespace = _mount_namespace()
+  if namespace is None:
+    pytest.skip('cannot make a mount namespace here (no unshare -m)')
   workdir = tmp_path / 'run'
+  ckpts = workdir / 'checkpoints'
+  ckpts.mkdir(parents=True)
+  kept = tmp_path / 'kept'
+  # Each checkpoint is about 260 KB (a 1024-unit MLP with Adam); 640 KiB
+  # hold two (keep=2), so the third save (step 6) runs out of space in its
+  # background write. Steps take >= 0.2 s (slow data): the failure is in
+  # well before the next step ends.
   command = harness.train_command(
-      workdir, '--gin.slow_synthetic.delay=0', '--gin.train.num_steps=20',
-      '--gin.train.eval_every=20', '--gin.checkpoint_policy.every_steps=10',
-      '--gin.mlp.features=(256,)', '--gin.train.parallelism=@partitioner()',
-      "--gin.partitioner.rules='fsdp'")
-  launch = harness.Launch(command, tmp_path / 'logs',
-                          environ=harness.env(tmp_path / 'cache'))
-  assert launch.wait() == 0, launch.describe()
-  # The packed layout: the msgpack file plus 2 files per process.
-  _check_records(str(workdir), [10, 20], files=5)
-  _check_ls(workdir, capsys, [10, 20], files=5)
+      workdir, '--gin.slow_synthetic.delay=0.2', '--gin.train.num_steps=40',
+      '--gin.train.log_every=1', '--gin.train.eval_every=1000',
+      '--gin.mlp.features=(1024,)', '--gin.checkpoint_policy.every_steps=2',
+      '--gin.checkpoint_policy.keep=2',
+      '--gin.checkpoint_policy.async_save=True')
+  shell = (f'mount -t tmpfs -o size=640k tmpfs {ckpts} || exit 99; '
+           f'{shlex.join(command)}; rc=$?; cp -a {ckpts} {kept}; exit $rc')
+  proc = subprocess.run(namespace + ['sh', '-c', shell],
+                        env=harness.env(tmp_path / 'cache'),
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  if proc.returncode == 99:
+    pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.strip()[-300:]}')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines()
+           if l.startswith('gintrain: error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(
+      f'gintrain: error: Cannot write checkpoint "{ckpts}/checkpoint_6": No'
+      ' space left on device (errno 28).'), lines
+  # Stopped after the step following the failed save, not at the next save.
+  steps = [r['step'] for r in _records(str(workdir), 'train')]
+  assert steps == list(range(1, 8)), steps
+  assert [r['step'] for r in _records(str(workdir))] == [2, 4]
+  # The last good checkpoint is intact and restores; no partial file left.
+  assert sorted(os.listdir(kept)) == ['checkpoint_2', 'checkpoint_4']
+  restored = checkpoints.restore_checkpoint(str(kept), None)
+  assert int(restored['state']['step']) == 4

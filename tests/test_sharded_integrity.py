@@ -238,7 +238,8 @@ partitioner.rules = 'fsdp'
 """
 
 
-def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path):
+def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path,
+                                                                 capsys):
   import re  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
@@ -263,6 +264,11 @@ def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path):
   launch = harness.Launch(command, tmp_path / 'logs1', environ=environ)
   assert launch.wait() == 0, launch.describe()
   ckpts = workdir / 'checkpoints'
+  # Each save's cost is in the records and ckpt ls counts every file: the
+  # msgpack file and two packed files per process (issue 21).
+  import test_checkpoint_records as records  # pylint: disable=g-import-not-at-top
+  records.check_records(str(workdir), [10, 20], files=5)
+  records.check_ls(workdir, capsys, [10, 20], files=5)
   path = str(ckpts / 'checkpoint_20')
   original = state(path)
   # The issue's case: one slice of the embedding swapped for another valid
