@@ -65,6 +65,9 @@ def load_run(workdir: str, checkpoint: str | None = None):
                       f' apply ({model!r}).')
   path = evaluate.find_checkpoint(workdir, checkpoint)
   _, raw = init_from.checkpoint_params(path, '--checkpoint')
+  if cfg.trainable:  # the checkpoint holds what trained: the base rebuilt
+    from gintrain.runner.training import frozen  # pylint: disable=g-import-not-at-top
+    raw = frozen.full_params(cfg, workdir, path, raw)
   return model, raw, path
 
 

@@ -122,6 +122,14 @@ class Lora:
     merged = merge_params(variables['params'], self.scale)
     return self.base.apply({**variables, 'params': merged}, tokens, **kwargs)
 
+  @property
+  def flops_per_token(self):
+    """The base model's count (the adapters' FLOPs are left out)."""
+    count = getattr(self.base, 'flops_per_token', None)
+    if count is None:
+      raise AttributeError('flops_per_token')
+    return count
+
   def init_cache(self, *args, **kwargs):
     return self.base.init_cache(*args, **kwargs)
 

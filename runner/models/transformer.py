@@ -124,6 +124,17 @@ class Transformer:
                            'bias': zeros(self.vocab_size)}
     return {'params': params}
 
+  def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token, counted as ``llama.Llama.flops_per_token``
+    does: 2 per multiply-add of q/k/v/out, the MLP and the output layer,
+    attention ``2 * seq_len * width`` per block (causal: half); x3 to
+    train."""
+    w = self.width
+    matmul = self.depth * (4 * w * w + 2 * w * self.mlp_ratio * w)
+    matmul += w * self.vocab_size
+    forward = 2 * matmul + self.depth * 2 * seq_len * w
+    return float(3 * forward if training else forward)
+
   def _attention(self, p, x, positions, segment_ids=None):
     dt = x.dtype
     q, k, v = (jnp.einsum('btw,whd->bthd', x, p[n]['kernel'].astype(dt))

@@ -27,6 +27,7 @@ from gintrain.runner.parallel import partitioners
 from gintrain.runner.tasks import base as task_base
 from gintrain.runner.tasks import classification
 from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import frozen
 from gintrain.runner.training import schedules
 
 __all__ = ['Run', 'build', 'state_maker', 'describe', 'dry_run', 'evaluate']
@@ -175,6 +176,8 @@ def build(config: config_lib.TrainConfig) -> Run:
                       f' {source.name} has none: set train.num_steps.')
   total = config.num_steps or config.num_epochs * spe
   tx, lr_fn = _optimizer(config.optimizer, spe)
+  if config.trainable:  # the frozen parameters get no optimizer state
+    tx = frozen.mask_optimizer(tx, config.trainable)
   policy = config.checkpoint or checkpoints.CheckpointPolicy()
   variables, train_names, eval_names = _shaped(config, task, source)
   for what, name in (('early_stopping.metric', config.early_stopping and
@@ -204,7 +207,8 @@ def state_maker(run: Run) -> Callable[[], Any]:
 
   def make():
     variables = run.task.init(jax.random.key(cfg.seed), sample)
-    return cfg.state_factory(variables, run.model.apply, run.tx)
+    state = cfg.state_factory(variables, run.model.apply, run.tx)
+    return frozen.freeze(state, cfg.trainable) if cfg.trainable else state
   return make
 
 

@@ -76,6 +76,14 @@ class TrainConfig:
       ``spike_guard``, ``finite_check``, ``goodput``) is replaced by
       ``factory(built_in)``, e.g. ``{'eval': @my_module.MyEval}``
       (``runner.training.action_list``).
+    trainable: regular expressions (``re.search``) on '/'-joined parameter
+      paths: only those parameters train; the others are frozen, hold no
+      optimizer state and stay out of the checkpoints, which record a hash
+      of them instead (``runner.training.frozen``; LoRA: ``['lora_']``).
+      None: everything trains.
+    peak_flops_per_device: the peak FLOP/s of one device, for the train
+      records' ``mfu`` (None: looked up from the device kind,
+      ``runner.training.flops.PEAKS``).
   """
   model: Any = None
   dataset: Any = None
@@ -98,6 +106,8 @@ class TrainConfig:
   microbatches: int = 1
   spike_guard: Any = True
   replace_actions: Any = None
+  trainable: Sequence[str] | None = None
+  peak_flops_per_device: float | None = None
 
   def __post_init__(self):
     unset = [f'train.{name}' for name in ('model', 'dataset', 'optimizer')
@@ -149,6 +159,17 @@ class TrainConfig:
             hasattr(self.spike_guard, 'max_rollbacks')):
       raise RunnerError('train.spike_guard must be True, False or'
                         f' @runner.spike_guard(), got {self.spike_guard!r}.')
+    if self.peak_flops_per_device is not None and not (
+        isinstance(self.peak_flops_per_device, (int, float)) and
+        not isinstance(self.peak_flops_per_device, bool) and
+        math.isfinite(self.peak_flops_per_device) and
+        self.peak_flops_per_device > 0):
+      raise RunnerError('train.peak_flops_per_device must be a number > 0'
+                        f' (FLOP/s), got {self.peak_flops_per_device!r}.')
+    if self.trainable is not None:
+      from gintrain.runner.training import frozen  # pylint: disable=g-import-not-at-top
+      object.__setattr__(self, 'trainable',
+                         frozen.check_patterns(self.trainable))
     if self.profile_steps is not None:
       ok = (isinstance(self.profile_steps, (tuple, list)) and
             len(self.profile_steps) == 2 and

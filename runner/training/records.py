@@ -12,6 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from absl import logging
+
+from gintrain.runner.training import flops as flops_lib
 
 __all__ = ['Rates', 'train_record', 'TrainResult']
 
@@ -81,7 +84,8 @@ def train_record(run, record: dict, norms: dict, step: int,
   """``record`` (the means and rates) with the norms, the learning rate,
   the source's ``data_wait_fraction`` (``take_wait_fraction()``, when it has
   one and it is not None) and, in the ``first`` record of a launch, the
-  source's ``packing_efficiency`` (from ``info``)."""
+  source's ``packing_efficiency`` (from ``info``); ``model_flops_per_sec``
+  and ``mfu`` where known (``runner.training.flops``)."""
   record.update({k: float(v) for k, v in norms.items()})
   if run.learning_rate is not None:
     record['learning_rate'] = float(run.learning_rate(step - 1))
@@ -92,4 +96,29 @@ def train_record(run, record: dict, norms: dict, step: int,
   if first and 'packing_efficiency' in run.source.info:
     record['packing_efficiency'] = float(
         run.source.info['packing_efficiency'])
+  _add_flops(run, record)
   return record
+
+
+_SAID_NO_PEAK: set = set()  # where the peak was looked up, said once
+
+
+def _add_flops(run, record: dict) -> None:
+  """``model_flops_per_sec`` (the model's FLOPs per token x tokens/s) and
+  ``mfu`` (over the peak of all devices) when known; see
+  ``runner.training.flops``."""
+  per_token = flops_lib.flops_per_token(
+      run.model, run.source.info.get('tokens_per_example'))
+  if per_token is None or 'tokens_per_sec' not in record:
+    return
+  record['model_flops_per_sec'] = per_token * record['tokens_per_sec']
+  peak, where = flops_lib.device_peak(
+      getattr(run.config, 'peak_flops_per_device', None))
+  if peak:
+    record['mfu'] = record['model_flops_per_sec'] / (
+        peak * jax.device_count())
+  elif where not in _SAID_NO_PEAK:
+    _SAID_NO_PEAK.add(where)
+    if jax.process_index() == 0:
+      logging.info('No mfu in the train records: the peak FLOP/s of %s is'
+                   ' not known; set train.peak_flops_per_device.', where)

@@ -11,6 +11,7 @@ from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import writers as writers_lib
+from gintrain.runner.training import frozen
 from gintrain.runner.training import init_from as init_from_lib
 from gintrain.runner.training import resume_guard
 
@@ -45,8 +46,11 @@ def resume_or_start(trainer, make):
   if latest is None:
     return _fresh(trainer, make), 0, False
   resume_guard.check(trainer.workdir, trainer.settings)  # changes: refused
+  target = jax.eval_shape(make)
+  if frozen.has_frozen(target):  # the checkpoint holds what trains: the base
+    target = _fresh(trainer, make)
   state, raw = checkpoints.restore_state(
-      ckpt.path(latest), jax.eval_shape(make), trainer.run.partitioner,
+      ckpt.path(latest), target, trainer.run.partitioner,
       ckpt.read(latest), latest)
   step = int(np.asarray(state.step))
   _restore_positions(trainer, raw, ckpt.path(latest), step)
@@ -64,8 +68,8 @@ def _fresh(trainer, make):
   if not trainer.init_from:
     return p.create_state(make)
   state = jax.device_get(jax.jit(make)())
-  state = state.replace(params=init_from_lib.load_params(
-      trainer.init_from, state.params))
+  state = frozen.rehash(state.replace(params=init_from_lib.load_params(
+      trainer.init_from, state.params)))
   if trainer.main:
     logging.info('Initialised params from %s.', trainer.init_from)
   return p.put_state(state)
