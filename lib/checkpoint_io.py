@@ -979,7 +979,7 @@ def _read_url_checkpoint(url: str, parallel: bool):
   """Downloads ``url`` to a temporary staging file and reads that."""
   fs, fs_path = storage.filesystem(url)
   try:
-    info = fs.info(fs_path)
+    info = storage.call(url, fs.info, fs_path)  # store failures: StoreError
   except FileNotFoundError:
     raise FileNotFoundError(errno.ENOENT, 'No such checkpoint', url) from None
   if info.get('type') == 'directory':

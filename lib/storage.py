@@ -64,6 +64,7 @@ __all__ = [
     'StoreNotFoundError',
     'StorePermissionError',
     'translate_error',
+    'call',
     'RETRIES_ENV',
     'DEFAULT_RETRIES',
     'is_url',
@@ -355,6 +356,9 @@ def _call(url: str, fn, *args, **kwargs):
       with _FAILED_LOCK:
         _FAILED_STORES.discard(_store_key(url))
     return out
+
+
+call = _call  # for modules calling a store's client themselves
 
 
 def _scheme(path) -> str | None:

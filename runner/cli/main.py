@@ -394,12 +394,23 @@ def _activity(error: BaseException) -> str | None:
 
 def _store_error(error: BaseException):
   """The object-store failure (``storage.StoreError``) that ``error`` is
-  or was explicitly raised from, or None."""
+  or was explicitly raised from, or None. When that failure was raised
+  while handling an earlier one (a run's cleanup writing to the store that
+  just failed), the earliest: what failed first."""
   for _ in range(8):
     if error is None or isinstance(error, storage.StoreError):
-      return error
+      break
     error = error.__cause__
-  return None
+  if error is None:
+    return None
+  first, context = error, error.__context__
+  for _ in range(32):
+    if context is None:
+      break
+    if isinstance(context, storage.StoreError):
+      first = context
+    context = context.__context__
+  return first
 
 
 def _one_line(error: BaseException) -> str:

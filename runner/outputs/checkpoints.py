@@ -217,16 +217,33 @@ _RESUME_HINT = ('To start a different model or optimizer, use a new'
 
 
 def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
-                  step: int | None = None, hint: str = _RESUME_HINT
-                  ) -> tuple[Any, dict]:
-  """The train state saved in the runner checkpoint ``path``, checked
-  against ``shapes`` (the fresh state's ``jax.eval_shape``) and placed by
-  ``partitioner``; with the raw tree read (``raw``: already read).
+                  step: int | None = None, hint: str = _RESUME_HINT,
+                  select: Callable[[Any], Any] | None = None,
+                  what: str | None = None) -> tuple[Any, dict]:
+  """The state saved in the checkpoint ``path``, checked against
+  ``shapes`` and placed by ``partitioner``; with the raw tree read.
 
-  Arrays saved as sharded files are read straight into their places (each
-  process its own slices); the rest come from the msgpack file. Serves
-  resume and ``gintrain eval`` (``--init_from`` reads through
-  :func:`read_file` and :func:`read_arrays` too, for the parameters only).
+  The one restore path of the runner: resume, ``gintrain eval``, the spike
+  guard's rollback and ``--init_from`` (``runner.training.init_from``, with
+  ``select``) all come here.
+
+  Args:
+    path: the checkpoint file.
+    shapes: what to restore into: the fresh state's ``jax.eval_shape`` (or
+      its arrays; for ``--init_from``, the fresh parameters).
+    partitioner: places the state; each process reads only the slices of
+      sharded arrays (``<path>_gda``) its devices hold. None: numpy arrays
+      on the host (``--init_from``: the caller places the whole state once
+      its parameters are in).
+    raw: the checkpoint's raw tree, already read (None: read here).
+    step: the checkpoint's step, for messages.
+    hint: added to a mismatch error.
+    select: None: restore the runner checkpoint's ``state`` entry. Else a
+      function from the checkpoint's whole tree (any checkpoint; its arrays
+      read onto the host) to the state dict to restore: ``--init_from``'s
+      selection, rename and report.
+    what: names the checkpoint in a mismatch error (default
+      ``checkpoint <path>``).
 
   Returns:
     ``(placed state, raw tree)``.
@@ -235,14 +252,21 @@ def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
     RunnerError: unreadable, not a runner checkpoint, or a state that does
       not fit the model (naming the leaves).
   """
-  raw = read_runner_checkpoint(path) if raw is None else raw
-  raw['state'] = read_arrays(path, raw['state'],
-                             partitioner.shardings(shapes), step)
-  check_tree(serialization.to_state_dict(shapes), raw['state'],
-             f'checkpoint {path}', against='the model and optimizer',
+  if select is None:
+    raw = read_runner_checkpoint(path) if raw is None else raw
+    shardings = None if partitioner is None else partitioner.shardings(shapes)
+    raw['state'] = read_arrays(path, raw['state'], shardings, step)
+    tree = raw['state']
+  else:
+    raw = read_arrays(path, read_file(path) if raw is None else raw,
+                      step=step)
+    tree = select(raw)
+  check_tree(serialization.to_state_dict(shapes), tree,
+             what or f'checkpoint {path}', against='the model and optimizer',
              hint=hint)
-  state = serialization.from_state_dict(shapes, raw['state'])
-  return partitioner.put_state(state), raw
+  state = serialization.from_state_dict(shapes, tree)
+  return (state if partitioner is None else partitioner.put_state(state),
+          raw)
 
 
 class Checkpointer:
@@ -324,6 +348,8 @@ class Checkpointer:
       try:
         raw = checkpoint_io.read_checkpoint_file(path)
         _check_array_dir(path, raw)
+      except storage.StoreError:
+        raise  # the store failed, not this checkpoint: nothing is moved
       except (OSError, ValueError) as e:
         if distributed.is_main_process():
           logging.warning(
