@@ -110,11 +110,11 @@ def test_a_new_configurable_flag_and_error_line_appear(built):
 
 
 # Stale examples planted in a guide and the README: (what is planted, what
-# the build must say about it).
+# the build must say about it on the planted command's last line).
 _STALE = [
     ('gintrain eval --workdir=/tmp/cnn --chekpoint=420',
      "--chekpoint is not a flag of `gintrain eval` (did you mean '--checkpoint'?)"),
-    ('gintrain --workdir=/tmp/x --gin.train.num_epochz=2',
+    ('gintrain --workdir=/tmp/x \\\n    --gin.train.num_epochz=2',
      "configurable 'train' has no parameter 'num_epochz'"
      " (did you mean 'num_epochs'?)"),
     ('gintrain --workdir=/tmp/x --gin_file=models/no_such.gin',
@@ -141,7 +141,7 @@ def broken(tmp_path_factory):
                               ' [that](gin.md#no-such-heading).\n\n```sh\n')
   lines = {}
   for command, _ in _STALE:
-    lines[command] = text.count('\n') + 1
+    lines[command] = text.count('\n') + 1 + command.count('\n')  # its last
     text += command + '\n'
   guide.write_text(text + '```\n')
   readme = root / 'README.md'
