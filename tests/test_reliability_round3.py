@@ -350,6 +350,12 @@ def test_grain_state_records_the_step_and_restores():
      'grain next_index=1000000000000000000 is out of range (0 to'),
     (lambda s: {'grain': json.dumps({'next_index': -5}), 'step': 3},
      'grain next_index=-5 is out of range'),
+    # -1 at the edge (a planted `index < -1` let it through): without the
+    # step too, so that the step check cannot catch it instead
+    (lambda s: {'grain': json.dumps({'next_index': -1}), 'step': 3},
+     'grain next_index=-1 is out of range'),
+    (lambda s: {'grain': json.dumps({'next_index': -1})},
+     'grain next_index=-1 is out of range'),
     (lambda s: {'grain': json.dumps({'next_index': 0}), 'step': 3},
      'grain next_index=0 differs from the recorded data step 3'),
     (lambda s: {'grain': json.dumps({'next_index': 'x'})},
