@@ -119,8 +119,10 @@ def test_console_script_runs_default_experiment_from_elsewhere(venv, tmp_path):
 #
 # Downloads and built wheels go to one pip cache shared by every venv and
 # every run (GINTRAIN_INSTALL_CACHE, default ~/.cache/gintrain-install), so
-# only the first install of a Python downloads; GINTRAIN_INSTALL_TIMEOUT
-# (seconds, default 3600) bounds each install. Figures: the issue 25 note.
+# only the first install of each Python downloads (on a loaded 2-core machine
+# an install is then still 1-3 minutes of pip's own unpacking and
+# compiling); GINTRAIN_INSTALL_TIMEOUT (seconds, default 3600) bounds each
+# install. Figures: the issue 25 note.
 
 SUPPORTED = ((3, 11), (3, 12), (3, 13))  # setup.py's SUPPORTED_PYTHONS
 _PYTHONS = os.environ.get('GINTRAIN_INSTALL_PYTHONS', '')

@@ -1,8 +1,10 @@
 """MkDocs hook: every example in the docs still matches the code.
 
 Run by ``mkdocs build`` (mkdocs.yml's ``hooks``) before the site is built. It
-reads the code of README.md and ``docs/**/*.md`` (fenced blocks and inline
-code spans; not the generated pages) without running anything, and logs one
+reads the code of README.md and ``docs/**/*.md`` (not the generated pages)
+without running anything: the commands of shell blocks (``console`` blocks:
+the ``$`` lines; not ``text`` or Python blocks), gin blocks (``gin``, or a
+first line ``# NAME.gin``) and inline code spans. It logs one
 warning per stale piece, ``FILE:LINE: what is wrong``, which strict mode
 turns into a failed build:
 
@@ -568,8 +570,15 @@ class _Checker:
       last = first + len(body) - 1
       self.span = (first, last)
       self.script_paths('\n'.join(body))
-      if lang in ('python', 'py', 'json', 'yaml', 'toml', 'text', 'console'):
+      if lang in ('python', 'py', 'json', 'yaml', 'toml', 'text'):
         continue
+      if lang == 'console':  # `$ command` lines (and their continuations)
+        body, going_on = list(body), False
+        for j, line in enumerate(body):
+          command = going_on or line.startswith('$ ')
+          body[j] = line[2:] if line.startswith('$ ') else (
+              line if command else '')
+          going_on = command and line.endswith('\\')
       if lang == 'gin' or (body and re.fullmatch(r'#\s*\S+\.gin\s*',
                                                  body[0])):
         for number, line in enumerate(body, first):
