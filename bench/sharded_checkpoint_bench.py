@@ -46,7 +46,7 @@ RESULTS = os.path.join(REPO, 'bench', 'results',
                        'sharded_checkpoint_bench.md')
 ROWS = 4096
 LEAF_BYTES = 64 * 2**20
-METHODS = ('packed', 'zarr', 'orbax', 'numpy')
+METHODS = ('packed', 'packed-copy', 'zarr', 'orbax', 'numpy')
 
 
 def _count_files(path):
@@ -101,6 +101,24 @@ def _worker(args, flags):
     out[name] = min(out.get(name, float('inf')), mine)
     return result
 
+  def status(key):
+    with open('/proc/self/status', encoding='ascii') as f:
+      return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+
+  def rss_begin():
+    """Resets VmHWM to the current RSS; returns that RSS."""
+    with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
+      f.write('5\n')
+    return status('VmRSS:')
+
+  def rss_end(key, begin):
+    """The peak RSS over ``begin``, the largest of all processes and rounds."""
+    extra = float(status('VmHWM:') - begin)
+    if count > 1:
+      extra = float(np.max(multihost_utils.process_allgather(
+          np.float64(extra))))
+    out[key] = max(out.get(key, 0.0), extra)
+
   def check(tree, want):
     assert all(bool((tree[k] == want[k]).all()) for k in shapes)
 
@@ -153,19 +171,38 @@ def _worker(args, flags):
     barrier(f'cleared {path}')
 
   def save(method):
-    if method in ('packed', 'zarr'):
+    begin = rss_begin()
+    if method in ('packed', 'packed-copy', 'zarr'):
       clear(os.path.join(root, method))
+      # packed: the runner's way (the arrays stay valid until the save is
+      # complete: nothing copied before returning); packed-copy: the
+      # library's default (a host copy before returning, as the caller may
+      # donate the arrays at once).
+      fmt = 'zarr' if method == 'zarr' else 'packed'
+      valid = method == 'packed'
 
       def run():
         t = time.perf_counter()
         checkpoints.save_checkpoint_multiprocess(
             os.path.join(root, method), {'state': state}, 1,
-            gda_manager=manager, array_format=method)
+            gda_manager=manager, array_format=fmt,
+            buffers_stay_valid=valid)
         key = f'{method} save blocking'  # the caller's share (process 0's)
         out[key] = min(out.get(key, float('inf')), time.perf_counter() - t)
         manager.wait_until_finished()
         os.sync()
       timed(f'{method} save', run)
+      if method == 'packed':  # synchronous: the call returns when durable
+        clear(os.path.join(root, 'packed-sync'))
+
+        def run_sync():
+          checkpoints.save_checkpoint_multiprocess(
+              os.path.join(root, 'packed-sync'), {'state': state}, 1,
+              gda_manager=manager, array_format='packed',
+              host_memory_budget=0)
+          manager.wait_until_finished()
+          os.sync()
+        timed('packed sync save', run_sync)
     elif method == 'orbax':
       clear(os.path.join(root, 'orbax'))
 
@@ -187,8 +224,11 @@ def _worker(args, flags):
           f.flush()
           os.fsync(f.fileno())
       timed('numpy save', run)
+    rss_end(f'{method} save peak extra rss', begin)
 
   def restore(method):
+    if method == 'packed-copy':
+      return  # the same files as packed
     for kind, sharding in (('same', rows), ('other', cols)):
       if method in ('packed', 'zarr'):
         got = timed(f'{method} restore {kind}',
@@ -210,7 +250,7 @@ def _worker(args, flags):
       restore(method)
   out['bytes per process'] = sum(a.nbytes for a in mine)
   out['total bytes'] = n * LEAF_BYTES
-  for method in ('packed', 'zarr'):
+  for method in ('packed', 'packed-copy', 'zarr'):
     out[f'{method} files'] = 1 + _count_files(ours_path(method) + '_gda')
   out['orbax files'] = _count_files(os.path.join(root, 'orbax'))
   if me == 0:
@@ -231,7 +271,7 @@ def _launch(args, root, processes, devices, phase):
   return json.loads(found[-1].split('RESULT ', 1)[1])
 
 
-def _table(r, gib, rounds):
+def _table(r, gib, rounds, load=''):
   per = r['bytes per process']
   gb = per / 1e9
   lines = [
@@ -241,20 +281,34 @@ def _table(r, gib, rounds):
       ' durable (os.sync), restores from a warm page cache. "other": into'
       ' column slices P(None, \'data\') (every device needs part of every'
       ' stored slice). vs numpy: numpy\'s time / ours (1.0 = as fast as'
-      ' `tofile`+fsync / `fromfile` of the same bytes per process).', '',
-      '| method | files | save s | caller blocked s | restore s (same) |'
-      ' restore s (other) | save vs numpy | restore vs numpy |'
-      ' save GB/s per process |',
-      '|---|---|---|---|---|---|---|---|---|']
-  for m in ('packed', 'zarr', 'orbax'):
+      ' `tofile`+fsync / `fromfile` of the same bytes per process).'
+      ' packed: the runner\'s way (`buffers_stay_valid=True`: nothing copied'
+      ' before the call returns); packed-copy: the library default (a host'
+      ' copy before returning). Peak extra RSS: VmHWM over the RSS before'
+      ' the save, the larger process, as a multiple of its shard bytes.'
+      + (f' Load average at the start: {load}.' if load else ''), '',
+      '| method | files | save s | caller blocked s | blocked / sync save |'
+      ' peak extra RSS | restore s (same) | restore s (other) |'
+      ' save vs numpy | restore vs numpy | save GB/s per process |',
+      '|---|---|---|---|---|---|---|---|---|---|---|']
+  sync = r['packed sync save']
+  for m in ('packed', 'packed-copy', 'zarr', 'orbax'):
+    same = r.get(f'{m} restore same', r['packed restore same'])
+    other = r.get(f'{m} restore other', r['packed restore other'])
     lines.append(
-        f'| {m} | {r[f"{m} files"]} | {r[f"{m} save"]:.3f} |'
+        f'| {m} | {r[f"{m} files"] if f"{m} files" in r else ""} |'
+        f' {r[f"{m} save"]:.3f} |'
         f' {r[f"{m} save blocking"]:.3f} |'
-        f' {r[f"{m} restore same"]:.3f} | {r[f"{m} restore other"]:.3f} |'
+        f' {100 * r[f"{m} save blocking"] / sync:.1f}% |'
+        f' {r[f"{m} save peak extra rss"] / per:.2f}x |'
+        f' {same:.3f} | {other:.3f} |'
         f' {r["numpy save"] / r[f"{m} save"]:.2f}x |'
-        f' {r["numpy restore same"] / r[f"{m} restore same"]:.2f}x |'
+        f' {r["numpy restore same"] / same:.2f}x |'
         f' {gb / r[f"{m} save"]:.2f} |')
-  lines.append(f'| numpy | 2 | {r["numpy save"]:.3f} | |'
+  lines.append(f'| packed, synchronous | | {sync:.3f} | | | | | |'
+               f' {r["numpy save"] / sync:.2f}x | | {gb / sync:.2f} |')
+  lines.append(f'| numpy | 2 | {r["numpy save"]:.3f} | | |'
+               f' {r["numpy save peak extra rss"] / per:.2f}x |'
                f' {r["numpy restore same"]:.3f} | | 1.00x | 1.00x |'
                f' {gb / r["numpy save"]:.2f} |')
   lines += ['', 'Elastic restore (2x2 -> 1x4): 1 process x 4 devices reads'
@@ -279,13 +333,14 @@ def main():
     _worker(args, flags)
     return
   root = args.dir or tempfile.mkdtemp(prefix='sharded_bench_')
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   try:
     result = _launch(args, root, 2, 2, 'main')
     result.update(_launch(args, root, 1, 4, 'elastic'))
   finally:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
-  table = _table(result, args.gib, args.rounds)
+  table = _table(result, args.gib, args.rounds, load)
   print(table)
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
   with open(RESULTS, 'w', encoding='utf-8') as f:

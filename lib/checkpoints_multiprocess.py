@@ -186,6 +186,7 @@ def save_checkpoint_multiprocess(
     orbax_checkpointer: Any | None = None,
     array_format: str | None = None,
     host_memory_budget: int | None = None,
+    buffers_stay_valid: bool = False,
 ) -> str:
   """Saves ``target`` from every process as ``<ckpt_dir>/<prefix><step>``.
 
@@ -222,6 +223,11 @@ def save_checkpoint_multiprocess(
       process's slices). Over it, the slices are written before returning,
       one at a time on the host. None: no bound (about 1x the process's
       slice bytes).
+    buffers_stay_valid: packed layout only: the caller promises not to
+      delete or donate the sharded arrays of ``target`` until the save is
+      complete (``gda_manager.wait_until_finished()``); then nothing is
+      copied before returning (the call blocks only for the barriers) and
+      the background writer brings each slice to the host as it writes it.
 
   Returns:
     The checkpoint path (it may not exist yet when a manager is used).
@@ -318,7 +324,8 @@ def save_checkpoint_multiprocess(
       on_commit=functools.partial(
           _commit, tmp_path, ckpt_path, base_path, keep, overwrite,
           keep_every_n_steps, async_manager),
-      array_format=array_format, host_memory_budget=host_memory_budget)
+      array_format=array_format, host_memory_budget=host_memory_budget,
+      buffers_stay_valid=buffers_stay_valid)
   return ckpt_path
 
 

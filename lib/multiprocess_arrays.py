@@ -561,7 +561,8 @@ def _writer():
 def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
                              final_path: str, on_commit,
                              array_format: str | None = None,
-                             host_memory_budget: int | None = None) -> None:
+                             host_memory_budget: int | None = None,
+                             buffers_stay_valid: bool = False) -> None:
   """Starts writing ``arrays`` (``(subpath, jax.Array)`` pairs); all processes.
 
   Every process writes its own shards through ``gda_manager`` (a
@@ -577,11 +578,17 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
   ``gda_manager`` only runs the barrier and ``on_commit``. If those copies
   would exceed ``host_memory_budget`` bytes (None: no bound), the slices are
   instead written before returning, brought to the host one at a time.
+  With ``buffers_stay_valid`` (the caller neither deletes nor donates the
+  arrays until the save is complete) nothing is copied before returning:
+  the background writer brings each slice to the host as it writes it
+  (host memory: two slices). A write that fails (e.g. a full disk) raises
+  ``checkpoint_io.CheckpointWriteError`` naming the checkpoint, from
+  ``gda_manager.wait_until_finished()`` / ``check_for_errors()``.
   """
   target_dir = array_dir(final_path if is_remote_path(final_path) else tmp_path)
   if resolve_format(array_format, final_path) == 'packed':
     _save_packed(gda_manager, arrays, target_dir, on_commit,
-                 host_memory_budget)
+                 host_memory_budget, buffers_stay_valid, final_path)
     return
   # The hashes of this process's shards go in before its data and before
   # the commit (which checks every process's manifest is there).
@@ -593,16 +600,28 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
 
 
 def _save_packed(gda_manager, arrays, target_dir, on_commit,
-                 host_memory_budget=None) -> None:
+                 host_memory_budget=None, buffers_stay_valid=False,
+                 final_path=None) -> None:
   gda_manager.wait_until_finished()  # the previous save, as serialize does
   background = (hasattr(gda_manager, '_add_futures') and
                 hasattr(gda_manager, '_start_async_commit'))
-  if host_memory_budget is not None and (
+  copy = background and not buffers_stay_valid
+  if copy and host_memory_budget is not None and (
       packed_arrays.snapshot_bytes(arrays) > host_memory_budget):
-    background = False  # no copies: written now, one slice at a time
-  snap = packed_arrays.snapshot(arrays, copy=background)
-  write = lambda: packed_arrays.write_process_files(  # pylint: disable=g-long-lambda
-      target_dir, snap, jax.process_index(), jax.process_count())
+    background = copy = False  # no copies: written now, one slice at a time
+  snap = packed_arrays.snapshot(arrays, copy=copy)
+  del arrays
+
+  def write():
+    from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
+    try:
+      return packed_arrays.write_process_files(
+          target_dir, snap, jax.process_index(), jax.process_count())
+    except OSError as e:
+      raise checkpoint_io.CheckpointWriteError(
+          final_path or target_dir, e, target_dir) from e
+    finally:
+      snap.clear()  # the host copies (or device arrays) go now
   if not background:  # a jax without the hooks: write, then commit
     write()
     gda_manager.serialize([], [], on_commit_callback=on_commit)

@@ -98,6 +98,11 @@ def snapshot(arrays: list, copy: bool) -> list:
   0 of each), on the host. ``copy``: own copies (the device buffers may be
   donated or deleted before a background write reads them)."""
   out = []
+  if copy:  # every device-to-host copy in flight at once
+    for _, arr in arrays:
+      for shard in arr.addressable_shards:
+        if shard.replica_id == 0 and hasattr(shard.data, 'copy_to_host_async'):
+          shard.data.copy_to_host_async()
   for subpath, arr in arrays:
     slices = []
     for shard in arr.addressable_shards:
@@ -124,43 +129,87 @@ def snapshot_bytes(arrays: list) -> int:
              for shard in arr.addressable_shards if shard.replica_id == 0)
 
 
+def _host(data) -> np.ndarray:
+  """A slice's values on the host, C-contiguous (a device-to-host copy for
+  a device array; on CPU devices numpy's view of the buffer)."""
+  return np.ascontiguousarray(data)
+
+
 def write_process_files(directory: str, snap: list, process: int,
                         process_count: int) -> int:
   """Writes this process's data file and index into
   ``<directory>/packed/`` (data first, each fsynced). Returns the bytes
-  written."""
+  written.
+
+  One pass over the slices: each is brought to the host (device arrays of
+  ``snapshot(copy=False)`` one at a time, the next one's copy started while
+  this one is written), written at its aligned offset, and hashed in
+  another thread while it is written; at most two slices are on the host
+  at once. On a failure the partial files are removed and the ``OSError``
+  raised.
+  """
   folder = os.path.join(directory, PACKED_DIR)
   os.makedirs(folder, exist_ok=True)
   data_path = os.path.join(folder, f'process_{process}.bin')
+  index_path = os.path.join(folder, f'process_{process}.json')
   index = {'version': VERSION, 'process': process,
            'process_count': process_count, 'arrays': {}}
+  flat = [data for _, _, _, slices in snap for _, data in slices]
+  pool = _pool()
+  digests = [None] * len(flat)
+  offsets = []
   offset = 0
-  fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  created = []  # removed again on a failure
   try:
-    for subpath, shape, dtype, slices in snap:
-      chunks = []
-      for box, data in slices:
-        view = _bytes_view(np.ascontiguousarray(data))
+    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    created.append(data_path)
+    try:
+      previous = None
+      for n, data in enumerate(flat):
+        if n + 1 < len(flat) and hasattr(flat[n + 1], 'copy_to_host_async'):
+          flat[n + 1].copy_to_host_async()
+        view = _bytes_view(_host(data))
+        future = pool.submit(_digest, view)
         start = _aligned(offset)
         if start != offset:
           os.lseek(fd, start, os.SEEK_SET)
         _write_all(fd, view)
-        chunks.append({'box': [list(b) for b in box], 'offset': start,
-                       'nbytes': int(view.size), 'xxh3': _digest(view)})
+        offsets.append((start, int(view.size)))
         offset = start + view.size
+        del view
+        if previous is not None:
+          digests[n - 1] = previous.result()
+        previous = future
+      if previous is not None:
+        digests[-1] = previous.result()
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    n = 0
+    for subpath, shape, dtype, slices in snap:
+      chunks = []
+      for box, _ in slices:
+        start, nbytes = offsets[n]
+        chunks.append({'box': [list(b) for b in box], 'offset': start,
+                       'nbytes': nbytes, 'xxh3': digests[n]})
+        n += 1
       index['arrays'][subpath] = {'shape': list(shape), 'dtype': dtype,
                                   'chunks': chunks}
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-  blob = json.dumps(index, sort_keys=True).encode()
-  fd = os.open(os.path.join(folder, f'process_{process}.json'),
-               os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-  try:
-    _write_all(fd, blob)
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+    blob = json.dumps(index, sort_keys=True).encode()
+    fd = os.open(index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    created.append(index_path)
+    try:
+      _write_all(fd, blob)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError:
+    for path in created:
+      try:
+        os.unlink(path)
+      except OSError:
+        pass
+    raise
   return offset
 
 

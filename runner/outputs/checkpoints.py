@@ -31,6 +31,7 @@ from gintrain.lib import checkpoints
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
 from gintrain.lib import storage
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.parallel import distributed
@@ -46,11 +47,6 @@ CORRUPT_DIR = workdir_lib.CORRUPT_DIR
 _MODES = ('min', 'max')
 # How long a sharded save waits for the slowest process's shards.
 _BARRIER_TIMEOUT_S = 600
-
-
-def _is_int(value, minimum):
-  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-          and value >= minimum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +76,20 @@ class CheckpointPolicy:
   prefix: str = 'checkpoint_'
 
   def __post_init__(self):
-    checks = [
-        ('every_steps', _is_int(self.every_steps, 0), 'an integer >= 0'),
-        ('keep', _is_int(self.keep, 0), 'an integer >= 0'),
-        ('keep_every_n_steps', self.keep_every_n_steps is None or
-         _is_int(self.keep_every_n_steps, 1), 'None or an integer >= 1'),
-        ('best_metric', self.best_metric is None or
-         (isinstance(self.best_metric, str) and self.best_metric),
-         'None or a metric name'),
-        ('best_mode', self.best_mode in _MODES, "'min' or 'max'"),
-        ('keep_best', _is_int(self.keep_best, 1), 'an integer >= 1'),
-        ('async_save', isinstance(self.async_save, bool), 'True or False'),
-        ('prefix', isinstance(self.prefix, str) and self.prefix and
-         '/' not in self.prefix and not self.prefix[-1].isdigit(),
-         'a non-empty file name prefix not ending in a digit'),
-    ]
-    for name, ok, want in checks:
-      if not ok:
-        raise RunnerError(f'checkpoint_policy.{name} must be {want}, got'
-                          f' {getattr(self, name)!r}.')
+    name = 'checkpoint_policy.'
+    validation.check_int(name + 'every_steps', self.every_steps, 0)
+    validation.check_int(name + 'keep', self.keep, 0)
+    validation.check_int(name + 'keep_every_n_steps',
+                         self.keep_every_n_steps, 1, allow_none=True)
+    validation.check_name(name + 'best_metric', self.best_metric,
+                          'a metric name', allow_none=True)
+    validation.check_choice(name + 'best_mode', self.best_mode, _MODES)
+    validation.check_int(name + 'keep_best', self.keep_best, 1)
+    validation.check_bool(name + 'async_save', self.async_save)
+    validation.check_name(
+        name + 'prefix', self.prefix,
+        'a non-empty file name prefix not ending in a digit',
+        test=lambda p: '/' not in p and not p[-1].isdigit())
 
 
 def describe_leaf(leaf):
@@ -440,9 +431,12 @@ class Checkpointer:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', DeprecationWarning)
       if self._multiprocess:
-        checkpoints.save_checkpoint_multiprocess(  # packed: 2 files/process
+        # Packed: 2 files a process. The loop never donates a saved state
+        # (the step after a save does not donate), so the background writer
+        # reads the device arrays themselves: no copy before returning.
+        checkpoints.save_checkpoint_multiprocess(
             directory, gda_manager=self._gda_manager(tree),
-            array_format='packed', **kwargs)
+            array_format='packed', buffers_stay_valid=True, **kwargs)
       else:
         checkpoints.save_checkpoint(directory, **kwargs)
 
