@@ -135,6 +135,8 @@ class Outage:
     self._listener = None
     self._pattern = None
     self._threads = []
+    self._timers = []
+    self._closed = False
     self.up()
 
   def env(self) -> dict:
@@ -146,7 +148,7 @@ class Outage:
   def up(self) -> None:
     """Listens (again) on the same port."""
     with self._lock:
-      if self._listener is not None:
+      if self._listener is not None or self._closed:
         return
       listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
       listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -177,6 +179,7 @@ class Outage:
     timer = threading.Timer(seconds, self.up)
     timer.daemon = True
     timer.start()
+    self._timers.append(timer)
     return timer
 
   def cut_on(self, pattern: str) -> None:
@@ -185,7 +188,11 @@ class Outage:
     self._pattern = re.compile(pattern.encode())
 
   def close(self) -> None:
+    """Down for good (a pending :meth:`down_for` does not bring it up)."""
+    self._closed = True
     self._pattern = None
+    for timer in self._timers:
+      timer.cancel()
     self.down()
 
   def _accept(self, listener) -> None:

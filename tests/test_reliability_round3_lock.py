@@ -289,16 +289,16 @@ def test_an_endpoint_that_is_down_at_start_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get('GINTRAIN_SLOW'), reason=(
-    'a known open defect (issue 18 item 7, storage side), 90 s:'
-    ' GINTRAIN_SLOW=1 runs it'))
-@pytest.mark.xfail(strict=True, reason='storage side (lib/storage.py, the'
-                   ' structure helper\'s): a botocore EndpointConnectionError'
-                   ' and a FileNotFoundError of a deleted bucket still end'
-                   ' the run with a traceback (issue 18 item 7)')
+    'slow (moto itself stopped, botocore and the library retrying as by'
+    ' default): GINTRAIN_SLOW=1 runs it; the fast variants are in'
+    ' tests/test_object_store_failures_runner.py'))
 @pytest.mark.parametrize('fault', ['endpoint_down', 'bucket_deleted'])
-def test_the_store_failing_mid_run_is_one_line(tmp_path, fault):
-  from s3_server import S3Server  # pylint: disable=g-import-not-at-top
+def test_the_store_failing_mid_run_is_one_line(tmp_path, monkeypatch, fault):
+  from s3_server import S3Server, _clear_fsspec_instances  # pylint: disable=g-import-not-at-top
   server = S3Server(str(tmp_path / 'moto.log'))
+  for key, value in server.env().items():  # this test's own server
+    monkeypatch.setenv(key, value)
+  _clear_fsspec_instances()
   try:
     server.create_bucket('midrun')
     url = 's3://midrun/run'
@@ -314,7 +314,6 @@ def test_the_store_failing_mid_run_is_one_line(tmp_path, fault):
       fs, _ = storage.filesystem(f'{url}/x')
       deadline = time.monotonic() + 180
       while True:
-        os.environ.update(server.env())
         if storage.exists(f'{url}/checkpoints/checkpoint_10'):
           break
         assert run.poll() is None and time.monotonic() < deadline
@@ -330,6 +329,9 @@ def test_the_store_failing_mid_run_is_one_line(tmp_path, fault):
         run.wait(30)
   finally:
     server.stop()
+    _clear_fsspec_instances()
   line = _one_line_failure(subprocess.CompletedProcess([], run.returncode,
                                                        out, err))
-  assert 's3://midrun/run' in line, line
+  assert 's3://midrun/run/' in line, line
+  assert ('cannot reach the object store' if fault == 'endpoint_down' else
+          "the bucket 'midrun' does not exist") in line, line
