@@ -56,6 +56,8 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
+from gintrain.runner import validation
+
 __all__ = ['Action', 'PeriodicAction', 'Callback', 'StepHook', 'as_action',
            'is_stateful']
 
@@ -108,11 +110,8 @@ class PeriodicAction(Action):
   """
 
   def __init__(self, every_steps: int | None = None, at_end: bool = True):
-    if every_steps is not None and (
-        not isinstance(every_steps, int) or isinstance(every_steps, bool)
-        or every_steps < 0):
-      raise ValueError(f'{type(self).__name__}: every_steps must be an'
-                       f' integer >= 0 or None, got {every_steps!r}.')
+    validation.check_int(f'{type(self).__name__}.every_steps', every_steps,
+                         0, allow_none=True)
     self.every_steps = every_steps
     self.at_end = at_end
 

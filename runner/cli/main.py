@@ -103,6 +103,7 @@ from gintrain.runner.cli import sample as sample_cli
 from gintrain.runner.cli import sweep as sweep_cli
 from gintrain.runner.cli import data as data_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import settings as settings_lib
@@ -426,7 +427,8 @@ def _one_line(error: BaseException) -> str:
   lines = str(error).strip().split('\n')
   message = lines[0].strip() if lines else type(error).__name__
   match = _CONFIGURABLE_RE.search(str(error))
-  if match and not isinstance(error, RunnerError):
+  if match and (not isinstance(error, RunnerError) or (
+      isinstance(error, validation.ArgumentError) and not error.qualified)):
     message += f" (in gin configurable '{match.group(1)}')"
   return message
 

@@ -26,6 +26,7 @@ import time
 import jax
 
 from gintrain.lib import storage
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['main', 'load_run', 'load_model']
@@ -121,12 +122,9 @@ def sample(args) -> list[bytes]:
   for name, value, low in (('max_new_tokens', args.max_new_tokens, 1),
                            ('num_samples', args.num_samples, 1),
                            ('top_k', args.top_k, 0)):
-    if value < low:
-      raise RunnerError(f'--{name}={value}: must be >= {low}.')
-  if args.temperature < 0:
-    raise RunnerError(f'--temperature={args.temperature}: must be >= 0.')
-  if not 0 < args.top_p <= 1:
-    raise RunnerError(f'--top_p={args.top_p}: must be in (0, 1].')
+    validation.check_int(f'--{name}', value, low)
+  validation.check_number('--temperature', args.temperature, 0)
+  validation.check_number('--top_p', args.top_p, 0, 1, low_open=True)
   model, params, where, spec = load_model(args)
   if not callable(getattr(model, 'apply_cached', None)):
     raise RunnerError(f'{where}: {getattr(model, "name", model)} has no KV'

@@ -235,35 +235,10 @@ def resolve(multiprocess: str = 'auto',
           f' (--process_count={process_count}).')
     return Plan(True, 'flags', coordinator_address, process_count,
                 process_index)
-  env = detect_environment(environ)
-  if env is not None and not env.detectable and coordinator_address is None:
-    if env.process_count > 1 or multiprocess == 'on':
-      raise DistributedConfigError(
-          f'Started by Open MPI with {env.process_count} ranks but without'
-          ' OMPI_MCA_orte_hnp_uri (Open MPI 5 / PRRTE), which JAX cannot'
-          ' auto-detect: pass --coordinator_address=HOST_OF_RANK_0:PORT'
-          ' (the process count and index are then read from'
-          ' OMPI_COMM_WORLD_SIZE/RANK).')
-    env = None
+  env = _usable_environment(environ, multiprocess, coordinator_address)
   if given:
-    count = process_count if process_count is not None else (
-        env.process_count if env else None)
-    index = process_index if process_index is not None else (
-        env.process_index if env else None)
-    missing = [f'--{k}' for k, v in (('process_count', count),
-                                     ('process_index', index)) if v is None]
-    if coordinator_address is None and env is None:
-      missing.insert(0, '--coordinator_address')
-    if missing:
-      raise DistributedConfigError(
-          f'{", ".join("--" + k for k in given)} given but {", ".join(missing)}'
-          ' missing, and no SLURM/Open MPI environment to detect them from.')
-    if not 0 <= index < count:
-      raise DistributedConfigError(
-          f'--process_index={index} is outside 0..{count - 1}'
-          f' (--process_count={count}).')
-    return Plan(True, 'flags', coordinator_address, count, index,
-                env.name if env and env.detectable else None)
+    return _partial_flags_plan(given, coordinator_address, process_count,
+                               process_index, env)
   if env is not None and (env.process_count > 1 or multiprocess == 'on'):
     return Plan(True, env.name, cluster_detection_method=env.name)
   if multiprocess == 'on':
@@ -276,6 +251,51 @@ def _flag_or_default(name, value):
     return value
   flag = flags.FLAGS[name]
   return flag.value if flags.FLAGS.is_parsed() else _DEFAULTS[name]
+
+
+def _usable_environment(environ, multiprocess, coordinator_address):
+  """The detected cluster environment, or None when there is none or JAX
+  cannot use it (Open MPI 5 without a coordinator: one rank only).
+
+  Raises:
+    DistributedConfigError: several such Open MPI ranks, or
+      ``--multiprocess=on``, without ``--coordinator_address``.
+  """
+  env = detect_environment(environ)
+  if env is not None and not env.detectable and coordinator_address is None:
+    if env.process_count > 1 or multiprocess == 'on':
+      raise DistributedConfigError(
+          f'Started by Open MPI with {env.process_count} ranks but without'
+          ' OMPI_MCA_orte_hnp_uri (Open MPI 5 / PRRTE), which JAX cannot'
+          ' auto-detect: pass --coordinator_address=HOST_OF_RANK_0:PORT'
+          ' (the process count and index are then read from'
+          ' OMPI_COMM_WORLD_SIZE/RANK).')
+    return None
+  return env
+
+
+def _partial_flags_plan(given, coordinator_address, process_count,
+                        process_index, env) -> Plan:
+  """:func:`resolve`'s plan when some process flags are given: the rest
+  from the cluster environment ``env`` (None: none detected)."""
+  count = process_count if process_count is not None else (
+      env.process_count if env else None)
+  index = process_index if process_index is not None else (
+      env.process_index if env else None)
+  missing = [f'--{k}' for k, v in (('process_count', count),
+                                   ('process_index', index)) if v is None]
+  if coordinator_address is None and env is None:
+    missing.insert(0, '--coordinator_address')
+  if missing:
+    raise DistributedConfigError(
+        f'{", ".join("--" + k for k in given)} given but {", ".join(missing)}'
+        ' missing, and no SLURM/Open MPI environment to detect them from.')
+  if not 0 <= index < count:
+    raise DistributedConfigError(
+        f'--process_index={index} is outside 0..{count - 1}'
+        f' (--process_count={count}).')
+  return Plan(True, 'flags', coordinator_address, count, index,
+              env.name if env and env.detectable else None)
 
 
 def initialize(multiprocess: Optional[str] = None,
@@ -314,6 +334,26 @@ def initialize(multiprocess: Optional[str] = None,
                                                  heartbeat_timeout),
       shutdown_timeout_seconds=_flag_or_default('shutdown_timeout',
                                                 shutdown_timeout))
+  _start_runtime(plan, timeouts)
+  # jax.distributed installs a SIGTERM notifier that only logs: a SIGTERM
+  # before the training loop's first preemption check would be swallowed.
+  # Take over now, so that it is honoured at that check.
+  if threading.current_thread() is threading.main_thread():
+    signals.install()
+  quiet_jax_loggers()
+  logging.info('Process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return plan
+
+
+def _start_runtime(plan: Plan, timeouts: dict) -> None:
+  """``jax.distributed.initialize`` as ``plan`` says, logged.
+
+  Raises:
+    DistributedConfigError: ``--multiprocess=on`` with no cluster found.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   logging.info(
       'jax.distributed.initialize via %s: coordinator %s, process %s of %s'
       ' (None: detected by JAX); waiting up to %d s for all processes,'
@@ -332,16 +372,6 @@ def initialize(multiprocess: Optional[str] = None,
           ' --coordinator_address, --process_count and --process_index, or'
           ' launch with srun/mpirun.') from e
     raise
-  # jax.distributed installs a SIGTERM notifier that only logs: a SIGTERM
-  # before the training loop's first preemption check would be swallowed.
-  # Take over now, so that it is honoured at that check.
-  if threading.current_thread() is threading.main_thread():
-    signals.install()
-  quiet_jax_loggers()
-  logging.info('Process %d of %d, %d local / %d global devices.',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  return plan
 
 
 # JAX modules that log several INFO lines per sharded checkpoint on every

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gintrain.lib import common_utils
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.parallel import rules as rules_lib
 
@@ -51,9 +52,7 @@ def resolve_mode(mode: str) -> str:
   Raises:
     RunnerError: an unknown mode, or ``single`` in a multi-process run.
   """
-  if mode not in MODES:
-    raise RunnerError(f'train.parallelism must be one of {", ".join(MODES)},'
-                      f' got {mode!r}.')
+  validation.check_choice('train.parallelism', mode, MODES)
   if mode == 'auto':
     return 'single' if jax.device_count() == 1 else 'sharded'
   if mode == 'single' and jax.process_count() > 1:

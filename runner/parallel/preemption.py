@@ -57,6 +57,7 @@ from typing import Optional, Sequence
 
 from absl import flags
 
+from gintrain.runner import validation
 from gintrain.runner.parallel import distributed
 from gintrain.runner.parallel import signals
 
@@ -242,8 +243,7 @@ def should_stop(step: int, check_interval: Optional[int] = None) -> bool:
   """
   global _agreement
   interval = _interval_flag() if check_interval is None else check_interval
-  if interval < 1:
-    raise ValueError(f'check_interval must be >= 1, got {interval}')
+  validation.check_int('check_interval', interval, 1)
   if step % interval:
     return False
   local = signals.requested()

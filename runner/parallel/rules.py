@@ -42,13 +42,13 @@ the array, its shape, the rule and the mesh.
 """
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['PRESETS', 'FSDP', 'FSDP_MIN_SIZE', 'DATA_AXIS', 'resolve',
@@ -139,13 +139,9 @@ def resolve(rules: str | Sequence) -> list:
       continue
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and
             isinstance(rule[0], str)):
-      raise RunnerError(f'partitioner.rules[{i}] must be a (pattern, spec)'
-                        f' pair or a preset name; got {rule!r}.')
-    try:
-      pattern = re.compile(rule[0])
-    except re.error as e:
-      raise RunnerError(f'partitioner.rules[{i}]: {rule[0]!r} is not a'
-                        f' regular expression ({e}).') from None
+      validation.fail(f'partitioner.rules[{i}]', 'a (pattern, spec) pair or'
+                      ' a preset name', rule)
+    pattern = validation.check_regex(f'partitioner.rules[{i}]', rule[0])
     out.append((pattern, _check_spec(rule[1], f'partitioner.rules[{i}]')))
   return out
 

@@ -21,6 +21,7 @@ import optax
 from gintrain.runner.data import arrays
 from gintrain.runner.data import base as data_base
 from gintrain.runner.data import datasets
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.parallel import partitioners
@@ -57,8 +58,8 @@ def _resolve(obj, what, check, want):
   if not check(obj) and callable(obj) and not isinstance(obj, type):
     obj = obj()
   if not check(obj):
-    raise RunnerError(f'train.{what} must be {want} (or a factory returning'
-                      f' one); got {obj!r}.')
+    validation.fail(f'train.{what}', f'{want} (or a factory returning one)',
+                    obj)
   return obj
 
 
@@ -79,8 +80,8 @@ def _task(task, model) -> task_base.Task:
   if callable(task):
     task = task(model=model)
   if not isinstance(task, task_base.Task):
-    raise RunnerError('train.task must be a Task factory called as'
-                      f' task(model=...) or a Task; got {task!r}.')
+    validation.fail('train.task', 'a Task factory called as task(model=...)'
+                    ' or a Task', task)
   return task
 
 
@@ -96,8 +97,8 @@ def _optimizer(optimizer, spe):
     lr = schedules.resolve(optimizer.learning_rate, spe)
     lr_fn = lr if callable(lr) else (lambda step, lr=lr: lr)
     return optimizer.build(spe), lr_fn
-  raise RunnerError('train.optimizer must be @optimizers.optimizer() or an'
-                    f' optax GradientTransformation, got {optimizer!r}.')
+  validation.fail('train.optimizer', '@optimizers.optimizer() or an optax'
+                  ' GradientTransformation', optimizer)
 
 
 def _with_mask(batch):

@@ -19,18 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.training import state as state_lib
 
 __all__ = ['TrainConfig', 'eval_batch_rows', 'check_eval_batch']
-
-
-def _positive(name, value, allow_none=False):
-  if value is None and allow_none:
-    return
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise RunnerError(f'train.{name} must be a positive integer, got'
-                      f' {value!r}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,51 +114,38 @@ class TrainConfig:
       raise RunnerError('set exactly one of train.num_steps and'
                         f' train.num_epochs (got {self.num_steps!r} and'
                         f' {self.num_epochs!r}).')
-    _positive('num_steps', self.num_steps, allow_none=True)
-    _positive('num_epochs', self.num_epochs, allow_none=True)
+    for name in ('num_steps', 'num_epochs', 'eval_every'):
+      validation.check_positive_int(f'train.{name}', getattr(self, name),
+                                    allow_none=True)
     for name in ('batch_size', 'eval_batch_size', 'log_every',
                  'microbatches'):
-      _positive(name, getattr(self, name))
-    _positive('eval_every', self.eval_every, allow_none=True)
-    if not isinstance(self.seed, int) or isinstance(self.seed, bool) or (
-        self.seed < 0):
-      raise RunnerError(f'train.seed must be an integer >= 0, got'
-                        f' {self.seed!r}.')
+      validation.check_positive_int(f'train.{name}', getattr(self, name))
+    validation.check_int('train.seed', self.seed, 0)
     if self.early_stopping is not None and not isinstance(
         self.early_stopping, state_lib.EarlyStopper):
-      raise RunnerError('train.early_stopping must be'
-                        ' @runner.early_stopping() or None, got'
-                        f' {self.early_stopping!r}.')
-    if not callable(self.state_factory):
-      raise RunnerError(f'train.state_factory must be callable, got'
-                        f' {self.state_factory!r}.')
-    if self.writers is not None and (
-        isinstance(self.writers, (str, bytes)) or
-        not all(callable(w) for w in self.writers)):
-      raise RunnerError('train.writers must be a list of writer factories'
-                        f' (called with the workdir), got {self.writers!r}.')
-    if isinstance(self.actions, (str, bytes)) or not all(
-        callable(a) for a in self.actions):
-      raise RunnerError('train.actions must be a list of actions (callables'
-                        f' of (step, state, metrics)), got {self.actions!r}.')
+      validation.fail('train.early_stopping',
+                      '@runner.early_stopping() or None', self.early_stopping)
+    validation.check_callable('train.state_factory', self.state_factory)
+    validation.check_callables(
+        'train.writers', self.writers, 'a list of writer factories (called'
+        ' with the workdir)', allow_none=True)
+    validation.check_callables(
+        'train.actions', self.actions, 'a list of actions (callables of'
+        ' (step, state, metrics))')
     if self.replace_actions is not None and not (
         isinstance(self.replace_actions, dict) and
         all(isinstance(k, str) and callable(v)
             for k, v in self.replace_actions.items())):
-      raise RunnerError('train.replace_actions must be a dict of action'
-                        ' names to factories (called with the built-in'
-                        f' action), got {self.replace_actions!r}.')
+      validation.fail('train.replace_actions', 'a dict of action names to'
+                      ' factories (called with the built-in action)',
+                      self.replace_actions)
     if not (isinstance(self.spike_guard, bool) or
             hasattr(self.spike_guard, 'max_rollbacks')):
-      raise RunnerError('train.spike_guard must be True, False or'
-                        f' @runner.spike_guard(), got {self.spike_guard!r}.')
-    if self.peak_flops_per_device is not None and not (
-        isinstance(self.peak_flops_per_device, (int, float)) and
-        not isinstance(self.peak_flops_per_device, bool) and
-        math.isfinite(self.peak_flops_per_device) and
-        self.peak_flops_per_device > 0):
-      raise RunnerError('train.peak_flops_per_device must be a number > 0'
-                        f' (FLOP/s), got {self.peak_flops_per_device!r}.')
+      validation.fail('train.spike_guard', 'True, False or'
+                      ' @runner.spike_guard()', self.spike_guard)
+    validation.check_number('train.peak_flops_per_device',
+                            self.peak_flops_per_device, 0, low_open=True,
+                            allow_none=True, unit='FLOP/s')
     if self.trainable is not None:
       from gintrain.runner.training import frozen  # pylint: disable=g-import-not-at-top
       object.__setattr__(self, 'trainable',
@@ -173,13 +153,11 @@ class TrainConfig:
     if self.profile_steps is not None:
       ok = (isinstance(self.profile_steps, (tuple, list)) and
             len(self.profile_steps) == 2 and
-            all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                for s in self.profile_steps) and
+            all(validation.is_int(s, 1) for s in self.profile_steps) and
             self.profile_steps[0] <= self.profile_steps[1])
       if not ok:
-        raise RunnerError('train.profile_steps must be (first, last) steps'
-                          f' with 1 <= first <= last, got'
-                          f' {self.profile_steps!r}.')
+        validation.fail('train.profile_steps', '(first, last) steps with'
+                        ' 1 <= first <= last', self.profile_steps)
 
 
 def _host_memory() -> int | None:

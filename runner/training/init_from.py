@@ -6,7 +6,9 @@ Where the weights come from (a checkpoint file or URL, a folder of
 ``runner.init_from``; ``hf:FOLDER`` reads a Hugging Face folder through
 ``runner.models.hf``), and the report of what was loaded, left at its
 initial value and unused (:class:`InitReport`). The trainer calls
-:func:`load_params` on the fresh state's parameters; a resumed run ignores
+:func:`load_params` on the fresh state's parameters, which reads through
+``runner.outputs.checkpoints.restore_state`` (the restore path of resume
+and eval) with this module's selection; a resumed run ignores
 ``--init_from``.
 
     >>> import numpy as np
@@ -29,13 +31,14 @@ from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints as lib_checkpoints
 from gintrain.lib import serialization
 from gintrain.lib import storage
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.parallel import distributed
 
 __all__ = ['InitFrom', 'InitReport', 'select_params', 'load_params',
-           'checkpoint_params']
+           'checkpoint_params', 'checkpoint_file', 'params_of']
 
 @dataclasses.dataclass(frozen=True)
 class InitFrom:
@@ -63,17 +66,15 @@ class InitFrom:
 
   def __post_init__(self):
     for name in ('include', 'exclude'):
-      patterns = getattr(self, name)
-      if isinstance(patterns, str):
-        patterns = (patterns,)
-      object.__setattr__(self, name, tuple(
-          _compile(f'init_from.{name}', p) for p in patterns))
+      object.__setattr__(self, name, validation.check_regex_list(
+          f'init_from.{name}', getattr(self, name)))
     pairs = []
     for pair in ((self.rename,) if _is_pair(self.rename) else self.rename):
       if not _is_pair(pair):
-        raise RunnerError('init_from.rename must be a list of (pattern,'
-                          f' replacement) pairs, got {self.rename!r}.')
-      pairs.append((_compile('init_from.rename', pair[0]), pair[1]))
+        validation.fail('init_from.rename', 'a list of (pattern, replacement)'
+                        ' pairs', self.rename)
+      pairs.append((validation.check_regex('init_from.rename', pair[0]),
+                    pair[1]))
     object.__setattr__(self, 'rename', tuple(pairs))
 
   def __str__(self):
@@ -83,16 +84,6 @@ class InitFrom:
 def _is_pair(x):
   return (isinstance(x, (tuple, list)) and len(x) == 2 and
           all(isinstance(s, str) for s in x))
-
-
-def _compile(what, pattern):
-  if isinstance(pattern, re.Pattern):
-    return pattern
-  try:
-    return re.compile(pattern)
-  except (re.error, TypeError) as e:
-    raise RunnerError(f'{what}: {pattern!r} is not a regular expression'
-                      f' ({e}).') from None
 
 
 @dataclasses.dataclass
@@ -125,11 +116,25 @@ class InitReport:
 
 def checkpoint_params(path: str, flag: str = '--init_from'):
   """``(file, raw params tree)`` of the checkpoint at ``path`` (a file, a
-  folder of ``checkpoint_*`` files or a run's workdir; local or a URL).
+  folder of ``checkpoint_*`` files or a run's workdir; local or a URL),
+  for readers that have no model to restore into (``gintrain sample``).
 
   Raises:
     RunnerError: nothing there, an Orbax checkpoint, a folder without
       checkpoints, or an unreadable file (naming ``flag`` and the path).
+  """
+  path = checkpoint_file(path, flag)
+  raw = checkpoints.read_arrays(path, checkpoints.read_file(path))
+  return path, params_of(raw, path, flag)
+
+
+def checkpoint_file(path: str, flag: str = '--init_from') -> str:
+  """The checkpoint file ``path`` names: itself, the newest
+  ``checkpoint_*`` of a folder, or of a run's workdir's ``checkpoints/``.
+
+  Raises:
+    RunnerError: nothing there, an Orbax checkpoint, or a folder without
+      checkpoints (naming ``flag`` and the path).
   """
   if not storage.exists(path):
     raise RunnerError(f'{flag}={path}: no such file or directory.')
@@ -137,7 +142,12 @@ def checkpoint_params(path: str, flag: str = '--init_from'):
     path = workdir_lib.path(path, workdir_lib.CHECKPOINT_DIR)  # a workdir
   if storage.isdir(path):
     path = _latest_in(path, flag)
-  raw = checkpoints.read_arrays(path, checkpoints.read_file(path))
+  return path
+
+
+def params_of(raw: Any, path: str, flag: str = '--init_from') -> Any:
+  """The parameters in a checkpoint's raw tree: a runner checkpoint's
+  ``state/params``, a ``TrainState``'s ``params``, or the bare tree."""
   if raw is None:
     raise RunnerError(f'{flag}={path}: the directory holds no'
                       ' checkpoint_* file.')
@@ -145,7 +155,7 @@ def checkpoint_params(path: str, flag: str = '--init_from'):
     raw = raw['state']
   if isinstance(raw, dict) and 'params' in raw and 'opt_state' in raw:
     raw = raw['params']
-  return path, raw
+  return raw
 
 
 def _latest_in(folder: str, flag: str) -> str:
@@ -254,39 +264,47 @@ def _unflatten(flat: dict) -> dict:
 HF_PREFIX = 'hf:'
 
 
-def _params_at(path: str, params: Any):
-  """``checkpoint_params``, or for ``hf:FOLDER`` the Hugging Face
-  folder's tensors in the layout of ``params`` (``runner.models.hf``)."""
-  if path.startswith(HF_PREFIX):
-    from gintrain.runner.models import hf  # pylint: disable=g-import-not-at-top
-    return path, hf.read_like(path[len(HF_PREFIX):], params)
-  return checkpoint_params(path, '--init_from')
-
-
 def load_params(init_from: 'str | InitFrom', params: Any) -> Any:
-  """The parameters stored at ``init_from``, restored into ``params``.
+  """The parameters stored at ``init_from``, restored into ``params``
+  (numpy arrays on the host; the caller places the whole state).
 
   ``init_from`` is a path (every leaf is loaded; the checkpoint must match
   the model exactly) or an :class:`InitFrom` (its rules choose the leaves;
   the others keep their value in ``params``; what was loaded, left and
   unused is logged on process 0). The path is a checkpoint file, a
-  directory whose latest ``checkpoint_*`` is used, or a run's workdir (its
-  ``checkpoints/``). The checkpoint may be a runner checkpoint
-  (``state/params``), a ``TrainState`` (``params``) or a bare params tree.
+  directory whose latest ``checkpoint_*`` is used, a run's workdir (its
+  ``checkpoints/``), or ``hf:FOLDER`` (a Hugging Face folder, read by
+  ``runner.models.hf`` in the layout of ``params``). The checkpoint may be
+  a runner checkpoint (``state/params``), a ``TrainState`` (``params``) or
+  a bare params tree. It is read by ``checkpoints.restore_state``, as a
+  resume reads its checkpoint, with this module's selection.
 
   Raises:
     RunnerError: nothing at the path, or parameters that do not fit.
   """
-  if isinstance(init_from, InitFrom):
-    path, raw = _params_at(init_from.path, params)
-    out, report = select_params(init_from, params, raw, path)
-    if distributed.is_main_process():
-      for line in report.lines():
-        logging.info('%s', line)
-    return out
-  _, raw = _params_at(init_from, params)
-  checkpoints.check_tree(serialization.to_state_dict(params), raw,
-                         f'--init_from={init_from}')
-  return serialization.from_state_dict(params, raw)
+  rules = init_from if isinstance(init_from, InitFrom) else None
+  where = str(init_from)
+  flag = f'--init_from={where}'
+  raw = None
+  if where.startswith(HF_PREFIX):
+    from gintrain.runner.models import hf  # pylint: disable=g-import-not-at-top
+    path, raw = where, hf.read_like(where[len(HF_PREFIX):], params)
+  else:
+    path = checkpoint_file(where, '--init_from')
+  reports = []
 
+  def select(tree):
+    got = params_of(tree, path, '--init_from')
+    if rules is None:
+      checkpoints.check_tree(serialization.to_state_dict(params), got, flag)
+      return got
+    out, report = select_params(rules, params, got, path)
+    reports.append(report)
+    return serialization.to_state_dict(out)
 
+  out, _ = checkpoints.restore_state(path, params, None, raw=raw,
+                                     select=select, what=flag, hint='')
+  if reports and distributed.is_main_process():
+    for line in reports[0].lines():
+      logging.info('%s', line)
+  return out

@@ -24,11 +24,11 @@ first of all.
 import dataclasses
 import functools
 import inspect
-import numbers
 import warnings
 
 import optax
 
+from gintrain.runner import validation
 from gintrain.runner.training import schedules
 from gintrain.runner.errors import RunnerError, did_you_mean
 
@@ -119,13 +119,8 @@ def optimizer(name: str = 'adam', learning_rate=1e-3, *,
   if not isinstance(learning_rate, schedules.EpochSchedule) and not callable(
       learning_rate):
     schedules.resolve(learning_rate, steps_per_epoch=1)  # checks the number
-  for key, value in (('weight_decay', weight_decay),
-                     ('clip_grad_norm', clip_grad_norm)):
-    if value is None and key == 'clip_grad_norm':
-      continue
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or (
-        value < 0):
-      raise RunnerError(f'optimizer {key} must be a number >= 0, got'
-                        f' {value!r}.')
+  validation.check_number('optimizer.weight_decay', weight_decay, 0)
+  validation.check_number('optimizer.clip_grad_norm', clip_grad_norm, 0,
+                          allow_none=True)
   return OptimizerSpec(name, learning_rate, weight_decay, clip_grad_norm,
                        dict(kwargs))

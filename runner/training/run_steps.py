@@ -18,6 +18,7 @@ Tested by tests/test_reliability_round3.py (lm.gin at 30 and 1,500 steps).
 
 import gin
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['train_steps']
@@ -47,12 +48,11 @@ def train_steps(fraction: float = 1.0) -> int:
     value = _value('train.num_steps')
   except ValueError:
     value = None
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+  if not validation.is_int(value, 1):
     raise RunnerError(
         '@runner.train_steps() needs train.num_steps bound to a number of'
         f' steps, got {value!r}: bind the schedule\'s length (e.g.'
         ' warmup_cosine_decay_schedule.decay_steps) yourself.')
-  if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-    raise RunnerError(f'runner.train_steps.fraction must be in (0, 1], got'
-                      f' {fraction!r}.')
+  validation.check_number('runner.train_steps.fraction', fraction, 0, 1,
+                          low_open=True)
   return max(1, round(value * fraction))

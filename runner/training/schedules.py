@@ -23,11 +23,11 @@ in steps and are used as they are::
 """
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 from gintrain.lib import lr_schedule
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['EpochSchedule', 'constant', 'stepped', 'cosine', 'resolve']
@@ -51,12 +51,7 @@ class EpochSchedule:
 
 
 def _number(name, value, minimum=0, strict=False):
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-  if ok:
-    ok = value > minimum if strict else value >= minimum
-  if not ok:
-    op = '>' if strict else '>='
-    raise RunnerError(f'{name} must be a number {op} {minimum}, got {value!r}.')
+  validation.check_number(name, value, minimum, low_open=strict)
   return value
 
 
@@ -90,6 +85,8 @@ def stepped(base_learning_rate: float, lr_sched_steps,
       epoch, factor = pair
       pairs.append([_number('an epoch of lr_sched_steps', epoch),
                     _number('a factor of lr_sched_steps', factor)])
+  except validation.ArgumentError:
+    raise
   except (TypeError, ValueError):
     raise RunnerError(
         'lr_sched_steps must be a list of [epoch, factor] pairs, got'

@@ -12,8 +12,6 @@ collections) and early stopping.
     -inf
 """
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,6 +19,7 @@ import numpy as np
 from gintrain.lib import struct
 from gintrain.lib import train_state
 from gintrain.lib.early_stopping import EarlyStopping
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['TrainState', 'create_train_state', 'EarlyStopper',
@@ -80,19 +79,9 @@ def early_stopping(metric: str = 'loss', mode: str = 'min',
     patience: evaluations without improvement tolerated; training stops at
       the ``patience + 1``-th in a row (``lib.early_stopping`` semantics).
   """
-  if not isinstance(metric, str) or not metric:
-    raise RunnerError(f'early_stopping.metric must be a metric name, got'
-                      f' {metric!r}.')
-  if mode not in ('min', 'max'):
-    raise RunnerError(f"early_stopping.mode must be 'min' or 'max', got"
-                      f' {mode!r}.')
-  if (not isinstance(min_delta, numbers.Real) or isinstance(min_delta, bool)
-      or not math.isfinite(min_delta) or min_delta < 0):
-    raise RunnerError(f'early_stopping.min_delta must be a number >= 0, got'
-                      f' {min_delta!r}.')
-  if not isinstance(patience, int) or isinstance(patience, bool) or (
-      patience < 0):
-    raise RunnerError(f'early_stopping.patience must be an integer >= 0, got'
-                      f' {patience!r}.')
+  validation.check_name('early_stopping.metric', metric, 'a metric name')
+  validation.check_choice('early_stopping.mode', mode, ('min', 'max'))
+  validation.check_number('early_stopping.min_delta', min_delta, 0)
+  validation.check_int('early_stopping.patience', patience, 0)
   return EarlyStopper(metric, EarlyStopping(min_delta=min_delta,
                                             patience=patience, mode=mode))
