@@ -45,6 +45,7 @@ from gintrain.lib import checkpoint_naming
 from gintrain.lib import storage
 from gintrain.runner.actions import base
 from gintrain.runner.actions import checkpoint as checkpoint_action
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints as checkpoints_lib
 from gintrain.runner.outputs import workdir as workdir_lib
@@ -75,24 +76,13 @@ class SpikeGuardPolicy:
   metric: str = 'loss'
 
   def __post_init__(self):
-    checks = (('factor', isinstance(self.factor, (int, float)) and
-               not isinstance(self.factor, bool) and self.factor > 1,
-               'a number > 1'),
-              ('window', _int(self.window, 1), 'an integer >= 1'),
-              ('min_history', _int(self.min_history, 1), 'an integer >= 1'),
-              ('max_rollbacks', _int(self.max_rollbacks, 0),
-               'an integer >= 0'),
-              ('metric', isinstance(self.metric, str) and self.metric,
-               'a train metric name'))
-    for name, ok, want in checks:
-      if not ok:
-        raise RunnerError(f'spike_guard.{name} must be {want}, got'
-                          f' {getattr(self, name)!r}.')
-
-
-def _int(value, minimum):
-  return (isinstance(value, int) and not isinstance(value, bool) and
-          value >= minimum)
+    validation.check_number('spike_guard.factor', self.factor, 1,
+                            low_open=True)
+    validation.check_int('spike_guard.window', self.window, 1)
+    validation.check_int('spike_guard.min_history', self.min_history, 1)
+    validation.check_int('spike_guard.max_rollbacks', self.max_rollbacks, 0)
+    validation.check_name('spike_guard.metric', self.metric,
+                          'a train metric name')
 
 
 def spike_guard(factor=10.0, window=20, min_history=3, max_rollbacks=3,
