@@ -26,7 +26,6 @@ checkpoint and preemption calls in the same order.
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
