@@ -63,17 +63,20 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _agree(name: str, error: BaseException | None) -> None:
+def _agree(name: str, error: BaseException | None, share: str = ''
+           ) -> str:
   """A barrier at which every process learns whether any process failed.
 
   Raises ``error`` on the process that had it, and on every other process a
   ``lib.errors.GintrainError`` naming the failed processes. The barrier's
   name is checked to be the same everywhere, as ``sync_global_devices``
-  does.
+  does. Returns process 0's ``share`` (ASCII, at most 64 characters).
   """
   if jax.process_count() > 1:
     name_hash = zlib.crc32(name.encode()) & 0x7fffffff
-    mine = np.array([name_hash, error is not None], np.int32)
+    data = np.frombuffer(share.encode('ascii').ljust(64, b'\0'), np.uint8)
+    mine = np.concatenate([[name_hash, error is not None],
+                           data.astype(np.int32)]).astype(np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(mine))
     if (everyone[:, 0] != mine[0]).any():
       raise AssertionError(
@@ -83,8 +86,11 @@ def _agree(name: str, error: BaseException | None) -> None:
       raise errors.GintrainError(
           f'Checkpoint save aborted at {name!r}: process(es) {failed} failed.',
           'See the log of those processes for the cause.')
+    share = bytes(everyone[0, 2:].astype(np.uint8)).rstrip(b'\0').decode(
+        'ascii')
   if error is not None:
     raise error
+  return share
 
 
 def _call(fn, *args, **kwargs) -> BaseException | None:
@@ -162,17 +168,6 @@ def _sweep_crashed_saves(dir_path: str, prefix: str, current_tmp: str) -> list:
   return removed
 
 
-def _shared_tmp_path(base_path: str) -> str:
-  """A unique temporary path, the same on every process (process 0's)."""
-  dir_path, prefix = os.path.split(base_path)
-  token = checkpoint_naming.new_tmp_token()
-  if jax.process_count() > 1:
-    data = np.frombuffer(token.encode('ascii').ljust(64, b'\0'), np.uint8)
-    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
-    token = bytes(data.astype(np.uint8)).rstrip(b'\0').decode('ascii')
-  return checkpoint_naming.new_tmp_path(dir_path, prefix, token)
-
-
 def save_checkpoint_multiprocess(
     ckpt_dir: str | os.PathLike,
     target: Any,
@@ -246,24 +241,27 @@ def save_checkpoint_multiprocess(
   checkpoint_naming.validate_prefix(prefix)
   array_format = multiprocess_arrays.resolve_format(array_format,
                                                     os.fspath(ckpt_dir))
-  _barrier('Flax:Checkpoint:StartSave')
-  if async_manager or gda_manager is not None:
+  ckpt_path, tmp_path, base_path = checkpoint_naming.get_checkpoint_paths(
+      ckpt_dir, step, prefix)
+
+  def wait_last_save():
     waited = None
     if async_manager:
       waited = _call(async_manager.wait_previous_save)
     if gda_manager is not None and waited is None:
       waited = _call(gda_manager.wait_until_finished)
-    _agree('Flax:Checkpoint:WaitLastSaveDone', waited)
-
-  ckpt_path, tmp_path, base_path = checkpoint_naming.get_checkpoint_paths(
-      ckpt_dir, step, prefix)
-  logger.info('Saving checkpoint at step: %s', step)
+    return waited
 
   if orbax_checkpointer is not None:
+    _barrier('Flax:Checkpoint:StartSave')
+    if async_manager or gda_manager is not None:
+      _agree('Flax:Checkpoint:WaitLastSaveDone', wait_last_save())
+    logger.info('Saving checkpoint at step: %s', step)
     _save_with_orbax(ckpt_path, base_path, target, keep, overwrite,
                      keep_every_n_steps, orbax_checkpointer)
     return ckpt_path
 
+  logger.info('Saving checkpoint at step: %s', step)
   warnings.warn(
       'Single-file msgpack checkpoints are the legacy flax format, which flax'
       ' deprecates in favour of Orbax; pass orbax_checkpointer= to write'
@@ -273,9 +271,14 @@ def save_checkpoint_multiprocess(
   if arrays and gda_manager is None:
     raise errors.MPACheckpointingRequiredError(ckpt_path, step)
 
+  # One exchange, where flax has four (start, last save done, overwrite
+  # check, temporary name): each process's outcome of waiting for the last
+  # save, the overwrite check and (process 0) the encoding, with process
+  # 0's temporary name for the arrays. The caller blocks for two
+  # exchanges in all.
   is_writer = jax.process_index() == 0
-  error = None
-  if not overwrite:
+  error = wait_last_save()
+  if error is None and not overwrite:
     error = _call(checkpoint_naming.check_overwrite, tmp_path, ckpt_path,
                   base_path, step)
   encoded = None
@@ -285,7 +288,9 @@ def save_checkpoint_multiprocess(
           state, sort_keys=True, snapshot=bool(async_manager))
     except Exception as e:  # pylint: disable=broad-except
       error = e
-  _agree('Flax:Checkpoint:CheckOverwriteBeforeSave', error)
+  token = checkpoint_naming.new_tmp_token()[:64] if (
+      arrays and is_writer) else ''
+  token = _agree('Flax:Checkpoint:CheckOverwriteBeforeSave', error, token)
 
   if not arrays:
     if is_writer:
@@ -301,7 +306,7 @@ def save_checkpoint_multiprocess(
     return ckpt_path
 
   # Multi-process arrays: the file is committed after all arrays are written.
-  tmp_path = _shared_tmp_path(base_path)
+  tmp_path = checkpoint_naming.new_tmp_path(*os.path.split(base_path), token)
   if is_writer:
     def write_tmp():
       checkpoint_io.make_parent_dirs(ckpt_path)
