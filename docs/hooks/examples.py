@@ -33,6 +33,8 @@ import ast
 import dataclasses
 import functools
 import glob
+import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -73,6 +75,19 @@ class Problem:
 
 
 # --- What the code defines -------------------------------------------------
+# (imported when first needed: mkdocs imports hooks while reading its config)
+
+
+def _cli():
+  """``gintrain.runner.cli.main`` (its import defines every flag)."""
+  from gintrain.runner.cli import main  # pylint: disable=g-import-not-at-top
+  return main
+
+
+def did_you_mean(word, choices) -> str:
+  from gintrain.runner.errors import did_you_mean as closest  # pylint: disable=g-import-not-at-top
+  return closest(word, choices)
+
 
 
 class _Captured(BaseException):
@@ -87,7 +102,7 @@ class _Captured(BaseException):
 def _tool_parser(tool: str, prefix: tuple):
   """``(parser, passes unknown flags on)`` that ``gintrain TOOL PREFIX``
   parses with, or None when its ``main`` builds no argparse parser."""
-  from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
+  cli = _cli()
 
   def strict(self, *args, **kwargs):
     raise _Captured(self, False)
@@ -114,7 +129,7 @@ def _tool_parser(tool: str, prefix: tuple):
 def _runner_flag(name: str):
   """The absl flag ``--name`` of the runner (``--noname`` for a boolean)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from gintrain.runner.cli import main  # pylint: disable=g-import-not-at-top,unused-import
+  _cli()  # defines the runner's flags
   if name in flags.FLAGS:
     return flags.FLAGS[name]
   if name.startswith('no') and name[2:] in flags.FLAGS and (
@@ -143,8 +158,7 @@ def _subparsers(parser):
 @functools.lru_cache(maxsize=None)
 def _every_flag() -> frozenset:
   """Every flag any command takes (for a span that names flags alone)."""
-  from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
-  import importlib  # pylint: disable=g-import-not-at-top
+  cli = _cli()
   names = set(_runner_flag_names())
   parsers = []
   for tool, tool_main in cli.TOOLS.items():
@@ -163,10 +177,9 @@ def _every_flag() -> frozenset:
 
 
 def _configurable(name: str, plugins: dict):
-  """``(parameters or None for any, error or None)`` of configurable ``name``."""
+  """``(parameters, or None for any; error or None)`` of ``name``."""
   import gin  # pylint: disable=g-import-not-at-top
   from gintrain.runner.cli import configurables  # pylint: disable=g-import-not-at-top
-  from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
   short = name.rsplit('.', 1)[-1]
   if name in plugins or short in plugins:
     return plugins.get(name, plugins.get(short)), None
@@ -359,7 +372,6 @@ class _Checker:
       if error:
         self.report(f'{where}: {error}', name)
       elif params is not None and param not in params:
-        from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
         self.report(f"{where}: configurable '{name}' has no parameter"
                     f" '{param}'" + did_you_mean(param, params), param)
       for ref in _REFERENCE.findall(_QUOTED.sub('', value)):
@@ -403,7 +415,6 @@ class _Checker:
       i += 1
 
   def module(self, module: str, argv: list):
-    import importlib.util  # pylint: disable=g-import-not-at-top
     if not module.startswith('gintrain'):
       return
     try:
@@ -413,7 +424,7 @@ class _Checker:
     if found is None:
       self.report(f'python -m {module}: no such module', module)
       return
-    from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
+    cli = _cli()
     if module in _TRAIN_MODULES:
       self.absl(argv, f'python -m {module}')
       return
@@ -435,18 +446,17 @@ class _Checker:
                       word)
 
   def gintrain(self, argv: list, what: str):
-    from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
-    from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
+    cli = _cli()
     first = argv[0] if argv else ''
     if first in cli.TOOLS:
       self.tool(first, argv[1:], f'{what} {first}')
     elif first == cli.EVAL:
       self.absl(argv[1:], f'{what} eval')
     elif first and not first.startswith('-') and first not in _PLACEHOLDER:
+      commands = sorted([*cli.TOOLS, cli.EVAL])
       self.report(f'`{what} {first}`: no such subcommand'
-                  + did_you_mean(first, [*cli.TOOLS, cli.EVAL])
-                  + f" (subcommands: {', '.join(sorted([*cli.TOOLS, cli.EVAL]))})",
-                  first)
+                  + did_you_mean(first, commands)
+                  + f" (subcommands: {', '.join(commands)})", first)
     else:
       self.absl(argv, what)
 
@@ -469,7 +479,6 @@ class _Checker:
     return taken
 
   def absl(self, argv: list, what: str):
-    from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
     skip = False
     for i, word in enumerate(argv):
       if skip:
@@ -496,7 +505,6 @@ class _Checker:
         skip = True
 
   def tool(self, tool: str, argv: list, what: str):
-    from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
     words = [w for w in argv if w not in _PLACEHOLDER]
     prefix = tuple(w for w in words[:2] if not w.startswith('-'))
     found = None
@@ -550,7 +558,6 @@ class _Checker:
                   + did_you_mean(name, known), name)
 
   def flags_alone(self, text: str):
-    from gintrain.runner.errors import did_you_mean  # pylint: disable=g-import-not-at-top
     for word in re.split(r'\s+|/(?=--)', text):
       if not word.startswith('--') or '*' in word or word == '--':
         continue
