@@ -331,6 +331,7 @@ _ACTIVITIES = (
     (('runner', 'outputs', 'settings'), 'saving the settings'),
     (('runner', 'outputs', 'plots'), 'writing the metrics plot'),
     (('runner', 'outputs', 'lock'), 'locking the workdir'),
+    (('runner', 'outputs', 'workdir'), "writing the run's config files"),
     (('runner', 'outputs', 'checkpoints'), 'handling the checkpoints'),
     (('runner', 'actions'), 'running an action'),
     (('runner', 'cli', 'main'), "writing the run's config files"),
@@ -387,6 +388,8 @@ def _activity(error: BaseException) -> str | None:
   for frame in reversed(traceback.extract_tb(error.__traceback__)):
     relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
     parts = tuple(os.path.splitext(relative)[0].split(os.sep))
+    if parts == ('lib', 'storage'):
+      continue  # the store's own layer: its caller says what was done
     for fragment, what in _ACTIVITIES:
       if parts[:len(fragment)] == fragment:
         return what
