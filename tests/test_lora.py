@@ -10,6 +10,7 @@ import pytest
 from gintrain.runner.models import hf
 from gintrain.runner.models import llama as llama_lib
 from gintrain.runner.models import lora as lora_lib
+from gintrain.runner.training import frozen
 
 KW = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
           num_heads=4, num_kv_heads=2)
@@ -27,7 +28,7 @@ def trained():
   model = lora_lib.lora(base, rank=4, alpha=8.0,
                         targets=('q_proj', 'v_proj', 'down_proj'))
   params = model.init(jax.random.key(0))['params']
-  tx = lora_lib.trainable(optax.adamw(1e-2, weight_decay=0.1)).build(1)
+  tx = frozen.mask_optimizer(optax.adamw(1e-2, weight_decay=0.1), ['lora_'])
   state = tx.init(params)
   data = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
 
@@ -113,8 +114,7 @@ def test_runner_dry_run_state_bytes(capsys):
   adapted = total([
       '--gin.train.model=@models.lora()', '--gin.lora.model=@models.llama()',
       '--gin.lora.rank=4',
-      '--gin.train.optimizer=@models.trainable()',
-      '--gin.trainable.optimizer=@optimizers.optimizer()'])
+      "--gin.train.trainable=['lora_']"])
   # Params stay (plus small adapters); the optimizer's 2 slots of the base
   # are gone: about a third of the state.
   assert adapted < full * 0.45, (adapted, full)

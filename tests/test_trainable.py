@@ -61,14 +61,17 @@ def _ckpt(workdir, step):
   return os.path.join(workdir, 'checkpoints', f'checkpoint_{step}')
 
 
-def _load_run(workdir, step=None):
+@pytest.fixture(scope='module')
+def loaded(runs):
+  """``(model, whole params, path)`` of the run's last checkpoint, as
+  ``gintrain sample`` and ``ckpt convert`` load it (base rebuilt)."""
   from gintrain.runner.cli import sample  # pylint: disable=g-import-not-at-top
-  return sample.load_run(workdir, None if step is None else str(step))
+  return sample.load_run(runs[2])
 
 
-def test_only_adapters_change(runs):
-  _, base_params, workdir = runs
-  model, params, _ = _load_run(workdir)
+def test_only_adapters_change(runs, loaded):
+  _, base_params, _ = runs
+  model, params, _ = loaded
   flat = {jax.tree_util.keystr(k): v for k, v in
           jax.tree_util.tree_flatten_with_path(params)[0]}
   base = {jax.tree_util.keystr(k): v for k, v in
@@ -127,13 +130,13 @@ def test_missing_or_other_base_is_one_line(runs, tmp_path, capsys):
       'checkpoint_2', 'checkpoint_4']  # nothing trained
 
 
-def test_merged_export_equals_adapted_model(runs, tmp_path):
+def test_merged_export_equals_adapted_model(runs, loaded, tmp_path):
   from gintrain.runner.cli import main as cli  # pylint: disable=g-import-not-at-top
   _, _, workdir = runs
   out = str(tmp_path / 'hf')
   assert cli.main_with_flags(['gintrain', 'ckpt', 'convert', '--to=hf',
                               workdir, out]) == 0
-  model, params, _ = _load_run(workdir)
+  model, params, _ = loaded
   exported, exported_params = hf.load(out)
   tokens = np.random.RandomState(0).randint(0, 256, (2, 16))
   want = np.asarray(model.apply({'params': params}, tokens))
@@ -144,14 +147,33 @@ def test_merged_export_equals_adapted_model(runs, tmp_path):
   assert np.abs(want - base).max() > 0  # (the adapters do something)
 
 
+def test_eval_rebuilds_the_base(runs, capsys):
+  """`gintrain eval` of the adapters-only checkpoint gives the run's own
+  final eval."""
+  _, _, workdir = runs
+  final = [r for r in _all_records(workdir) if r.get('split') == 'eval'][-1]
+  capsys.readouterr()
+  assert train.main_with_flags(['gintrain', 'eval',
+                                f'--workdir={workdir}']) == 0
+  again = [r for r in _all_records(workdir)
+           if r.get('split') == 'eval_only'][-1]
+  assert again['step'] == final['step'] == 4
+  assert again['loss'] == pytest.approx(final['loss'], rel=1e-6)
+
+
+def _all_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return list(map(json.loads, f))
+
+
 def _records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [r for r in map(json.loads, f) if r.get('split') == 'train']
 
 
-def test_records_model_flops_and_mfu(runs):
+def test_records_model_flops_and_mfu(runs, loaded):
   _, _, workdir = runs
-  model, _, _ = _load_run(workdir)
+  model = loaded[0]
   per_token = llama_lib.llama(**SIZES).flops_per_token(32)
   assert model.flops_per_token(32) == per_token
   records = _records(workdir)
@@ -202,3 +224,12 @@ def test_dry_run_optimizer_state_shrinks(capsys):
   # full: params + 2 Adam slots; adapted: params + adapters' slots.
   assert full > 3 * base > 3 * (adapted - base) > 0
   assert adapted < base * 1.1, (adapted, base, full)
+
+
+def test_docstring_examples_run():
+  import doctest  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.models import lora  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.training import frozen  # pylint: disable=g-import-not-at-top
+  for module in (flops, frozen, lora):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0, module.__name__

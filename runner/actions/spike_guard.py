@@ -259,7 +259,7 @@ class SpikeGuard(base.Action):
           f' the last good step {self.last_good} to roll back to.')
     self.rollbacks += 1
     self._move_spiked()
-    self.install(self._restore(target, step))
+    self.install(self._restore(target, step, state))
     self.probation = target
     info = {'loss': float(record.get(self.policy.metric, float('nan'))),
             'rolled_back_to': target, 'skipped_steps': step - target,
@@ -307,12 +307,16 @@ class SpikeGuard(base.Action):
       logging.warning('Checkpoint %s was written after the loss spiked: moved'
                       ' to %s/.', path, SPIKED_DIR)
 
-  def _restore(self, target: int, step: int):
+  def _restore(self, target: int, step: int, live=None):
     path = self.ckpt.path(target)
     if self.shapes is None:
       self.shapes = self._shapes()
+    # Frozen parameters (train.trainable: a state with a base_hash) are not
+    # in the checkpoint: the live state's, unchanged since the start, fill in.
+    frozen = getattr(live, 'base_hash', None) is not None
     state, _ = checkpoints_lib.restore_state(
-        path, self.shapes, self.partitioner,
+        path, live if frozen else self.shapes,
+        self.partitioner,
         checkpoints_lib.read_runner_checkpoint(path), target)
     old = state.step
     dtype = np.asarray(jax.device_get(old)).dtype

@@ -23,11 +23,13 @@ from absl import flags
 from gintrain.lib import checkpoints as lib_checkpoints
 from gintrain.lib import storage
 from gintrain.runner.errors import RunnerError
+from gintrain.runner.cli import frozen_base
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import writers
 from gintrain.runner.parallel import distributed
 from gintrain.runner.training import config as config_lib
+from gintrain.runner.training import frozen
 from gintrain.runner.training import steps
 from gintrain.runner.training import assembly
 
@@ -81,8 +83,8 @@ def find_checkpoint(workdir: str, checkpoint: str | None,
   return checkpoint
 
 
-def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
-                        ) -> tuple[int, dict]:
+def evaluate_checkpoint(config: config_lib.TrainConfig, path: str,
+                        workdir: str | None = None) -> tuple[int, dict]:
   """``(step, eval metrics)`` of the runner checkpoint file ``path``,
   evaluated as the run of ``config`` evaluates (same task, data, batches).
 
@@ -91,8 +93,11 @@ def evaluate_checkpoint(config: config_lib.TrainConfig, path: str
   """
   run = assembly.build(config)
   p = run.partitioner
-  state, _ = checkpoints.restore_state(
-      path, jax.eval_shape(assembly.state_maker(run)), p, hint='')
+  target = jax.eval_shape(assembly.state_maker(run))
+  if frozen.has_frozen(target):  # the checkpoint holds what trains: the base
+    target = frozen_base.base_state(
+        run, workdir or path.rsplit('/', 2)[0], path)
+  state, _ = checkpoints.restore_state(path, target, p, hint='')
   eval_step = p.compile_eval(steps.make_eval_step(run.task, p.axis_name))
   return int(np.asarray(p.get(state.step))), assembly.evaluate(
       run, eval_step, state)
@@ -113,7 +118,7 @@ def evaluate(cfg: config_lib.TrainConfig, workdir: str,
   """
   prefix = cfg.checkpoint.prefix if cfg.checkpoint else 'checkpoint_'
   path = find_checkpoint(workdir, checkpoint, prefix)
-  step, metrics = evaluate_checkpoint(cfg, path)
+  step, metrics = evaluate_checkpoint(cfg, path, workdir)
   if distributed.is_main_process():
     with writers.JsonlWriter(workdir) as writer:
       writer.write_scalars(step, metrics, SPLIT)

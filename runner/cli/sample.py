@@ -67,8 +67,8 @@ def load_run(workdir: str, checkpoint: str | None = None):
   path = evaluate.find_checkpoint(workdir, checkpoint)
   _, raw = init_from.checkpoint_params(path, '--checkpoint')
   if cfg.trainable:  # the checkpoint holds what trained: the base rebuilt
-    from gintrain.runner.training import frozen  # pylint: disable=g-import-not-at-top
-    raw = frozen.full_params(cfg, workdir, path, raw)
+    from gintrain.runner.cli import frozen_base  # pylint: disable=g-import-not-at-top
+    raw = frozen_base.full_params(cfg, workdir, path, raw)
   return model, raw, path
 
 

@@ -9,18 +9,14 @@
 adapters into the kernels, giving the base model and plain parameters
 (``gintrain ckpt convert --to=hf`` exports that).
 
-:func:`trainable` wraps the optimizer so that only parameters whose path
-matches its patterns train; the others get no update and no optimizer
-state (``optax.multi_transform`` with ``set_to_zero``), so the state bytes
-of ``--dry_run`` shrink to the adapters'::
+Only the adapters train with ``train.trainable = ['lora_']``
+(``runner.training.frozen``): the base gets no optimizer state and stays out
+of the checkpoints (``gin/models/lora.gin`` binds it all)::
 
-    train.model = @models.lora()
-    lora.model = @models.llama()
+    include 'models/llama.gin'
+    include 'models/lora.gin'
     lora.rank = 8
     lora.targets = ['q_proj', 'v_proj']
-    train.optimizer = @models.trainable()
-    trainable.optimizer = @optimizers.optimizer()
-    trainable.patterns = ['lora_']
     # starting from a published model: the adapters stay at their init
     init_from.exclude = ['lora_']
 
@@ -40,9 +36,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-__all__ = ['Lora', 'lora', 'trainable', 'TrainableOptimizer', 'merge_params']
+__all__ = ['Lora', 'lora', 'merge_params']
 
 
 def _paths(tree, prefix=()):
@@ -155,51 +150,3 @@ def lora(model: Any, rank: int = 8, alpha: float = 16.0,
   if not callable(getattr(model, 'apply', None)) and callable(model):
     model = model()
   return Lora(model, rank, float(alpha), tuple(targets))
-
-
-def _labels(patterns):
-  compiled = [re.compile(p) for p in patterns]
-
-  def label(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda keys, _: 'train' if any(r.search('/'.join(
-            str(getattr(k, 'key', k)) for k in keys)) for r in compiled)
-        else 'freeze', params)
-  return label
-
-
-@dataclasses.dataclass
-class TrainableOptimizer:
-  """An optimizer that updates only the parameters matching ``patterns``
-  (see :func:`trainable`); the runner calls :meth:`build`."""
-  optimizer: Any
-  patterns: tuple
-
-  @property
-  def learning_rate(self):
-    return getattr(self.optimizer, 'learning_rate', None)
-
-  def build(self, steps_per_epoch: int) -> optax.GradientTransformation:
-    inner = self.optimizer
-    if hasattr(inner, 'build'):
-      inner = inner.build(steps_per_epoch)
-    return optax.multi_transform(
-        {'train': inner, 'freeze': optax.set_to_zero()},
-        _labels(self.patterns))
-
-
-def trainable(optimizer: Any, patterns: tuple | list = ('lora_',)
-              ) -> TrainableOptimizer:
-  """``optimizer`` (``@optimizers.optimizer()`` or an optax
-  transformation) restricted to the parameters whose ``/``-joined path
-  matches one of ``patterns`` (``re.search``); the rest are frozen and
-  hold no optimizer state."""
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  for p in patterns:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f'trainable.patterns: {p!r} is not a regular'
-                       f' expression ({e}).') from None
-  return TrainableOptimizer(optimizer, tuple(patterns))
