@@ -13,7 +13,8 @@ turns into a failed build:
 - ``--flag``: a flag of that command: the runner's absl flags for training
   and ``eval``, the argparse parser of a subcommand (and of its own
   subcommands), the runner's flags again for what ``gintrain sweep`` passes
-  on; a span of flags alone may name a flag of any command;
+  on; a span of flags alone may name a flag of any command (XLA's
+  ``--xla_*`` and hyphenated ones, other tools', are left alone);
 - ``--gin.X.y=V``, ``--gin_bindings``/``--gin_param`` and the bindings of a
   gin file shown on the page: ``X`` is a registered configurable (or one a
   Python block of the page defines with ``@gin.configurable``), ``y`` one of
@@ -565,6 +566,8 @@ class _Checker:
         self.gin_flag(word, None, '')
         continue
       name = word[2:].split('=', 1)[0].split('|')[0].rstrip('\\')
+      if '-' in name or name.startswith('xla_'):
+        continue  # XLA's, pip's, pytest's: ours are snake_case
       if name and name not in _every_flag():
         self.report(f'--{name}: no command defines this flag'
                     + did_you_mean(f'--{name}',
