@@ -134,6 +134,7 @@ class Outage:
     self._sockets = set()
     self._listener = None
     self._pattern = None
+    self._refused = None
     self._threads = []
     self._timers = []
     self._closed = False
@@ -187,6 +188,12 @@ class Outage:
     expression ``pattern`` arrives (that request is not forwarded)."""
     self._pattern = re.compile(pattern.encode())
 
+  def refuse(self, pattern: str | None) -> None:
+    """Drops every request matching ``pattern`` (its connection is cut,
+    nothing forwarded) while the rest pass: a store failing for some
+    objects only, or flapping between two calls. None: stop dropping."""
+    self._refused = None if pattern is None else re.compile(pattern.encode())
+
   def close(self) -> None:
     """Down for good (a pending :meth:`down_for` does not bring it up)."""
     self._closed = True
@@ -228,12 +235,14 @@ class Outage:
         data = src.recv(1 << 16)
         if not data:
           break
-        pattern = self._pattern
+        pattern, refused = self._pattern, self._refused
         if check and pattern is not None and pattern.search(tail + data):
           self._pattern = None
           self.cut.set()
           self.down()
           return
+        if check and refused is not None and refused.search(tail + data):
+          return  # this connection only (closed below)
         tail = data[-256:]
         dst.sendall(data)
     except OSError:

@@ -10,7 +10,10 @@ forwarder that the tests take down and bring back (``Outage``):
   a longer outage fails after them, and later calls to a store that failed
   are not retried again until one succeeds;
 * a missing bucket reads as "nothing there" (listings, exists) and fails
-  writes.
+  writes;
+* a resume whose newest checkpoint cannot be read because the store fails
+  stops with the store's error: that checkpoint is not taken for corrupt
+  and moved aside (the endpoint working again for the move).
 
 The runner's side (one ``gintrain: error:`` line, nothing saved lost, the
 relaunch resuming) is in tests/test_object_store_failures_runner.py.
@@ -21,6 +24,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -201,3 +205,27 @@ def test_a_bad_retry_setting_is_one_line(monkeypatch):
 
 def _refused():
   raise ConnectionRefusedError(111, 'Connection refused')
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_a_store_failing_under_the_resume_moves_no_checkpoint_aside(
+    s3, outage, monkeypatch):  # pylint: disable=redefined-outer-name
+  from gintrain.lib import checkpoints  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.outputs import checkpoints as runner_checkpoints  # pylint: disable=g-import-not-at-top
+  s3.create_bucket('resume')
+  monkeypatch.setenv(storage.RETRIES_ENV, '0')
+  url = 's3://resume/run'
+  for step in (10, 20):
+    checkpoints.save_checkpoint(
+        f'{url}/checkpoints', {'state': {'step': np.int64(step),
+                                         'w': np.full(3, step, np.float32)}},
+        step, prefix='checkpoint_', keep=5)
+  # every download of checkpoint_20 is cut; the rest of the store works
+  outage.refuse(r'GET /resume/run/checkpoints/checkpoint_20 ')
+  policy = runner_checkpoints.CheckpointPolicy(every_steps=10)
+  with pytest.raises(storage.StoreUnreachableError) as caught:
+    runner_checkpoints.Checkpointer(url, policy).latest_step()
+  assert caught.value.url == f'{url}/checkpoints/checkpoint_20'
+  outage.refuse(None)
+  assert storage.listdir(f'{url}/corrupt_checkpoints') == []
+  assert runner_checkpoints.Checkpointer(url, policy).latest_step() == 20
