@@ -17,7 +17,7 @@ modules' callers catch).
     >>> check_choice('train.parallelism', 'singel', ('auto', 'single'))
     Traceback (most recent call last):
     ...
-    gintrain.runner.validation.ArgumentError: train.parallelism must be 'auto' or 'single', got 'singel' (did you mean 'single'?).
+    gintrain.runner.validation.ArgumentError: train.parallelism must be 'auto' or 'single', got 'singel'. (did you mean 'single'?)
 """
 
 import math
@@ -55,8 +55,9 @@ class ArgumentError(RunnerError, ValueError):
 
 
 def fail(name: str, want: str, value: Any, extra: str = '') -> None:
-  """Raises ``<name> must be <want>, got <value!r><extra>.``."""
-  raise ArgumentError(name, f'{name} must be {want}, got {value!r}{extra}.')
+  """Raises ``<name> must be <want>, got <value!r>.<extra>`` (``extra``:
+  e.g. `` (did you mean 'x'?)``)."""
+  raise ArgumentError(name, f'{name} must be {want}, got {value!r}.{extra}')
 
 
 def _as_int(value) -> int | None:

@@ -31,6 +31,7 @@ def test_the_error_is_a_runner_error_and_a_value_error():
 
 def test_int():
   assert v.check_int('n', 3, 0) == 3
+  assert v.check_int('n', 0, 0) == 0 and v.check_int('n', 1, 1, 1) == 1
   assert v.check_int('n', np.int64(3), 0) == 3 and isinstance(
       v.check_int('n', np.int64(3), 0), int)
   assert v.check_int('n', None, 1, allow_none=True) is None
@@ -95,7 +96,7 @@ def test_choice_with_did_you_mean():
   assert _message(v.check_choice, 'train.parallelism', 'shardd',
                   ('auto', 'single', 'pmap', 'sharded')) == (
       'train.parallelism must be one of auto, single, pmap, sharded, got'
-      " 'shardd' (did you mean 'sharded'?).")
+      " 'shardd'. (did you mean 'sharded'?)")
   assert _message(v.check_choice, 'k', [1], (1, 2, 3)) == (
       'k must be one of 1, 2, 3, got [1].')
 
