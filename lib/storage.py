@@ -114,7 +114,8 @@ UPLOAD_PARTS_IN_FLIGHT = 4
 
 
 class StorageError(errors.GintrainError, ValueError):
-  """A URL that cannot be used: unknown scheme, or its package is missing."""
+  """A URL that cannot be used: unknown scheme, or its package is missing
+  (or, as :class:`StoreError`, a store that failed under a call)."""
 
   def __init__(self, url, reason, hint=''):
     self.url, self.reason = url, reason
