@@ -92,7 +92,8 @@ def prepare(workdir: str) -> str:
     storage.write_bytes(probe, b'ok')
     storage.remove(probe)
   except Exception as e:  # pylint: disable=broad-except
-    reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+    reason = (e.reason if isinstance(e, storage.StoreError) else
+              e.strerror if isinstance(e, OSError) and e.strerror else
               f'{type(e).__name__}: {e}')
     raise RunnerError(f'--workdir={workdir} is not writable: {reason}.'
                       ) from e
