@@ -117,17 +117,17 @@ def test_console_script_runs_default_experiment_from_elsewhere(venv, tmp_path):
 #
 #   GINTRAIN_INSTALL_PYTHONS=3.12 python3 -m pytest -s -q tests/test_install.py -k every_python
 #
-# Downloads and built wheels go to one pip cache shared by every venv and
-# every run (GINTRAIN_INSTALL_CACHE, default ~/.cache/gintrain-install), so
-# only the first install of each Python downloads (on a loaded 2-core machine
-# an install is then still 1-3 minutes of pip's own unpacking and
-# compiling); GINTRAIN_INSTALL_TIMEOUT (seconds, default 3600) bounds each
-# install. Figures: the issue 25 note.
+# GINTRAIN_INSTALL_TIMEOUT (seconds, default 3600) bounds each install.
+# GINTRAIN_INSTALL_WHEELS=DIR keeps the wheels in DIR, shared by every venv
+# and run, for a slow or metered network (pip's own HTTP cache is not kept on
+# this machine): `pip install --no-index --find-links=DIR .`, and where DIR
+# lacks something, `pip download -d DIR . setuptools wheel` first. Where the time goes here
+# (156 MB/s to PyPI): resolving and downloading 24-52 s, unpacking 60-110 s
+# on the loaded 2 cores. Figures: the issue 25 note.
 
 SUPPORTED = ((3, 11), (3, 12), (3, 13))  # setup.py's SUPPORTED_PYTHONS
 _PYTHONS = os.environ.get('GINTRAIN_INSTALL_PYTHONS', '')
-_CACHE = os.environ.get('GINTRAIN_INSTALL_CACHE',
-                        os.path.expanduser('~/.cache/gintrain-install'))
+_WHEELS = os.environ.get('GINTRAIN_INSTALL_WHEELS', '')
 _INSTALL_TIMEOUT = float(os.environ.get('GINTRAIN_INSTALL_TIMEOUT', '3600'))
 
 
@@ -211,7 +211,7 @@ def test_every_python_present_installs_and_runs_or_is_refused(
   _run([exe, '-m', 'venv', str(env_dir)])
   src = tmp_path / 'src'  # the README's `pip install .` runs in a copy
   shutil.copytree(REPO, src, ignore=_copy_ignore)
-  env = dict(os.environ, PIP_CACHE_DIR=_CACHE, PIP_PROGRESS_BAR='off')
+  env = dict(os.environ, PIP_PROGRESS_BAR='off')
   for name in ('PIP_NO_CACHE_DIR', 'PYTHONPATH', 'XLA_FLAGS', 'VIRTUAL_ENV'):
     env.pop(name, None)
   env['PATH'] = f'{env_dir / "bin"}{os.pathsep}{env["PATH"]}'
@@ -224,8 +224,26 @@ def test_every_python_present_installs_and_runs_or_is_refused(
     assert took < 60, (version, took)
     print(f'\n{tag}: refused in {took:.1f} s')
     return
-  status, installed, out = _streamed(pip, tmp_path / 'pip.log', tag,
-                                     _INSTALL_TIMEOUT, cwd=str(src), env=env)
+  start = time.monotonic()
+  if _WHEELS:
+    # From the folder alone; what it lacks is downloaded first, then again.
+    wheels = os.path.abspath(os.path.expanduser(_WHEELS))
+    offline = pip[:-1] + ['--no-index', f'--find-links={wheels}', '.']
+    status, _, out = _streamed(offline, tmp_path / 'pip.log', tag,
+                               _INSTALL_TIMEOUT, cwd=str(src), env=env)
+    if status != 0:
+      # With the build's own requirements (setuptools' PEP 517 backend).
+      status, _, out = _streamed(pip[:-2] + ['download', '-d', wheels, '.',
+                                             'setuptools>=40.8.0', 'wheel'],
+                                 tmp_path / 'download.log', tag,
+                                 _INSTALL_TIMEOUT, cwd=str(src), env=env)
+      assert status == 0, f'{tag}: pip download failed ({status}):\n{out}'
+      status, _, out = _streamed(offline, tmp_path / 'pip.log', tag,
+                                 _INSTALL_TIMEOUT, cwd=str(src), env=env)
+  else:
+    status, _, out = _streamed(pip, tmp_path / 'pip.log', tag,
+                               _INSTALL_TIMEOUT, cwd=str(src), env=env)
+  installed = time.monotonic() - start
   assert status == 0, f'{tag}: pip install . failed ({status}):\n{out}'
   workdir, elsewhere = tmp_path / 'run', tmp_path / 'elsewhere'
   elsewhere.mkdir()
