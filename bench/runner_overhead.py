@@ -11,20 +11,22 @@ with the same step math (loss, gradient, optimizer update, accuracy):
   a log line with its metric fetch and record.
 
 Timing is interleaved in one process so that load from other jobs on the
-machine hits both alike: the runner calls a hook after every step, at a log
-step after its metrics fetch (so no runner work is pending then); every
-``window`` (= ``log_every``) steps the hook closes a runner window
-(``window`` steps, timed from the end of the previous bare window) and then
-runs a bare window of ``window`` steps (ended by ``block_until_ready``).
-Each pair gives a ratio runner/bare; the table shows medians over all pairs
-after ``warmup`` windows (compilation excluded).
+machine hits both alike, in ABBA rounds: the runner calls a hook after every
+step, at a log step after its metrics fetch (so no runner work is pending
+then); every ``window`` (= ``log_every``) steps the hook closes a runner
+window (``window`` steps, timed from the end of the hook's previous work).
+After the first runner window of a round the hook runs two bare windows
+(each ended by ``block_until_ready``), after the second nothing: runner,
+bare, bare, runner. Each round gives a ratio runner/bare (tokens/s, or
+steps/s: the same batches); the table shows the median over the rounds after
+``warmup`` windows (compilation excluded) and the quartiles.
 
-Control: the same interleaving with two identical bare loops (A/A). Its
+Control: the same ABBA rounds with two identical bare loops (A/A). Its
 ratio would be 1.000 on a quiet machine; its distance from 1 is the bias
 and noise of the method (on a shared 2-core machine a few percent, more for
 short windows). "corrected" divides runner/bare by it.
 
-    python bench/runner_overhead.py [--scale=1]
+    python bench/runner_overhead.py [--scale=1] [--only=default,llama]
 
 The target is a ratio >= 0.97.
 """
@@ -46,20 +48,26 @@ from gintrain.runner.models import plain as models
 from gintrain.runner.training import state as state_lib
 from gintrain.runner import train as runner_train
 
-# (name, model, batch size, window = log_every, windows). The first two are
-# the default experiment's model and data, logging every 500 and every 50
-# steps (a log line costs about a millisecond of host time); the last two the
-# language model of gin/lm.gin, reduced (width 64, 2 blocks, 64 tokens), on
-# the grain text source, without and with 2 grain worker processes.
+# (name, model, batch size, window = log_every, windows: an even number).
+# The first two are the default experiment's model and data, logging every
+# 500 and every 50 steps (a log line costs about a millisecond of host time);
+# 'LM' the language model of gin/lm.gin, reduced (width 64, 2 blocks, 64
+# tokens), on the grain text source, without and with 2 grain worker
+# processes; 'Llama tiny' the preset gin/llama_tiny.gin as shipped (model,
+# optimizer with its schedule and clipping, 128-token grain batches of 16),
+# logging every 50 steps.
+LM_LENGTH = 64
+LLAMA_LENGTH = 128  # gin/datasets/text_files.gin
 CONFIGS = (
     ('default, log every 500', (128,), 64, 500, 40),
     ('default, log every 50', (128,), 64, 50, 150),
     ('wide 512x512, batch 256', (512, 512), 256, 100, 30),
     ('LM, grain in-process', 'lm:0', 16, 20, 12),
     ('LM, 2 grain workers', 'lm:2', 16, 20, 12),
+    ('Llama tiny preset', 'llama:0', 16, 50, 12),
 )
+TOKENS = {'lm': LM_LENGTH, 'llama': LLAMA_LENGTH}
 LEARNING_RATE = 0.01
-LM_LENGTH = 64
 LM_FLAGS = ['--gin_file=lm.gin', '--gin.transformer.width=64',
             '--gin.transformer.depth=2', f'--gin.transformer.max_len={LM_LENGTH}',
             f'--gin.text_files.length={LM_LENGTH}',
@@ -105,22 +113,24 @@ class BareLoop:
 
 class LMBareLoop:
   """A hand-written jitted loop over the same LM, optimizer and grain
-  batches as the runner's (same seed, so the same order)."""
+  batches as the runner's (same seed, so the same order). ``kind``: 'lm'
+  (the reduced gin/lm.gin transformer, adamw at 0.001) or 'llama' (the
+  gin/llama_tiny.gin preset: its model and its optimizer, built by the same
+  ``runner.training.optimizers.optimizer`` with the same schedule)."""
 
-  def __init__(self, workers, batch_size, seed=0):
+  def __init__(self, kind, workers, batch_size, seed=0):
     # pylint: disable=g-import-not-at-top
     from gintrain.runner.data import base
     from gintrain.runner.data import text
-    from gintrain.runner.models import transformer
     from gintrain.runner.tasks import lm
     # pylint: enable=g-import-not-at-top
-    self.source = text.text_files(length=LM_LENGTH, worker_count=workers,
+    length = TOKENS[kind]
+    self.source = text.text_files(length=length, worker_count=workers,
                                   max_eval_examples=16)
     self.source.bind(base.Spec(batch_size, batch_size, seed))
-    model = transformer.transformer(width=64, depth=2, max_len=LM_LENGTH)
+    model, tx = _lm_model(kind)
     task = lm.LanguageModel(model)
     variables = model.init(jax.random.key(seed), None)
-    tx = optax.adamw(0.001, weight_decay=0.01)
     self.state = state_lib.create_train_state(variables, model.apply, tx)
 
     @jax.jit
@@ -142,25 +152,52 @@ class LMBareLoop:
     return time.perf_counter() - start
 
 
+def _lm_model(kind):
+  """``(model, optax transformation)`` of the 'lm' or 'llama' config."""
+  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.models import llama
+  from gintrain.runner.models import transformer
+  from gintrain.runner.training import optimizers
+  # pylint: enable=g-import-not-at-top
+  if kind == 'lm':
+    return (transformer.transformer(width=64, depth=2, max_len=LM_LENGTH),
+            optax.adamw(0.001, weight_decay=0.01))
+  # gin/llama_tiny.gin's values
+  model = llama.llama(hidden_size=96, intermediate_size=256, num_layers=3,
+                      num_heads=4, num_kv_heads=2, max_len=128)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=0.003, warmup_steps=50, decay_steps=600,
+      end_value=0.0003)
+  spec = optimizers.optimizer('adamw', schedule, weight_decay=0.01,
+                              clip_grad_norm=1.0)
+  return model, spec.build(1)
+
+
 def _bare(model, batch_size):
   if isinstance(model, str):
-    return LMBareLoop(int(model.split(':')[1]), batch_size)
+    kind, workers = model.split(':')
+    return LMBareLoop(kind, int(workers), batch_size)
   return BareLoop(model, batch_size)
 
 
 def _runner_flags(model, batch_size):
   if isinstance(model, str):
-    return [*LM_FLAGS, f'--gin.text_files.worker_count={model.split(":")[1]}',
+    kind, workers = model.split(':')
+    flags = (LM_FLAGS if kind == 'lm' else
+             ['--gin_file=llama_tiny.gin', '--gin.train.actions=[]',
+              '--gin.text_files.max_eval_examples=16'])
+    return [*flags, f'--gin.text_files.worker_count={workers}',
             f'--gin.train.eval_batch_size={batch_size}']
   return [f'--gin.mlp.features={tuple(model)}',
           f'--gin.optimizer.learning_rate={LEARNING_RATE}']
 
 
-def measure(model, batch_size, windows, window, warmup):
-  """``[(runner steps/s, bare steps/s)]``, one pair per window."""
+def measure(model, batch_size, windows, window, warmup, extra=()):
+  """``[(runner steps/s, bare steps/s)]``, one pair per ABBA round
+  (``windows`` runner windows, so ``windows // 2`` rounds)."""
   bare = _bare(model, batch_size)
   bare.run(window)  # compile
-  pairs = []
+  runner_s, bare_s = [], []
   last = [None]
 
   def hook(step):
@@ -168,8 +205,9 @@ def measure(model, batch_size, windows, window, warmup):
       return
     now = time.perf_counter()
     if last[0] is not None and step > warmup * window:
-      runner_seconds = now - last[0]
-      pairs.append((window / runner_seconds, window / bare.run(window)))
+      runner_s.append(now - last[0])
+      if len(runner_s) % 2:  # runner, [bare, bare], runner
+        bare_s.extend([bare.run(window), bare.run(window)])
     last[0] = time.perf_counter()
 
   total = (warmup + windows + 1) * window
@@ -180,19 +218,32 @@ def measure(model, batch_size, windows, window, warmup):
         *_runner_flags(model, batch_size),
         f'--gin.train.log_every={window}', f'--gin.train.eval_every={total}',
         '--gin.checkpoint_policy.every_steps=0',
-        '--gin.train.parallelism="single"'], hooks=[hook])
+        '--gin.train.parallelism="single"', *extra], hooks=[hook])
   if code:
     raise SystemExit(f'runner failed with status {code}')
-  return pairs
+  return _rounds(runner_s, bare_s, window)
 
 
-def control(model, batch_size, windows, window):
-  """``[(a steps/s, b steps/s)]`` of two identical bare loops, interleaved."""
+def _rounds(a_s, b_s, window):
+  """``[(a steps/s, b steps/s)]`` of ABBA rounds from the windows' seconds
+  (``a_s[2i], a_s[2i+1]`` around ``b_s[2i], b_s[2i+1]``)."""
+  n = min(len(a_s), len(b_s)) // 2
+  return [(2 * window / (a_s[2 * i] + a_s[2 * i + 1]),
+           2 * window / (b_s[2 * i] + b_s[2 * i + 1])) for i in range(n)]
+
+
+def control(model, batch_size, rounds, window):
+  """``[(a steps/s, b steps/s)]`` of two identical bare loops in ABBA
+  rounds."""
   a, b = _bare(model, batch_size), _bare(model, batch_size)
   a.run(window)
   b.run(window)
-  return [(window / a.run(window), window / b.run(window))
-          for _ in range(windows)]
+  a_s, b_s = [], []
+  for _ in range(rounds):
+    a_s.append(a.run(window))
+    b_s.extend([b.run(window), b.run(window)])
+    a_s.append(a.run(window))
+  return _rounds(a_s, b_s, window)
 
 
 def _summary(pairs):
@@ -208,31 +259,46 @@ def main():
   parser.add_argument('--scale', type=float, default=1.0,
                       help='multiplies the number of windows')
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--only', default='',
+                      help='comma-separated config name prefixes (e.g.'
+                      ' "default,llama"; case-insensitive); default: all')
+  parser.add_argument('--runner_flag', action='append', default=[],
+                      help='a further runner flag (repeatable), e.g.'
+                      ' --runner_flag=--gin.train.spike_guard=False to see'
+                      ' what a part of the loop costs')
   args = parser.parse_args()
   logging.set_verbosity(logging.ERROR)
+  only = [p.strip().lower() for p in args.only.split(',') if p.strip()]
+  configs = [c for c in CONFIGS
+             if not only or any(c[0].lower().startswith(p) for p in only)]
+  if not configs:
+    raise SystemExit(f'--only={args.only}: no config starts with that; the'
+                     f' configs: {", ".join(c[0] for c in CONFIGS)}.')
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}'
-        f' ({jax.device_count()} device); interleaved windows of log_every'
-        f' steps, after {args.warmup} warm-up windows', flush=True)
+        f' ({jax.device_count()} device); ABBA rounds of log_every-step'
+        f' windows, after {args.warmup} warm-up windows', flush=True)
   rows = []
-  for name, model, batch_size, window, windows in CONFIGS:
-    windows = max(4, int(windows * args.scale))
-    pairs = measure(model, batch_size, windows, window, args.warmup)
+  for name, model, batch_size, window, windows in configs:
+    windows = 2 * max(2, int(windows * args.scale) // 2)
+    pairs = measure(model, batch_size, windows, window, args.warmup,
+                    args.runner_flag)
     runner = _summary(pairs)
     aa = _summary(control(model, batch_size, len(pairs), window))
-    rows.append((name, runner, aa))
-    print(f'  {name}: {len(pairs)} pairs of {window}-step windows each',
+    rows.append((name, model, batch_size, runner, aa))
+    print(f'  {name}: {len(pairs)} ABBA rounds of {window}-step windows',
           file=sys.stderr, flush=True)
   print(f'{"config":26} {"bare steps/s":>12} {"runner steps/s":>14}'
         f' {"runner/bare (quartiles)":>24} {"A/A":>6} {"corrected":>9}')
-  for name, (bare, run, ratio, q1, q3), aa in rows:
+  for name, _, _, (bare, run, ratio, q1, q3), aa in rows:
     print(f'{name:26} {bare:12.1f} {run:14.1f} {ratio:9.3f} ({q1:.3f}-{q3:.3f})'
           f' {aa[2]:6.3f} {ratio / aa[2]:9.3f}')
-  for name, (bare, run, *_), _ in rows:
-    if name.startswith('LM'):
-      print(f'{name}: tokens/s bare {bare * 16 * LM_LENGTH:.0f},'
-            f' runner {run * 16 * LM_LENGTH:.0f}')
-  worst = min(r[1][2] for r in rows)
-  worst_corrected = min(r[1][2] / r[2][2] for r in rows)
+  for name, model, batch_size, (bare, run, *_), _ in rows:
+    if isinstance(model, str):
+      tokens = batch_size * TOKENS[model.split(':')[0]]
+      print(f'{name}: tokens/s bare {bare * tokens:.0f}, runner'
+            f' {run * tokens:.0f}')
+  worst = min(r[3][2] for r in rows)
+  worst_corrected = min(r[3][2] / r[4][2] for r in rows)
   print(f'worst runner/bare {worst:.3f}, corrected by the A/A control'
         f' {worst_corrected:.3f} (target >= 0.97)')
 

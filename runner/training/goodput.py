@@ -26,7 +26,6 @@ the run's first step, for ``gintrain goodput`` to find restarts).
     10.0
 """
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -38,6 +37,7 @@ __all__ = ['PARTS', 'Clock', 'CLOCK', 'reset', 'part_of']
 
 PARTS = ('startup', 'compile', 'step', 'input', 'checkpoint', 'eval',
          'agreement', 'idle')
+_SPAN_PARTS = frozenset(PARTS) - {'startup', 'compile', 'step'}
 
 # Built-in actions by class name -> the part their time counts as.
 _ACTION_PARTS = {'SaveCheckpoint': 'checkpoint', 'Evaluate': 'eval',
@@ -50,6 +50,23 @@ def part_of(action) -> str:
     if cls.__name__ in _ACTION_PARTS:
       return _ACTION_PARTS[cls.__name__]
   return getattr(action, 'goodput_part', 'idle')
+
+
+class _Span:
+  """One :meth:`Clock.span`: pushes its frame on entry, books it on exit."""
+  __slots__ = ('clock', 'frame')
+
+  def __init__(self, clock: 'Clock', part: str):
+    self.clock = clock
+    self.frame = [part, 0.0, 0.0]
+
+  def __enter__(self) -> None:
+    self.frame[1] = self.clock.now()
+    self.clock._stack.append(self.frame)  # pylint: disable=protected-access
+
+  def __exit__(self, *exc) -> bool:
+    self.clock._close(self.frame)  # pylint: disable=protected-access
+    return False
 
 
 class Clock:
@@ -101,29 +118,29 @@ class Clock:
     if self.ended is None:
       self.ended = self.now()
 
-  @contextlib.contextmanager
-  def span(self, part: str):
-    """Counts the time inside as ``part`` (minus nested spans)."""
-    if part not in PARTS or part in ('startup', 'compile', 'step'):
+  def span(self, part: str) -> '_Span':
+    """Counts the time inside as ``part`` (minus nested spans); a context
+    manager (a small class, not a generator: the loop opens several per
+    step)."""
+    if part not in _SPAN_PARTS:
       raise ValueError(f'not a span part: {part!r}.')
-    frame = [part, self.now(), 0.0]
-    self._stack.append(frame)
-    try:
-      yield
-    finally:
-      self._stack.pop()
-      spent = self.now() - frame[1]
-      own = spent - frame[2]
-      self.parts[part] += own
-      if self._stack:
-        self._stack[-1][2] += spent
-      started = frame[1]
-      if self.loop_start is None or started < self.loop_start:
-        self._before += own
-      elif self.ended is not None and started >= self.ended:
-        self._after += own
-      else:
-        self._within += own
+    return _Span(self, part)
+
+  def _close(self, frame) -> None:
+    """Books the span ``frame`` (``[part, started, nested seconds]``)."""
+    self._stack.pop()
+    part, started, nested = frame
+    spent = self.now() - started
+    own = spent - nested
+    self.parts[part] += own
+    if self._stack:
+      self._stack[-1][2] += spent
+    if self.loop_start is None or started < self.loop_start:
+      self._before += own
+    elif self.ended is not None and started >= self.ended:
+      self._after += own
+    else:
+      self._within += own
 
   # -- reading ------------------------------------------------------------
 

@@ -85,6 +85,7 @@ class Trainer:
     self.dstate = None  # the placed train state, while training
     self.ckpt = checkpoints.Checkpointer(workdir, run.policy)
     self.actions: list = []  # made by fit()
+    self._parts: list = []  # goodput.part_of each action (made by fit())
     self._steps: dict = {}   # compiled train step variants
     self.eval_step = None
     self.eval_seconds = 0.0  # spent evaluating (kept out of the rates)
@@ -147,6 +148,7 @@ class Trainer:
       self.actions = action_list.default_actions(
           run, self.workdir, writer, self.ckpt, self.snapshot, self.evaluate,
           self._install, self.main, lambda: jax.eval_shape(make), self.extra)
+      self._parts = [goodput.part_of(a) for a in self.actions]
       memory.check(run, make, None if self.settings is None else
                    settings_lib.flatten(self.settings).get(
                        'flags.memory_budget'))  # before any checkpoint I/O
@@ -233,10 +235,10 @@ class Trainer:
     """Runs the actions due after ``step``; ``(stop asked, ids of the
     actions that ran)``."""
     stop, ran = False, set()
-    for action in self.actions:
+    for action, part in zip(self.actions, self._parts):
       if action.due(step, False):
         ran.add(id(action))
-        with goodput.CLOCK.span(goodput.part_of(action)):
+        with goodput.CLOCK.span(part):
           stop = bool(action(step, self.dstate, metrics)) or stop
     return stop, ran
 
