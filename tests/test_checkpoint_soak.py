@@ -10,8 +10,10 @@ thread count and the open files must stay flat. The last checkpoint
 restores exactly.
 
 ``GINTRAIN_SLOW=1``: the same with 2 real processes through
-``save_checkpoint_multiprocess`` on a 256 MiB state (bench-sized), RSS of
-each process printed (``-s``).
+``save_checkpoint_multiprocess`` on a 256 MiB state, RSS of each process
+printed (``-s``). Measured (2 cores, load ~20, 712 s): process 0 551-604 MiB,
+process 1 784-829 MiB over saves 30-200, the mean of the last five samples
+2.3% / 2.4% over the first five: up and down by a slice, no growth.
 """
 
 import gc
@@ -150,5 +152,8 @@ def test_200_saves_on_two_processes_keep_host_memory_flat(tmp_path):
     line = [l for l in out.splitlines() if l.startswith('RSS_MIB')][0]
     print(line)
     rss = eval(line.split(' ', 2)[2].rsplit(' seconds', 1)[0])  # pylint: disable=eval-used
-    settled = rss[2:]
-    assert (max(settled) - settled[0]) / settled[0] <= 0.10, line
+    # The allocator moves RSS up and down by a slice or two (16 MiB) from
+    # save to save; the trend is what must stay flat: the mean of the last
+    # five samples within 10% of the first five after the warm-up.
+    first, last = np.mean(rss[2:7]), np.mean(rss[-5:])
+    assert last <= 1.10 * first, line
