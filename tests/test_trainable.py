@@ -206,24 +206,25 @@ def test_peak_table():
   assert flops.peak_flops('cpu') is None
 
 
-def test_dry_run_optimizer_state_shrinks(capsys):
-  """--dry_run's state bytes: with train.trainable the frozen parameters
-  carry no Adam slots."""
-  def total(extra):
+def test_bad_trainable_is_one_line(capsys):
+  for value, words in (("['nope']", "matches no parameter"),
+                       ("['(']", "is not a regular expression"),
+                       ("[3]", "must be a non-empty list")):
     capsys.readouterr()
     assert train.main_with_flags([
         'gintrain', '--dry_run', '--gin_file=llama_tiny.gin',
-        *[f'--gin.llama.{k}={v}' for k, v in SIZES.items()],
-        '--gin.text_files.length=32', *extra]) == 0
-    out = capsys.readouterr().out
-    line = [l for l in out.splitlines() if 'total state per device' in l][0]
-    return int(line.rsplit('(', 1)[1].split()[0])
-  full = total([])
-  adapted = total(['--gin_file=models/lora.gin', '--gin.lora.rank=2'])
-  base = llama_lib.llama(**SIZES).num_params() * 4
-  # full: params + 2 Adam slots; adapted: params + adapters' slots.
-  assert full > 3 * base > 3 * (adapted - base) > 0
-  assert adapted < base * 1.1, (adapted, base, full)
+        '--gin.llama.num_layers=1', f'--gin.train.trainable={value}']) != 0
+    errors = _errors(capsys)
+    assert len(errors) == 1 and words in errors[0], errors
+    assert 'train.trainable' in errors[0]
+  capsys.readouterr()
+  assert train.main_with_flags([
+      'gintrain', '--dry_run', '--gin_file=llama_tiny.gin',
+      '--gin.train.peak_flops_per_device=-1']) != 0
+  errors = _errors(capsys)
+  assert len(errors) == 1, errors
+  assert 'train.peak_flops_per_device must be' in errors[0]
+  assert 'got -1' in errors[0]
 
 
 def test_docstring_examples_run():
