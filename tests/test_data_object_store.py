@@ -1,6 +1,8 @@
-"""JSONL and Parquet sources on an object store (a real local S3 server,
-tests/s3_server.py): the LM trains a few steps from a gin file whose
-paths are ``s3://`` URLs (a ``*`` pattern for JSONL)."""
+"""JSONL, Parquet and prepared ArrayRecord sources on an object store (a
+real local S3 server, tests/s3_server.py): the LM trains a few steps from a
+gin file whose paths are ``s3://`` URLs (a ``*`` pattern for JSONL);
+``data prepare`` writes to ``s3://`` and the LM trains from that folder
+through a local cache checked against the manifest's SHA-256 digests."""
 
 import json
 import os
@@ -17,6 +19,8 @@ from s3_server import s3  # pylint: disable=g-import-not-at-top,unused-import,wr
 from gintrain.lib import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gintrain.runner.cli import main as cli_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gintrain.runner.data import corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gintrain.runner.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gintrain.runner.data import staging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -104,3 +108,116 @@ def test_missing_object_is_one_line(bucket, tmp_path, capsys):
   err = [l for l in capsys.readouterr().err.splitlines()
          if l.startswith('gintrain: error:')]
   assert code != 0 and len(err) == 1 and 'nope.parquet' in err[0], err
+
+
+@pytest.fixture(scope='module')
+def prepared_url(s3, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """``data prepare`` straight to ``s3://corpus/prepared`` (staged under a
+  HOME of the test's), and the same preparation written locally."""
+  root = tmp_path_factory.mktemp('prepare')
+  home = root / 'home'
+  home.mkdir()
+  (root / 'raw').mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(30):
+    words = rng.choice(['alpha', 'beta', 'def', '(', ')'],
+                       size=int(rng.integers(20, 200)))
+    (root / 'raw' / f'f{i:02d}.txt').write_text(' '.join(words))
+  s3.create_bucket('prep')
+  old = os.environ.get('HOME')
+  os.environ['HOME'] = str(home)
+  try:
+    for out in ('s3://prep/prepared', str(root / 'local')):
+      assert cli_main.main_with_flags(
+          ['gintrain', 'data', 'prepare', '--shard_mb=0.002',
+           '--no_progress', f'--out={out}', str(root / 'raw')]) == 0
+  finally:
+    os.environ['HOME'] = old
+  return 's3://prep/prepared', root
+
+
+def test_prepared_folder_on_s3_trains_from_a_verified_cache(prepared_url,
+                                                            tmp_path):
+  url, root = prepared_url
+  manifest = json.loads(storage.read_bytes(f'{url}/manifest.json'))
+  assert len(manifest['shards']) >= 3
+  # the uploaded bytes are the local preparation's
+  for name in sorted(os.listdir(root / 'local')):
+    if name != 'plan.json':
+      assert storage.read_bytes(f'{url}/{name}') == (
+          root / 'local' / name).read_bytes(), name
+  cache = tmp_path / 'cache'
+  code, last = _train(tmp_path / 'a', f"""
+train.dataset = @data.array_record()
+data.array_record.paths = '{url}'
+data.array_record.length = 32
+data.array_record.cache_dir = '{cache}'
+""")
+  assert code == 0 and np.isfinite(last['bits_per_byte'])
+  # the staged documents are the local preparation's documents
+  remote = sources.ArrayRecordDocs(url, cache_dir=str(cache))
+  local = sources.ArrayRecordDocs(str(root / 'local'))
+  assert len(remote) == len(local) == 30
+  for i in range(len(local)):
+    assert remote[i][0].tolist() == local[i][0].tolist()
+  # staged again: nothing downloaded or hashed (the files are unchanged)
+  folder = staging.stage_dir_for(url, str(cache))
+  shard = os.path.join(folder, manifest['shards'][0]['file'])
+  before = {n: os.stat(os.path.join(folder, n)).st_mtime_ns
+            for n in os.listdir(folder)}
+  assert staging.stage_prepared(url, str(cache)) == folder
+  after = {n: os.stat(os.path.join(folder, n)).st_mtime_ns
+           for n in os.listdir(folder)}
+  assert {n: t for n, t in after.items() if n != 'manifest.json'} == {
+      n: t for n, t in before.items() if n != 'manifest.json'}
+  # a cached file damaged locally is fetched again and verified
+  data = bytearray(open(shard, 'rb').read())
+  data[len(data) // 2] ^= 0xFF
+  with open(shard, 'wb') as f:
+    f.write(data)
+  staging.stage_prepared(url, str(cache))
+  assert open(shard, 'rb').read() == storage.read_bytes(
+      f'{url}/{manifest["shards"][0]["file"]}')
+
+
+def test_a_corrupt_shard_on_s3_is_one_line(prepared_url, tmp_path, capsys,
+                                           monkeypatch):
+  url, root = prepared_url
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  manifest = json.loads(storage.read_bytes(f'{url}/manifest.json'))
+  name = manifest['shards'][1]['file']
+  good = storage.read_bytes(f'{url}/{name}')
+  bad = bytearray(good)
+  bad[len(bad) // 3] ^= 0x01  # same size, one bit
+  storage.write_bytes(f'{url}/{name}', bytes(bad))
+  try:
+    with pytest.raises(Exception, match='SHA-256'):
+      staging.stage_prepared(url, str(tmp_path / 'c1'))
+    code = cli_main.main_with_flags([
+        'gintrain', f'--workdir={tmp_path / "w"}', '--gin_file=lm.gin',
+        '--gin_bindings=train.dataset = @data.array_record()',
+        f"--gin_bindings=data.array_record.paths = '{url}'",
+        f"--gin_bindings=data.array_record.cache_dir = '{tmp_path / 'c2'}'"])
+    err = [l for l in capsys.readouterr().err.splitlines()
+           if l.startswith('gintrain: error:')]
+    assert code != 0 and len(err) == 1, err
+    assert f'{url}/{name}' in err[0] and 'SHA-256' in err[0], err
+    assert not os.path.exists(tmp_path / 'c2' / os.path.basename(
+        staging.stage_dir_for(url, str(tmp_path / 'c2'))) / name)
+  finally:
+    storage.write_bytes(f'{url}/{name}', good)
+  # the same preparation again: nothing to do (the store's manifest says
+  # so); another one into that URL: one line naming it
+  assert cli_main.main_with_flags(
+      ['gintrain', 'data', 'prepare', '--shard_mb=0.002', '--no_progress',
+       f'--out={url}', str(root / 'raw')]) == 0
+  assert not os.path.exists(tmp_path / 'home' / '.cache')
+  capsys.readouterr()
+  (root / 'other').mkdir()
+  (root / 'other' / 'a.txt').write_text('def alpha(beta): return 1\n' * 9)
+  code = cli_main.main_with_flags(
+      ['gintrain', 'data', 'prepare', '--no_progress', f'--out={url}',
+       str(root / 'other')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 1 and len(err) == 1 and err[0].startswith(
+      'gintrain: error:') and url in err[0], err

@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 
+from gintrain.lib import errors
 from gintrain.runner.data import prepare as prepare_lib
 from gintrain.runner.errors import RunnerError
 
@@ -61,7 +62,7 @@ def main(args) -> int:
         shard_mb=parsed.shard_mb, workers=parsed.workers,
         on_bad_line=parsed.on_bad_line, dry_run=parsed.dry_run,
         length=parsed.length, progress=not parsed.no_progress))
-  except RunnerError as e:
+  except (RunnerError, errors.GintrainError) as e:  # the latter: a store's
     print(f'gintrain: error: {e}', file=sys.stderr, flush=True)
     return 1
   except SystemExit as e:  # --help

@@ -44,6 +44,7 @@ from gintrain.lib import storage
 from gintrain.runner.data import grain_source
 from gintrain.runner.data import packing
 from gintrain.runner.data import sources
+from gintrain.runner.data import staging
 from gintrain.runner.data import text as text_lib
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.validation import check_fraction
@@ -131,8 +132,10 @@ def lm_source(train_docs, eval_docs, length: int, packing_mode: str = 'pack',
               mask_prompt: bool = True, shuffle: bool = True,
               worker_count: int = 0, max_eval_examples: int | None = 2048,
               name: str = 'documents', seed: int | None = None,
-              extra_info: dict | None = None) -> grain_source.GrainSource:
-  """A GrainSource of packed rows of ``train_docs`` (eval: ``eval_docs``)."""
+              extra_info: dict | None = None, prefetch: int | None = None
+              ) -> grain_source.GrainSource:
+  """A GrainSource of packed rows of ``train_docs`` (eval: ``eval_docs``;
+  ``prefetch``: batches read ahead, see ``GrainSource``)."""
   _check_int('length', length, 1)
   _check_int('worker_count', worker_count, 0)
   tok = train_docs.tokenizer
@@ -150,6 +153,7 @@ def lm_source(train_docs, eval_docs, length: int, packing_mode: str = 'pack',
           **(extra_info or {})}
   return _LMSource(
       train, eval_rows, shuffle=shuffle, worker_count=worker_count, info=info,
+      prefetch=prefetch,
       name=(f'{name} ({len(train_docs)} train / {len(eval_docs)} held-out'
             f' documents, {packing_mode} length={length}, tokenizer'
             f' {tok.name}, packing efficiency {train.efficiency:.2%})'))
@@ -260,15 +264,21 @@ def array_record(paths: str | Sequence[str], tokenizer: str | None = None,
                  mask_prompt: bool = True, eval_paths=None,
                  holdout_fraction: float = 0.05, packing: str = 'pack',  # pylint: disable=redefined-outer-name
                  shuffle: bool = True, worker_count: int = 0,
-                 max_eval_examples: int | None = 2048
+                 max_eval_examples: int | None = 2048,
+                 cache_dir: str | None = None
                  ) -> grain_source.GrainSource:
   """Language-model rows from ArrayRecord data: a folder written by
   ``gintrain data prepare`` (its manifest; ``tokenizer``, when given, must
   be the one it was made with), or files of UTF-8 text records
-  (``text=True``). Other arguments as :func:`jsonl`."""
+  (``text=True``). A prepared folder on an object store is staged into
+  ``cache_dir`` (default ``~/.cache/gintrain/data``), each shard checked
+  against the manifest's SHA-256 (:mod:`runner.data.staging`). Other
+  arguments as :func:`jsonl`."""
   def make(paths_):
-    return sources.ArrayRecordDocs(paths_, tokenizer, text)
-  if isinstance(paths, str) and os.path.isdir(os.path.expanduser(paths)):
+    return sources.ArrayRecordDocs(paths_, tokenizer, text, cache_dir)
+  if isinstance(paths, str) and (
+      os.path.isdir(os.path.expanduser(paths)) or
+      staging.is_remote_folder(paths)):
     docs = make(paths)
     if eval_paths:
       held = make(eval_paths)

@@ -48,10 +48,13 @@ import numpy as np
 
 from gintrain.runner.data import base
 
-__all__ = ['GrainSource', 'collate']
+__all__ = ['GrainSource', 'collate', 'PREFETCH_BATCHES', 'READ_THREADS']
 
 # Global batches a run can take: the index space of the batch dataset.
 _MAX_BATCHES = 2 ** 40
+# Read-ahead of a GrainSource (in batches) and its reading threads.
+PREFETCH_BATCHES = 16
+READ_THREADS = 4
 
 
 def collate(examples: Sequence[dict]) -> dict:
@@ -80,19 +83,28 @@ class GrainSource(base.DataSource):
     train: random-access train examples (dicts of arrays).
     eval: random-access eval examples, or None.
     shuffle: shuffle the train examples (reshuffled every epoch).
-    worker_count: grain worker processes reading ahead (0: read in this
-      process, on demand).
+    worker_count: grain worker processes reading ahead (0: threads of
+      this process read ahead).
     info: what tasks check the model against.
     name: for logs.
+    prefetch: batches read ahead in this process (each by one of at most
+      ``READ_THREADS`` threads); grain's default, 500 elements of 1-10 KiB,
+      would be 500 whole batches here (gigabytes for a large LM batch).
   """
 
   def __init__(self, train: Any, eval: Any = None, shuffle: bool = True,  # pylint: disable=redefined-builtin
                worker_count: int = 0, info: dict | None = None,
-               name: str = 'grain'):
+               name: str = 'grain', prefetch: int | None = None):
     if len(train) < 1:
       raise ValueError(f'{name}: the train split is empty.')
+    prefetch = PREFETCH_BATCHES if prefetch is None else prefetch
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or (
+        prefetch < 1):
+      raise ValueError(f'{name}: prefetch must be an integer >= 1, got'
+                       f' {prefetch!r}.')
     self._train, self._eval = train, eval
     self.shuffle, self.worker_count = shuffle, worker_count
+    self.prefetch = prefetch
     self._info, self._name = dict(info or {}), name
     self._dataset = None
     self._iterator = None
@@ -139,7 +151,9 @@ class GrainSource(base.DataSource):
 
   def _iter(self):
     if self._iterator is None:
-      dataset = self._dataset[self._start:].to_iter_dataset()
+      dataset = self._dataset[self._start:].to_iter_dataset(
+          grain.ReadOptions(num_threads=min(READ_THREADS, self.prefetch),
+                            prefetch_buffer_size=self.prefetch))
       if self.worker_count:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=self.worker_count))

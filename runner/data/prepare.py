@@ -9,7 +9,8 @@ Worker processes tokenize the shards; each shard is written as::
 
     shard-00003.array_record             records: uint32 [prompt_length, *tokens]
     shard-00003.array_record.lengths.npy tokens per document
-    shard-00003.json                     its counts (written last: done)
+    shard-00003.json                     its counts and the SHA-256 of the
+                                         two files above (written last: done)
 
 under temporary names, renamed when complete. A rerun of the same command
 (after a kill, say) keeps the finished shards and does the rest; the output
@@ -17,7 +18,8 @@ is byte for byte what an uninterrupted run writes (nothing depends on time
 or worker count). ``manifest.json`` comes last: documents, tokens, the
 tokenizer (path, hash, vocabulary size), and every shard with its source
 files and their sizes. Training on the folder (``data.array_record``)
-refuses a tokenizer whose hash differs from the manifest's.
+refuses a tokenizer whose hash differs from the manifest's. ``--out`` may
+be an object-store URL (``s3://...``): see :mod:`runner.data.staging`.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +35,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from gintrain.runner.data import packing
+from gintrain.lib import storage
 from gintrain.runner.data import sources
+from gintrain.runner.data import staging
 from gintrain.runner.data import tokenizer as tokenizer_lib
 from gintrain.runner.errors import RunnerError
 
@@ -153,6 +158,9 @@ def _work(args):
     return i, stats, lengths
   with open(base + '.array_record.lengths.npy.tmp', 'wb') as f:
     np.save(f, lengths)
+  stats['sha256'] = staging.sha256_of(base + '.array_record.tmp')
+  stats['lengths_sha256'] = staging.sha256_of(
+      base + '.array_record.lengths.npy.tmp')
   os.replace(base + '.array_record.tmp', base + '.array_record')
   os.replace(base + '.array_record.lengths.npy.tmp',
              base + '.array_record.lengths.npy')
@@ -213,15 +221,42 @@ class _Progress:
 
 def prepare(options: Options) -> dict:
   """Runs the preparation (see the module doc); returns the manifest
-  (``--dry_run``: the counts, nothing written).
+  (``--dry_run``: the counts, nothing written). An object-store ``out``
+  (``s3://...``) is written through a local staging folder
+  (:mod:`runner.data.staging`), uploaded with the manifest last.
 
   Raises:
     RunnerError: bad inputs, a bad tokenizer, or an output folder holding
       another preparation.
   """
-  tok = tokenizer_lib.load(options.tokenizer)
   if not isinstance(options.workers, int) or options.workers < 1:
     raise RunnerError(f'--workers must be >= 1, got {options.workers!r}.')
+  if (options.dry_run or not options.out or
+      storage.local_file(options.out) is not None):
+    return _prepare(options, *_plan_value(options))
+  url = options.out.rstrip('/')
+  tok, shards, plan_value = _plan_value(options)
+  there = staging.remote_manifest(url)
+  if there is not None:
+    if _same_plan(there, plan_value):
+      return there  # already prepared and uploaded
+    raise RunnerError(f'{url} holds another preparation (its'
+                      f' {sources.MANIFEST} lists other inputs, sizes or'
+                      ' tokenizer); give a new --out.')
+  local = staging.stage_dir_for(url, kind='prepare')
+  # the staging folder is a cache: one of another preparation is replaced
+  previous = _read_done(os.path.join(local, PLAN_FILE))
+  if previous is not None and previous != plan_value:
+    shutil.rmtree(local, ignore_errors=True)
+  manifest = _prepare(dataclasses.replace(options, out=local), tok, shards,
+                      plan_value)
+  staging.upload_prepared(local, url, manifest)
+  return manifest
+
+
+def _plan_value(options):
+  """(tokenizer, shards, the plan.json value) of ``options``."""
+  tok = tokenizer_lib.load(options.tokenizer)
   shards = plan(options)
   tok_info = {'hash': tok.hash, 'vocab_size': tok.vocab_size,
               'path': None if tok.hash == 'byte' else os.path.abspath(
@@ -231,6 +266,23 @@ def prepare(options: Options) -> dict:
                 'on_bad_line': options.on_bad_line,
                 'shards': [[{'path': p, 'size': s} for p, s, _ in shard]
                            for shard in shards]}
+  return tok, shards, plan_value
+
+
+def _same_plan(manifest, plan_value) -> bool:
+  """Whether ``manifest`` was written for ``plan_value``."""
+  if not isinstance(manifest, dict) or not isinstance(
+      manifest.get('shards'), list):
+    return False
+  keys = ('format', 'tokenizer', 'field', 'prompt_field')
+  return ({k: manifest.get(k) for k in keys} ==
+          {k: plan_value[k] for k in keys} and
+          [s.get('sources') for s in manifest['shards']] ==
+          plan_value['shards'])
+
+
+def _prepare(options: Options, tok, shards, plan_value) -> dict:
+  del tok  # each worker loads its own
   todo, done = list(range(len(shards))), {}
   if not options.dry_run:
     os.makedirs(options.out, exist_ok=True)
@@ -267,7 +319,7 @@ def prepare(options: Options) -> dict:
       progress.update(sizes[i], stats)
   progress.close()
   stats = [done[i] for i in range(len(shards))]
-  manifest = {'format': FORMAT, 'tokenizer': tok_info,
+  manifest = {'format': FORMAT, 'tokenizer': plan_value['tokenizer'],
               'field': options.field, 'prompt_field': options.prompt_field,
               'documents': sum(s['documents'] for s in stats),
               'tokens': sum(s['tokens'] for s in stats),

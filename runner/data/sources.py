@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gintrain.lib import storage
+from gintrain.runner.data import staging
 from gintrain.runner.data import tokenizer as tokenizer_lib
 from gintrain.runner.errors import RunnerError
 
@@ -462,12 +463,17 @@ class ArrayRecordDocs(Documents):
       (by hash) is refused. None: take the manifest's (prepared data).
     text: the records are UTF-8 text (tokenized when read), not prepared
       token records.
+    cache_dir: where a prepared folder on an object store is staged
+      (:mod:`runner.data.staging`; default ``~/.cache/gintrain/data``).
   """
 
-  def __init__(self, paths, tokenizer=None, text: bool = False):
+  def __init__(self, paths, tokenizer=None, text: bool = False,
+               cache_dir: str | None = None):
     from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
     if isinstance(paths, str):
       paths = [paths]
+    if len(paths) == 1 and staging.is_remote_folder(paths[0]):
+      paths = [staging.stage_prepared(paths[0], cache_dir)]
     paths = [local_copy(p, 'array_record') if storage.local_file(p) is None
              else os.path.abspath(os.path.expanduser(storage.local_file(p)))
              for p in paths]
