@@ -31,3 +31,33 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
     report.sections = [(title, _tail(content, _TAIL_LINES))
                        for title, content in report.sections]
 
+
+
+# pytest-xdist (.ci/run: `-n 3 --dist loadfile`) hands whole files to its
+# workers from a queue. By default it orders that queue by the number of
+# tests in a file, so the one-test files (the SIGKILL soak, the S3 crash
+# test, the SLURM sweep: minutes each) were handed out last and a worker ran
+# them alone at the end while the others idled. Here the queue keeps the
+# collection order (`--no-loadscope-reorder`, set below so that a plain
+# `pytest -n 3 --dist loadfile` does the same), and the collection starts
+# with the longest files (measured, longest first), so short files fill in
+# at the end. The rest keep pytest's order.
+_LONGEST_FIRST = (
+    'test_sharding.py', 'test_readme.py', 'test_reliability_kills.py',
+    'test_sweep.py', 'test_sharded_integrity.py', 'test_multihost.py',
+    'test_reliability_round3.py', 'test_object_store_runner.py',
+    'test_sweep_optuna.py', 'test_sweep_slurm.py',
+    'test_object_store_crash.py', 'test_checkpoint_hardening.py',
+    'test_checkpoint_multiprocess.py', 'test_sharded_format.py',
+    'test_reliability_signals.py',
+    'test_llama.py', 'test_hf.py', 'test_docs.py', 'test_install.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist >= 3.6
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
