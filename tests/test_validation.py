@@ -144,19 +144,16 @@ def test_regex_lists():
 
 
 def test_converted_bindings_fail_with_one_line(capsys):
-  """Through the command line, before any JAX work: the binding named."""
-  code = train.main_with_flags(['gintrain', '--workdir=/nonexistent/w',
-                                '--gin.checkpoint_policy.keep=-1'])
-  err = capsys.readouterr().err
-  assert code == 1
-  assert [l for l in err.splitlines() if l.startswith('gintrain:')] == [
-      'gintrain: error: checkpoint_policy.keep must be an integer >= 0, got'
-      ' -1.']
-  # An unqualified name raised inside a configurable gets its name added.
-  code = train.main_with_flags(['gintrain', '--workdir=/nonexistent/w',
-                                '--gin.digits.test_fraction=1.5'])
-  err = capsys.readouterr().err
-  assert code == 1
-  assert [l for l in err.splitlines() if l.startswith('gintrain:')] == [
-      'gintrain: error: test_fraction must be a number in (0, 1), got 1.5.'
-      " (in gin configurable 'digits')"]
+  """Through the command line, before any JAX work: the binding named; an
+  unqualified name raised inside a configurable gets its name added."""
+  for binding, line in (
+      ('checkpoint_policy.keep=-1', 'checkpoint_policy.keep must be an'
+       ' integer >= 0, got -1.'),
+      ('digits.test_fraction=1.5', 'test_fraction must be a number in'
+       " (0, 1), got 1.5. (in gin configurable 'digits')")):
+    code = train.main_with_flags(['gintrain', '--workdir=/nonexistent/w',
+                                  f'--gin.{binding}'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [l for l in err.splitlines() if l.startswith('gintrain:')] == [
+        f'gintrain: error: {line}']
