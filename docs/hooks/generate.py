@@ -165,6 +165,38 @@ def _message_template(node) -> str:
   return '{' + ast.unparse(node) + '}'
 
 
+# ``runner.validation`` checks: what each says a value must be.
+_CHECKS = {'check_int': 'an integer {in its range}',
+           'check_positive_int': 'a positive integer',
+           'check_number': 'a number {in its range}',
+           'check_fraction': 'a number in (0, 1)',
+           'check_choice': '{one of its choices}',
+           'check_bool': 'True or False', 'check_callable': '{callable}',
+           'check_callables': '{a list of callables}',
+           'check_name': '{a non-empty name}'}
+
+
+def _error_message(node) -> str | None:
+  """The message template of a ``RunnerError(...)`` call or of a
+  ``validation`` check (``validation.check_int('train.seed', ...)``)."""
+  if not (isinstance(node, ast.Call) and node.args):
+    return None
+  name = getattr(node.func, 'id', getattr(node.func, 'attr', ''))
+  if name == 'RunnerError':
+    return _message_template(node.args[0])
+  if getattr(getattr(node.func, 'value', None), 'id', '') != 'validation':
+    return None
+  what = _message_template(node.args[0])
+  if name == 'fail' and len(node.args) >= 2:
+    return (f'{what} must be {_message_template(node.args[1])}, got'
+            ' {value}.')
+  if name in ('check_regex', 'check_regex_list'):
+    return f'{what}: {{pattern}} is not a regular expression ({{why}}).'
+  if name in _CHECKS:
+    return f'{what} must be {_CHECKS[name]}, got {{value}}.'
+  return None
+
+
 def _comment_above(source_lines, lineno) -> str:
   """The ``#`` comment lines right above line ``lineno`` (1-based)."""
   out = []
@@ -197,13 +229,11 @@ def _error_sites():
             continue
           doc = (ast.get_docstring(func) or '').split('\n\n')[0]
           for node in ast.walk(func):
-            if not (isinstance(node, ast.Call) and node.args and
-                    getattr(node.func, 'id', getattr(node.func, 'attr', ''))
-                    == 'RunnerError'):
+            message = _error_message(node)
+            if message is None:
               continue
             why = _comment_above(lines, node.lineno) or ' '.join(doc.split())
-            sites.append((module, func.name,
-                          _message_template(node.args[0]), why))
+            sites.append((module, func.name, message, why))
   return sorted(set(sites))
 
 
