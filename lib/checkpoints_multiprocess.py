@@ -209,8 +209,8 @@ def save_checkpoint_multiprocess(
     array_format: the layout of ``<checkpoint>_gda`` (not a flax argument):
       ``'zarr'`` (flax's: a zarr array per array, a chunk file per slice;
       flax restores it) or ``'packed'`` (``lib.packed_arrays``: two files per
-      process, restores read straight into the device buffers; local paths,
-      object stores get zarr). None: ``multiprocess_arrays.DEFAULT_FORMAT``
+      process, restores read straight into the device buffers; on object
+      stores two objects a process). None: ``multiprocess_arrays.DEFAULT_FORMAT``
       ('zarr'). Both carry integrity hashes and both restore with
       ``restore_checkpoint``.
     host_memory_budget: packed layout only: the most bytes of host memory

@@ -82,7 +82,7 @@ INTEGRITY_DIR = '.gintrain_integrity'
 INTEGRITY_VERSION = 1
 # Layouts of ``<path>_gda``: 'zarr' is flax's (one tensorstore zarr array
 # per array, chunk files per slice; flax reads it), 'packed' is
-# lib.packed_arrays (two files per process, local paths only).
+# lib.packed_arrays (two files per process; objects on object stores).
 FORMATS = ('zarr', 'packed')
 DEFAULT_FORMAT = 'zarr'
 # Bytes of slices read at once when checking hashes.
@@ -293,7 +293,7 @@ def load_manifests(directory: str) -> tuple[dict | None, int]:
     gintrain.lib.errors.CheckpointReadError: a process's manifest is
       missing, unreadable or inconsistent.
   """
-  if not is_remote_path(directory) and packed_arrays.is_packed(directory):
+  if packed_arrays.is_packed(directory):
     return packed_arrays.load_index(directory)
   first = _read_manifest_bytes(directory, 0)
   if first is None:
@@ -507,7 +507,7 @@ def verify_arrays(ckpt_path: str, state_dict: Any, step=None) -> None:
 
 def resolve_format(array_format: str | None, path: str) -> str:
   """The layout a save of checkpoint ``path`` writes: ``array_format`` (None:
-  :data:`DEFAULT_FORMAT`); 'packed' becomes 'zarr' on object stores.
+  :data:`DEFAULT_FORMAT`), on local paths and object stores alike.
 
   Raises:
     ValueError: an unknown format.
@@ -516,8 +516,7 @@ def resolve_format(array_format: str | None, path: str) -> str:
   if array_format not in FORMATS:
     raise ValueError(f'array_format={array_format!r}: expected one of'
                      f' {", ".join(FORMATS)}.')
-  if array_format == 'packed' and is_remote_path(path):
-    return 'zarr'
+  del path  # both layouts work locally and on object stores
   return array_format
 
 

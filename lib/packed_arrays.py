@@ -17,14 +17,18 @@ after the data and is the integrity record: a restore reads each slice it
 needs with ``os.preadv`` straight into the buffer handed to the device (one
 copy from the page cache, no decoding) and checks its hash; a slice stored
 with other bounds than the one wanted (another mesh or process count) is
-read whole, checked, and its overlap copied. Local and POSIX paths only;
-the commit (a directory rename) is ``lib.multiprocess_arrays``'s.
+read whole, checked, and its overlap copied. On an object store
+(``s3://``, ``gs://``, through ``lib.storage``) the two files are two
+objects (multipart uploads that appear whole or not at all) and reads are
+ranged GETs. The commit (a directory rename locally, a commit marker
+written last on stores) is ``lib.multiprocess_arrays``'s.
 
   >>> _aligned(1), _aligned(4096), _aligned(4097)
   (4096, 4096, 8192)
 """
 
 import concurrent.futures
+import functools
 import json
 import os
 import threading
@@ -146,10 +150,66 @@ def _host(data) -> np.ndarray:
   return np.ascontiguousarray(data)
 
 
+class _FileSink:
+  """A local data file, created exclusively, written at offsets."""
+
+  def __init__(self, path: str):
+    self.path, self.pos = path, 0
+    self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+  def write_at(self, start: int, view) -> None:
+    if start != self.pos:
+      os.lseek(self.fd, start, os.SEEK_SET)
+    _write_all(self.fd, view)
+    self.pos = start + len(view)
+
+  def commit(self) -> None:
+    try:
+      os.fsync(self.fd)
+    finally:
+      os.close(self.fd)
+      self.fd = None
+
+  def abort(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+    try:
+      os.unlink(self.path)
+    except OSError:
+      pass
+
+
+class _StoreSink:
+  """An object on a store (``lib.storage.Upload``), written in order (the
+  alignment gaps as zeros); it appears only when committed."""
+
+  def __init__(self, url: str):
+    from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+    self.upload, self.pos = storage.Upload(url), 0
+
+  def write_at(self, start: int, view) -> None:
+    if start > self.pos:
+      self.upload.write(bytes(start - self.pos))
+    self.upload.write(view)
+    self.pos = start + len(view)
+
+  def commit(self) -> None:
+    self.upload.commit()
+
+  def abort(self) -> None:
+    self.upload.abort()
+
+
+def _is_url(path: str) -> bool:
+  from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+  return storage.local_file(path) is None
+
+
 def write_process_files(directory: str, snap: list, process: int,
                         process_count: int) -> int:
   """Writes this process's data file and index into
-  ``<directory>/packed/`` (data first, each fsynced). Returns the bytes
+  ``<directory>/packed/`` (data first, each fsynced; on an object store,
+  two objects, the index uploaded after the data). Returns the bytes
   written.
 
   One pass over the slices: each is brought to the host (device arrays of
@@ -160,7 +220,9 @@ def write_process_files(directory: str, snap: list, process: int,
   raised.
   """
   folder = os.path.join(directory, PACKED_DIR)
-  os.makedirs(folder, exist_ok=True)
+  remote = _is_url(folder)
+  if not remote:
+    os.makedirs(folder, exist_ok=True)
   data_path = os.path.join(folder, f'process_{process}.bin')
   index_path = os.path.join(folder, f'process_{process}.json')
   index = {'version': VERSION, 'process': process,
@@ -170,54 +232,48 @@ def write_process_files(directory: str, snap: list, process: int,
   digests = [None] * len(flat)
   offsets = []
   offset = 0
-  created = []  # removed again on a failure
+  sink = (_StoreSink if remote else _FileSink)(data_path)
   try:
-    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    created.append(data_path)
-    try:
-      previous = None
-      for n, data in enumerate(flat):
-        if n + 1 < len(flat) and hasattr(flat[n + 1], 'copy_to_host_async'):
-          flat[n + 1].copy_to_host_async()
-        view = _bytes_view(_host(data))
-        future = pool.submit(_digest, view)
-        start = _aligned(offset)
-        if start != offset:
-          os.lseek(fd, start, os.SEEK_SET)
-        _write_all(fd, view)
-        offsets.append((start, int(view.size)))
-        offset = start + view.size
-        del view
-        if previous is not None:
-          digests[n - 1] = previous.result()
-        previous = future
+    previous = None
+    for n, data in enumerate(flat):
+      if n + 1 < len(flat) and hasattr(flat[n + 1], 'copy_to_host_async'):
+        flat[n + 1].copy_to_host_async()
+      view = _bytes_view(_host(data))
+      future = pool.submit(_digest, view)
+      start = _aligned(offset)
+      sink.write_at(start, view)
+      offsets.append((start, int(view.size)))
+      offset = start + view.size
+      del view
       if previous is not None:
-        digests[-1] = previous.result()
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-    n = 0
-    for subpath, shape, dtype, slices in snap:
-      chunks = []
-      for box, _ in slices:
-        start, nbytes = offsets[n]
-        chunks.append({'box': [list(b) for b in box], 'offset': start,
-                       'nbytes': nbytes, 'xxh3': digests[n]})
-        n += 1
-      index['arrays'][subpath] = {'shape': list(shape), 'dtype': dtype,
-                                  'chunks': chunks}
-    blob = json.dumps(index, sort_keys=True).encode()
-    fd = os.open(index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    created.append(index_path)
-    try:
-      _write_all(fd, blob)
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-  except OSError:
-    for path in created:
+        digests[n - 1] = previous.result()
+      previous = future
+    if previous is not None:
+      digests[-1] = previous.result()
+    sink.commit()
+  except BaseException:
+    sink.abort()
+    raise
+  n = 0
+  for subpath, shape, dtype, slices in snap:
+    chunks = []
+    for box, _ in slices:
+      start, nbytes = offsets[n]
+      chunks.append({'box': [list(b) for b in box], 'offset': start,
+                     'nbytes': nbytes, 'xxh3': digests[n]})
+      n += 1
+    index['arrays'][subpath] = {'shape': list(shape), 'dtype': dtype,
+                                'chunks': chunks}
+  blob = json.dumps(index, sort_keys=True).encode()
+  sink = (_StoreSink if remote else _FileSink)(index_path)
+  try:
+    sink.write_at(0, blob)
+    sink.commit()
+  except BaseException:
+    sink.abort()
+    if not remote:  # the data file goes too: a save without its index
       try:
-        os.unlink(path)
+        os.unlink(data_path)
       except OSError:
         pass
     raise
@@ -226,6 +282,9 @@ def write_process_files(directory: str, snap: list, process: int,
 
 def is_packed(directory: str) -> bool:
   """Whether the array directory ``directory`` has the packed layout."""
+  if _is_url(directory):
+    from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+    return storage.isdir(os.path.join(directory, PACKED_DIR))
   return os.path.isdir(os.path.join(directory, PACKED_DIR))
 
 
@@ -245,8 +304,7 @@ def load_index(directory: str) -> tuple[dict, int]:
   while count is None or process < count:
     path = os.path.join(folder, f'process_{process}.json')
     try:
-      with open(path, 'rb') as f:
-        blob = f.read(64 << 20)
+      blob = _read_small(path)
     except FileNotFoundError:
       raise _corrupt(path, 'the index of process'
                      f' {process}{f" of {count}" if count else ""} is'
@@ -286,7 +344,7 @@ def load_index(directory: str) -> tuple[dict, int]:
       raise _corrupt(path, f'bad packed index ({e})') from None
     data_path = os.path.join(folder, f'process_{process}.bin')
     try:
-      size = os.path.getsize(data_path)
+      size = _size(data_path)
     except OSError:
       size = -1
     if size < end:
@@ -302,21 +360,47 @@ def load_index(directory: str) -> tuple[dict, int]:
   return merged, crc
 
 
+def _read_small(path: str) -> bytes:
+  """An index file's bytes (at most 64 MiB), local or on a store."""
+  if _is_url(path):
+    from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+    return storage.read_bytes(path, limit=64 << 20)
+  with open(path, 'rb') as f:
+    return f.read(64 << 20)
+
+
+def _size(path: str) -> int:
+  if _is_url(path):
+    from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+    return storage.size(path)
+  return os.path.getsize(path)
+
+
 class _Files:
-  """Open data files of one restore (opened once, closed at the end)."""
+  """Data files of one restore: local ones opened once (closed at the
+  end); on a store, ranged GETs of the objects."""
 
   def __init__(self, folder):
     self.folder = folder
     self.fds = {}
     self.lock = threading.Lock()
     self.futures = []  # every read submitted: waited for before closing
+    self.fs = None
+    if _is_url(folder):
+      from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
+      self.fs, self.fs_folder = storage.filesystem(folder)
 
   def fd(self, process):
+    """``read(view, offset, path)`` of the data file of ``process``."""
+    name = f'process_{process}.bin'
+    if self.fs is not None:
+      return functools.partial(_get_into, self.fs,
+                               f'{self.fs_folder.rstrip("/")}/{name}')
     with self.lock:
       if process not in self.fds:
-        self.fds[process] = os.open(
-            os.path.join(self.folder, f'process_{process}.bin'), os.O_RDONLY)
-      return self.fds[process]
+        self.fds[process] = os.open(os.path.join(self.folder, name),
+                                    os.O_RDONLY)
+      return functools.partial(_pread_into, self.fds[process])
 
   def close(self):
     concurrent.futures.wait(self.futures)
@@ -333,14 +417,22 @@ def _pread_into(fd: int, view: np.ndarray, offset: int, path: str) -> None:
     mv, offset = mv[n:], offset + n
 
 
+def _get_into(fs, fs_path: str, view: np.ndarray, offset: int,
+              path: str) -> None:
+  """One ranged GET of an object into ``view`` (a copy from the response)."""
+  data = fs.cat_file(fs_path, start=offset, end=offset + len(view))
+  if len(data) != len(view):
+    raise _corrupt(path, f'its data object ended early at offset {offset}')
+  view[:] = np.frombuffer(data, np.uint8)
+
+
 def _read_slice(pool, files, where, dest: np.ndarray, path: str) -> list:
   """Futures reading the stored slice at ``where`` into ``dest`` (a
   C-contiguous array of its shape), in pieces."""
   process, offset, nbytes = where
-  fd = files.fd(process)
+  read = files.fd(process)
   view = _bytes_view(dest)
-  futures = [pool.submit(_pread_into, fd, view[lo:lo + _PIECE_BYTES],
-                         offset + lo, path)
+  futures = [pool.submit(read, view[lo:lo + _PIECE_BYTES], offset + lo, path)
              for lo in range(0, nbytes, _PIECE_BYTES)]
   files.futures += futures
   return futures or [None]

@@ -199,7 +199,7 @@ def test_a_slice_missing_from_the_index_never_reads_as_fill(saved):
 def test_bad_format_name_and_object_stores():
   with pytest.raises(ValueError, match="array_format='npz'"):
     mpa.resolve_format('npz', '/x/checkpoint_1')
-  assert mpa.resolve_format('packed', 's3://b/checkpoint_1') == 'zarr'
+  assert mpa.resolve_format('packed', 's3://b/checkpoint_1') == 'packed'
   assert mpa.resolve_format(None, '/x/checkpoint_1') == mpa.DEFAULT_FORMAT
 
 

@@ -449,7 +449,7 @@ def test_fsdp_on_s3_saves_gda_there_and_resumes_from_it(
   assert launch.wait() == 0, launch.describe()
   gda = f'{url}/checkpoints/checkpoint_20_gda'
   assert storage.exists(f'{gda}/commit_success.txt')  # written last
-  assert storage.isdir(f'{gda}/state/params/Embed_0/embedding')
+  assert storage.isfile(f'{gda}/packed/process_1.bin')  # the packed layout
   _, launch = _launch(cache, tmp_path, 'second', gin_file, f'--workdir={url}')
   assert launch.wait() == 0, launch.describe()
   assert 'checkpoint_20 (step 20)' in launch.log(0)  # resumed from S3
