@@ -106,3 +106,19 @@ def test_eval_batch_size_is_checked_before_any_work(tmp_path, capsys):
                  ' integer, got -3. (in gin configurable \'train\')'] or (
                      len(err) == 1 and 'train.eval_batch_size' in err[0]), err
   assert not os.path.exists(workdir / 'config.parsed.gin')
+
+
+def test_write_samples_checks_its_arguments_and_num_zero_writes_nothing():
+  from gintrain.runner import validation
+  from gintrain.runner.actions import samples
+  with pytest.raises(validation.ArgumentError, match='write_samples.num'):
+    samples.WriteSamples(num=-1)
+  with pytest.raises(validation.ArgumentError,
+                     match='write_samples.temperature'):
+    samples.WriteSamples(temperature=-0.5)
+  with pytest.raises(validation.ArgumentError,
+                     match='write_samples.prompt_length'):
+    samples.WriteSamples(prompt_length=0)
+  assert not samples.WriteSamples(num=0).due(10, last=True)
+  assert samples.WriteSamples(num=1).due(10, last=True)
+  assert not samples.WriteSamples(num=1).due(10, last=False)

@@ -7,6 +7,7 @@ from absl import logging
 
 from gintrain.lib import storage
 from gintrain.runner.actions import base
+from gintrain.runner import validation
 from gintrain.runner.parallel import watchdog
 
 __all__ = ['WriteSamples', 'SAMPLES_FILE', 'sample']
@@ -53,7 +54,7 @@ class WriteSamples(base.Action):
   watchdog (``runner.parallel.watchdog.touch``).
 
   Args:
-    num: how many samples.
+    num: how many samples (0: none, no file).
     prompt_length: bytes of held-out text given as the prompt.
     temperature: sampling temperature (0: greedy).
     seed: the sampling seed.
@@ -63,15 +64,19 @@ class WriteSamples(base.Action):
 
   def __init__(self, num: int = 4, prompt_length: int = 48,
                temperature: float = 0.7, seed: int = 0):
-    self.num, self.prompt_length = num, prompt_length
-    self.temperature, self.seed = temperature, seed
+    self.num = validation.check_int('write_samples.num', num, 0)
+    self.prompt_length = validation.check_int(
+        'write_samples.prompt_length', prompt_length, 1)
+    self.temperature = validation.check_number(
+        'write_samples.temperature', temperature, 0)
+    self.seed = validation.check_int('write_samples.seed', seed)
     self.run = self.workdir = None
 
   def bind(self, run, workdir):
     self.run, self.workdir = run, workdir
 
   def due(self, step, last):
-    return last  # on every process: see the class doc
+    return last and self.num > 0  # on every process: see the class doc
 
   def __call__(self, step, state, metrics):
     run = self.run
