@@ -75,13 +75,14 @@ def stage_dir_for(url: str, cache_dir: str | None = None,
 
 
 def is_remote_folder(path) -> bool:
-  """Whether ``path`` is an object-store URL holding a ``manifest.json``."""
+  """Whether ``path`` is an object-store URL (not a pattern) holding a
+  ``manifest.json``."""
   if not isinstance(path, str) or storage.local_file(path) is not None:
     return False
-  try:
-    return storage.isfile(storage.join(path, MANIFEST))
-  except (OSError, ValueError):
-    return False
+  if any(c in path for c in '*?['):
+    return False  # a pattern of files
+  return storage.isfile(storage.join(path, MANIFEST))  # a store's failure
+  # is its own one-line error
 
 
 def _verified(local: str, digest: str | None) -> bool:
