@@ -55,7 +55,7 @@ from gintrain.runner import train as runner_train
 # tokens), on the grain text source, without and with 2 grain worker
 # processes; 'Llama tiny' the preset gin/llama_tiny.gin as shipped (model,
 # optimizer with its schedule and clipping, 128-token grain batches of 16),
-# logging every 50 steps.
+# logging every 20 steps.
 LM_LENGTH = 64
 LLAMA_LENGTH = 128  # gin/datasets/text_files.gin
 CONFIGS = (
@@ -64,7 +64,7 @@ CONFIGS = (
     ('wide 512x512, batch 256', (512, 512), 256, 100, 30),
     ('LM, grain in-process', 'lm:0', 16, 20, 12),
     ('LM, 2 grain workers', 'lm:2', 16, 20, 12),
-    ('Llama tiny preset', 'llama:0', 16, 50, 12),
+    ('Llama tiny preset', 'llama:0', 16, 20, 12),
 )
 TOKENS = {'lm': LM_LENGTH, 'llama': LLAMA_LENGTH}
 LEARNING_RATE = 0.01
