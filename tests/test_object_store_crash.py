@@ -65,6 +65,13 @@ def test_sigkill_during_s3_saves_never_lists_a_bad_checkpoint(s3, tmp_path):  # 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=tmp_path, text=True)
     assert proc.stdout.readline().strip() == 'ready', proc.stderr.read()
+    if rng.random() < 0.5:
+      # Half the kills after this launch finished a save, so the run goes
+      # forward however long a save takes (on a loaded machine none
+      # finished within 1.5 s of the start); the next save is then under
+      # way. The other half anywhere from the start (its first save).
+      line = proc.stdout.readline()
+      assert line.startswith('saved'), (line, proc.stderr.read())
     time.sleep(rng.uniform(0.0, 1.5))
     proc.kill()
     proc.wait(30)
