@@ -43,14 +43,18 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
 # with the longest files (measured, longest first), so short files fill in
 # at the end. The rest keep pytest's order.
 _LONGEST_FIRST = (
-    'test_sharding.py', 'test_readme.py', 'test_reliability_kills.py',
-    'test_sweep.py', 'test_sharded_integrity.py', 'test_multihost.py',
-    'test_reliability_round3.py', 'test_object_store_runner.py',
-    'test_sweep_optuna.py', 'test_sweep_slurm.py',
-    'test_object_store_crash.py', 'test_checkpoint_hardening.py',
-    'test_checkpoint_multiprocess.py', 'test_sharded_format.py',
-    'test_reliability_signals.py',
+    'test_sharding.py', 'test_sweep.py', 'test_reliability_kills.py',
+    'test_sharded_integrity.py', 'test_multihost.py',
+    'test_reliability_round3.py', 'test_readme.py',
+    'test_object_store_runner.py', 'test_sweep_optuna.py',
+    'test_sweep_slurm.py', 'test_object_store_crash.py',
+    'test_checkpoint_hardening.py', 'test_checkpoint_multiprocess.py',
+    'test_sharded_format.py', 'test_reliability_signals.py',
     'test_llama.py', 'test_hf.py', 'test_docs.py', 'test_install.py')
+# Files whose tests share no module fixture and take long together (the
+# README/guide examples: one training run after another): with loadfile,
+# each of their tests is a unit of its own, so several workers share them.
+_ONE_UNIT_PER_TEST = ('test_readme.py',)
 
 
 def pytest_configure(config):
@@ -61,3 +65,19 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue('dist') != 'loadfile':
+    return None
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=g-import-not-at-top
+
+  class Scheduling(LoadFileScheduling):
+
+    def _split_scope(self, nodeid):
+      if nodeid.split('::', 1)[0].endswith(_ONE_UNIT_PER_TEST):
+        return nodeid
+      return super()._split_scope(nodeid)
+
+  return Scheduling(config, log)
