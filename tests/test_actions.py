@@ -75,6 +75,32 @@ def test_user_action_can_stop_the_run(tmp_path, monkeypatch):
   assert [r['step'] for r in rows if r['split'] == 'eval'] == [4, 5]
 
 
+def test_records_only_actions_run_after_steps_with_records(tmp_path,
+                                                          monkeypatch):
+  module = tmp_path / 'seer.py'
+  module.write_text(
+      'import gin\n'
+      'from gintrain.runner.actions import base\n'
+      'SEEN = {}\n'
+      '@gin.configurable\n'
+      'class Seer(base.Action):\n'
+      '  def __call__(self, step, state, metrics):\n'
+      '    SEEN.setdefault(self.records_only, []).append(\n'
+      '        (step, sorted(metrics)))\n'
+      '@gin.configurable\n'
+      'class RecordsSeer(Seer):\n'
+      '  records_only = True\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  # log_every=4 and eval every 6: records after steps 4, 6 (eval), 8, 12.
+  assert run(tmp_path / 'run', '--gin_bindings=import seer',
+             '--gin.train.eval_every=6',
+             '--gin.train.actions=[@seer.Seer(), @seer.RecordsSeer()]') == 0
+  import seer  # pylint: disable=import-outside-toplevel
+  assert [s for s, _ in seer.SEEN[False]] == list(range(1, 13))
+  assert seer.SEEN[True] == [(4, ['train']), (6, ['eval']),
+                             (8, ['train']), (12, ['eval', 'train'])]
+
+
 def test_profiler_trace_of_a_step_range(tmp_path):
   workdir = tmp_path / 'run'
   assert run(workdir, '--gin.train.profile_steps=(3, 5)') == 0

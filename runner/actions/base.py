@@ -3,6 +3,8 @@
 After every step the loop calls each action that is due, in order::
 
     for action in actions:
+      if action.records_only and not metrics:
+        continue  # nothing recorded at this step for it to read
       if action.due(step, last):
         stop = action(step, state, metrics) or stop
 
@@ -32,7 +34,7 @@ that ``metrics``: ``metrics['eval']`` (the last evaluation),
 
 Each built-in action has a ``name`` (``'eval'``, ``'checkpoint'``, ...);
 ``train.replace_actions = {'eval': @my_module.MyEval}`` replaces it with
-``MyEval(built_in)`` (see ``runner.actions.defaults``).
+``MyEval(built_in)`` (see ``runner.training.action_list``).
 
 An action that must survive a restart also has ``checkpoint_key`` (a
 string), ``get_state()`` and ``set_state(state)``: its state is saved in
@@ -67,6 +69,9 @@ class Action(abc.ABC):
 
   name: str | None = None  # built-ins: what train.replace_actions calls it
   end_first = False  # ended before the others (see the module doc)
+  # True: only reads this step's records; the loop skips it (without
+  # calling ``due``) after a step whose ``metrics`` is still empty.
+  records_only = False
 
   def due(self, step: int, last: bool) -> bool:
     """Whether to run after ``step``; every step by default."""

@@ -19,6 +19,7 @@ class EarlyStop(base.Action):
   """
   checkpoint_key = 'early_stopping'
   name = 'early_stopping'
+  records_only = True
 
   def __init__(self, stopper, log: bool = True):
     self.stopper, self.log = stopper, log

@@ -31,6 +31,7 @@ class CheckFinite(base.Action):
   """
 
   name = 'finite_check'
+  records_only = True
   end_first = True  # a diverged final state is not saved
 
   def __init__(self, checkpointer):

@@ -38,6 +38,7 @@ class KeepBest(base.Action):
     self.restored = False
 
   name = 'keep_best'
+  records_only = True
 
   def due(self, step, last):
     return True

@@ -46,6 +46,7 @@ class ReportTrain(base.Action):
   """
 
   name = 'report'
+  records_only = True
 
   def __init__(self, writer, total: int, log: bool = True, delay: int = 8):
     self.writer, self.total, self.log, self.delay = writer, total, log, delay

@@ -126,6 +126,7 @@ class SpikeGuard(base.Action):
 
   checkpoint_key = 'spike_guard'
   name = 'spike_guard'
+  records_only = True
   end_first = True  # a spiked final state is rolled back, not saved
 
   def __init__(self, policy: SpikeGuardPolicy, checkpointer,

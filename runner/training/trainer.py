@@ -236,6 +236,8 @@ class Trainer:
     actions that ran)``."""
     stop, ran = False, set()
     for action, part in zip(self.actions, self._parts):
+      if action.records_only and not metrics:
+        continue
       if action.due(step, False):
         ran.add(id(action))
         with goodput.CLOCK.span(part):
