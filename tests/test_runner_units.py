@@ -272,3 +272,18 @@ def test_jax_flags_are_applied(tmp_path, capsys):
     jax.config.update('jax_enable_x64', False)
   assert 'All %gin.REQUIRED bindings are set.' in capsys.readouterr().out
   assert not os.listdir(tmp_path)
+
+
+def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch when installed (a second per run); the
+  writer hides it unless the program imported torch itself."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  code = (
+      'import sys\n'
+      'from gintrain.runner.outputs import writers\n'
+      f'w = writers.TensorBoardWriter({str(tmp_path)!r})\n'
+      "w.write_scalars(1, {'loss': 1.0}, split='train'); w.close()\n"
+      "print('torch' in sys.modules, sys.modules.get('torch', 0) is None)\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert out == ['False', 'False']

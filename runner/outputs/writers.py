@@ -63,6 +63,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -443,6 +444,20 @@ _EXPERIMENT_TAG = '_hparams_/experiment'
 _SESSION_START_TAG = '_hparams_/session_start_info'
 
 
+def _import_tensorboardx() -> None:
+  """Imports tensorboardX without torch: its package ``__init__`` imports
+  torch when it is installed (over a second, for a ``torch.Tensor`` alias
+  this writer never uses). A program that imported torch itself keeps it."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    return
+  sys.modules['torch'] = None  # `import torch` raises ImportError
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    if sys.modules.get('torch', 0) is None:
+      del sys.modules['torch']
+
+
 class TensorBoardWriter(MetricWriter):
   """TensorBoard event files in ``<workdir>/tensorboard/`` (tensorboardX).
 
@@ -463,6 +478,7 @@ class TensorBoardWriter(MetricWriter):
   FLUSH_SECS = 60.0
 
   def __init__(self, workdir: str | os.PathLike):
+    _import_tensorboardx()
     # pylint: disable-next=g-import-not-at-top
     from tensorboardX.event_file_writer import EventsWriter
     self.workdir = storage.check(os.fspath(workdir))
