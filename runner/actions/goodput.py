@@ -28,14 +28,12 @@ class GoodputReport(base.Action):
 
   goodput_part = 'idle'
   name = 'goodput'
+  records_only = True  # the end call (Action.end) still sees the last step
 
   def __init__(self, writer, record: Callable[[], dict], main: bool = True):
     self.writer, self.record, self.main = writer, record, main
     self.step = None     # the last step seen
     self.written = None  # the last step written
-
-  def due(self, step, last):
-    return True
 
   def __call__(self, step, state, metrics):
     self.step = step
