@@ -48,6 +48,10 @@ RUNS = {
                          '--gin.llama.num_layers=1', '--gin.write_samples.num=1',
                          '--gin.llama.scan_layers=True',
                          "--gin.llama.remat='dots_saveable'"],
+    'models/lora.gin': ['llama_tiny.gin', 'models/lora.gin',
+                        '--gin.text_files.max_eval_examples=64',
+                        '--gin.llama.num_layers=1',
+                        '--gin.write_samples.num=1', '--gin.lora.rank=2'],
     'parallel/fsdp.gin': ['lm.gin', 'parallel/fsdp.gin'],
     'parallel/tensor_parallel.gin': [  # one device here: a 1x1 mesh
         'lm.gin', 'parallel/tensor_parallel.gin',

@@ -338,6 +338,9 @@ _ACTIVITIES = (
     (('runner', 'data'), 'reading the data'),
     (('lib',), 'writing or reading a checkpoint'),
 )
+# runner.outputs.workdir writes the run's files for the module that owns
+# each (the settings, the config files): that module names the activity.
+_WORKDIR_HELPERS = ('runner', 'outputs', 'workdir')
 # The call on the failing line -> the operation.
 _CALLS = (('os.replace', 'rename'), ('os.rename', 'rename'),
           ('makedirs', 'create the directory'), ('mkdir', 'create the directory'),
@@ -365,6 +368,8 @@ def _os_error_line(error: OSError) -> str:
       else:
         line = frame.line or ''
         operation = next((op for call, op in _CALLS if call in line), None)
+    if parts == _WORKDIR_HELPERS:
+      continue  # writes for its caller: the caller says what was written
     for fragment, what in _ACTIVITIES:
       if parts[:len(fragment)] == fragment:  # gintrain's own code only
         activity = what
@@ -388,8 +393,8 @@ def _activity(error: BaseException) -> str | None:
   for frame in reversed(traceback.extract_tb(error.__traceback__)):
     relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
     parts = tuple(os.path.splitext(relative)[0].split(os.sep))
-    if parts == ('lib', 'storage'):
-      continue  # the store's own layer: its caller says what was done
+    if parts in (('lib', 'storage'), _WORKDIR_HELPERS):
+      continue  # a layer writing for its caller: the caller says what
     for fragment, what in _ACTIVITIES:
       if parts[:len(fragment)] == fragment:
         return what
