@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gintrain.runner import validation
+
 __all__ = ['Lora', 'lora', 'merge_params']
 
 
@@ -137,16 +139,10 @@ def lora(model: Any, rank: int = 8, alpha: float = 16.0,
          targets: tuple | list = ('q_proj', 'v_proj')) -> Lora:
   """Adapters of ``rank`` on ``model``'s dense layers matching ``targets``
   (regular expressions on paths), scaled by ``alpha / rank``."""
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f'lora.rank must be an integer >= 1, got {rank!r}.')
+  validation.check_int('lora.rank', rank, 1)
   if isinstance(targets, str):
     targets = (targets,)
-  for t in targets:
-    try:
-      re.compile(t)
-    except re.error as e:
-      raise ValueError(f'lora.targets: {t!r} is not a regular expression'
-                       f' ({e}).') from None
+  validation.check_regex_list('lora.targets', targets)
   if not callable(getattr(model, 'apply', None)) and callable(model):
     model = model()
   return Lora(model, rank, float(alpha), tuple(targets))

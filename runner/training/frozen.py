@@ -28,7 +28,7 @@ LoRA (``runner.models.lora``) in gin::
     >>> check_patterns(['lora_', '('])
     Traceback (most recent call last):
     ...
-    gintrain.runner.errors.RunnerError: train.trainable: '(' is not a regular expression (missing ), unterminated subpattern at position 0).
+    gintrain.runner.validation.ArgumentError: train.trainable: '(' is not a regular expression (missing ), unterminated subpattern at position 0).
 """
 
 import re
@@ -41,6 +41,7 @@ import optax
 
 from gintrain.lib import serialization
 from gintrain.lib import struct
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.training import state as state_lib
 
@@ -53,21 +54,16 @@ def check_patterns(patterns) -> tuple[str, ...]:
   """``train.trainable`` as a tuple of compiled-checked expressions.
 
   Raises:
-    RunnerError: not a list of strings, or a bad regular expression.
+    ArgumentError: not a list of strings, or a bad regular expression.
   """
   if isinstance(patterns, str):
     patterns = (patterns,)
   if not isinstance(patterns, (list, tuple)) or not patterns or not all(
       isinstance(p, str) for p in patterns):
-    raise RunnerError('train.trainable must be a non-empty list of regular'
-                      ' expressions on parameter paths (e.g. [\'lora_\']),'
-                      f' got {patterns!r}.')
-  for p in patterns:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise RunnerError(f'train.trainable: {p!r} is not a regular'
-                        f' expression ({e}).') from None
+    validation.fail('train.trainable', 'a non-empty list of regular'
+                    " expressions on parameter paths (e.g. ['lora_'])",
+                    patterns)
+  validation.check_regex_list('train.trainable', patterns)
   return tuple(patterns)
 
 
