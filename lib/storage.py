@@ -329,7 +329,7 @@ def _call_once(url: str, fn, *args, **kwargs):
     raise error from e
 
 
-def _call(url: str, fn, *args, **kwargs):
+def call(url: str, fn, *args, **kwargs):
   """``fn(*args, **kwargs)`` (a store call about ``url``, safe to repeat):
   store failures raised as :class:`StoreError`, transient ones retried
   first."""
@@ -358,8 +358,6 @@ def _call(url: str, fn, *args, **kwargs):
         _FAILED_STORES.discard(_store_key(url))
     return out
 
-
-call = _call  # for modules calling a store's client themselves
 
 
 def _scheme(path) -> str | None:
@@ -465,7 +463,7 @@ def list_entries(path: str) -> dict[str, str]:
       return {}
   fs, fs_path = filesystem(path)
   try:
-    entries = _call(path, fs.ls, fs_path, detail=True)
+    entries = call(path, fs.ls, fs_path, detail=True)
   except FileNotFoundError:  # a missing bucket too: nothing there
     return {}
   out = {}
@@ -490,7 +488,7 @@ def exists(path: str, follow_symlinks: bool = True) -> bool:
   if local is not None:
     return (os.path.exists if follow_symlinks else os.path.lexists)(local)
   fs, fs_path = filesystem(path)
-  return bool(_call(path, fs.exists, fs_path))
+  return bool(call(path, fs.exists, fs_path))
 
 
 def isdir(path: str) -> bool:
@@ -498,7 +496,7 @@ def isdir(path: str) -> bool:
   if local is not None:
     return os.path.isdir(local)
   fs, fs_path = filesystem(path)
-  return bool(_call(path, fs.isdir, fs_path))
+  return bool(call(path, fs.isdir, fs_path))
 
 
 def isfile(path: str) -> bool:
@@ -506,7 +504,7 @@ def isfile(path: str) -> bool:
   if local is not None:
     return os.path.isfile(local)
   fs, fs_path = filesystem(path)
-  return bool(_call(path, fs.isfile, fs_path))
+  return bool(call(path, fs.isfile, fs_path))
 
 
 def size(path: str) -> int:
@@ -514,7 +512,7 @@ def size(path: str) -> int:
   if local is not None:
     return os.path.getsize(local)
   fs, fs_path = filesystem(path)
-  return int(_call(path, fs.size, fs_path))
+  return int(call(path, fs.size, fs_path))
 
 
 def info(path: str) -> dict:
@@ -539,9 +537,9 @@ def info(path: str) -> dict:
                  for root, _, names in os.walk(local) for name in names)
     return {'type': kind, 'size': size, 'mtime': st.st_mtime}
   fs, fs_path = filesystem(path)
-  entry = _call(path, fs.info, fs_path)
+  entry = call(path, fs.info, fs_path)
   kind = 'directory' if entry.get('type') == 'directory' else 'file'
-  size = int(_call(path, fs.du, fs_path) if kind == 'directory' else
+  size = int(call(path, fs.du, fs_path) if kind == 'directory' else
              entry.get('size') or 0)
   mtime = entry.get('LastModified') or entry.get('mtime') or entry.get(
       'updated') or entry.get('created')
@@ -559,7 +557,7 @@ def makedirs(path: str) -> None:
     os.makedirs(local, exist_ok=True)
     return
   fs, fs_path = filesystem(path)
-  _call(path, fs.makedirs, fs_path, exist_ok=True)
+  call(path, fs.makedirs, fs_path, exist_ok=True)
 
 
 def remove(path: str) -> None:
@@ -569,7 +567,7 @@ def remove(path: str) -> None:
     os.remove(local)
     return
   fs, fs_path = filesystem(path)
-  _call(path, fs.rm_file, fs_path)
+  call(path, fs.rm_file, fs_path)
 
 
 def rmtree(path: str) -> None:
@@ -584,7 +582,7 @@ def rmtree(path: str) -> None:
     return
   fs, fs_path = filesystem(path)
   try:
-    _call(path, fs.rm, fs_path, recursive=True)
+    call(path, fs.rm, fs_path, recursive=True)
   except FileNotFoundError:
     pass
 
@@ -597,8 +595,8 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
       return f.read() if limit is None else f.read(limit)
   fs, fs_path = filesystem(path)
   if limit is None:
-    return _call(path, fs.cat_file, fs_path)
-  return _call(path, fs.cat_file, fs_path, start=0, end=limit)
+    return call(path, fs.cat_file, fs_path)
+  return call(path, fs.cat_file, fs_path, start=0, end=limit)
 
 
 def read_text(path: str) -> str:
@@ -612,7 +610,7 @@ def open_read(path: str):
   if local is not None:
     return open(local, 'rb')  # pylint: disable=consider-using-with
   fs, fs_path = filesystem(path)
-  return _call(path, fs.open, fs_path, 'rb')
+  return call(path, fs.open, fs_path, 'rb')
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -620,7 +618,7 @@ def write_bytes(path: str, data: bytes) -> None:
   temporary file renamed into place; on S3/GCS one request)."""
   if _scheme(path) in _ATOMIC_UPLOAD:
     fs, fs_path = filesystem(path)
-    _call(path, fs.pipe_file, fs_path, bytes(data))
+    call(path, fs.pipe_file, fs_path, bytes(data))
     return
   with Upload(path) as up:
     up.write(data)
@@ -643,8 +641,8 @@ def move(src: str, dst: str) -> None:
     return
   fs, src_path = filesystem(src)
   _, dst_path = filesystem(dst)
-  recursive = _call(src, fs.isdir, src_path)
-  _call(dst, fs.mv, src_path, dst_path, recursive=recursive)
+  recursive = call(src, fs.isdir, src_path)
+  call(dst, fs.mv, src_path, dst_path, recursive=recursive)
 
 
 class _S3MultipartUpload:
@@ -669,8 +667,8 @@ class _S3MultipartUpload:
   def _call(self, method, **kwargs):
     # each request alone is safe to repeat (a part, the whole object, the
     # completion with the parts' ETags)
-    return _call(self.url, self.fs.call_s3, method, Bucket=self.bucket,
-                 Key=self.key, **kwargs)
+    return call(self.url, self.fs.call_s3, method, Bucket=self.bucket,
+                Key=self.key, **kwargs)
 
   def _upload_part(self, number: int, data: bytes) -> dict:
     try:
@@ -759,8 +757,8 @@ class Upload:
     if _scheme(url) not in _ATOMIC_UPLOAD:
       parent, _, name = path.rpartition('/')
       self._tmp = f'{parent}/.{name}.part-{secrets.token_hex(4)}'
-    _call(url, self.fs.makedirs, self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
-    self._file = _call(url, self.fs.open, self._tmp or self._path, 'wb',
+    call(url, self.fs.makedirs, self.fs._parent(path), exist_ok=True)  # pylint: disable=protected-access
+    self._file = call(url, self.fs.open, self._tmp or self._path, 'wb',
                        block_size=block_bytes)
 
   def write(self, data) -> None:
@@ -784,7 +782,7 @@ class Upload:
       return
     _call_once(self.url, self._file.close)
     if self._tmp is not None:
-      _call(self.url, self.fs.mv, self._tmp, self._path)
+      call(self.url, self.fs.mv, self._tmp, self._path)
 
   def abort(self) -> None:
     if self.done:
@@ -833,7 +831,7 @@ def download(url: str, local: str) -> None:
     shutil.copyfile(source, local)
     return
   fs, path = filesystem(url)
-  _call(url, fs.get_file, path, local)
+  call(url, fs.get_file, path, local)
 
 
 def upload_file(local: str, url: str) -> None:
@@ -843,7 +841,7 @@ def upload_file(local: str, url: str) -> None:
       shutil.copyfileobj(f, up)
     return
   fs, path = filesystem(url)
-  _call(url, fs.put_file, local, path)
+  call(url, fs.put_file, local, path)
 
 
 def upload_tree(local: str, url: str) -> None:

@@ -197,7 +197,7 @@ def test_translation_of_other_clients_errors():
 def test_a_bad_retry_setting_is_one_line(monkeypatch):
   monkeypatch.setenv(storage.RETRIES_ENV, 'many')
   with pytest.raises(storage.StorageError) as caught:
-    storage._call('s3://b/x', _refused)  # pylint: disable=protected-access
+    storage.call('s3://b/x', _refused)
   assert str(caught.value) == (
       'GINTRAIN_STORE_RETRIES=many: must be an integer >= 0 (how many times'
       ' a failing object store is retried)')

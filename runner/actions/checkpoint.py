@@ -55,7 +55,8 @@ def _reset_peak_rss() -> bool:
 
 
 class SaveCost:
-  """The cost of one save, measured from :meth:`begin` to :meth:`done`."""
+  """The cost of one save, measured from its creation (the save starts)
+  to :meth:`record` (the save is complete)."""
 
   def __init__(self, step: int, path: str):
     self.step, self.path = step, path

@@ -350,14 +350,24 @@ _CALLS = (('os.replace', 'rename'), ('os.rename', 'rename'),
           ('fsync', 'write to'), ('lockf', 'lock'), ('flock', 'lock'))
 
 
+def _frame_activity(frame, skip=()) -> str | None:
+  """The activity (:data:`_ACTIVITIES`) of a traceback frame in gintrain's
+  own code, or None (another module's frame, or one of ``skip``: modules
+  that write for their callers, which name the activity)."""
+  relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
+  parts = tuple(os.path.splitext(relative)[0].split(os.sep))
+  if parts in skip:
+    return None
+  return next((what for fragment, what in _ACTIVITIES
+               if parts[:len(fragment)] == fragment), None)
+
+
 def _os_error_line(error: OSError) -> str:
   """``<activity>: cannot <operation> <path>: <reason> [Errno N]`` from
   the traceback of an OSError that names its file."""
   frames = traceback.extract_tb(error.__traceback__)
   activity, operation = None, None
   for frame in reversed(frames):
-    relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
-    parts = tuple(os.path.splitext(relative)[0].split(os.sep))
     if operation is None:
       if os.path.basename(frame.filename) in ('os.py', 'shutil.py'):
         operation = {'makedirs': 'create the directory',
@@ -368,12 +378,7 @@ def _os_error_line(error: OSError) -> str:
       else:
         line = frame.line or ''
         operation = next((op for call, op in _CALLS if call in line), None)
-    if parts == _WORKDIR_HELPERS:
-      continue  # writes for its caller: the caller says what was written
-    for fragment, what in _ACTIVITIES:
-      if parts[:len(fragment)] == fragment:  # gintrain's own code only
-        activity = what
-        break
+    activity = _frame_activity(frame, (_WORKDIR_HELPERS,))
     if activity:
       break
   if error.filename2 is not None:
@@ -391,13 +396,10 @@ def _activity(error: BaseException) -> str | None:
   """What the runner was doing when ``error`` was raised (its innermost
   own frame), or None."""
   for frame in reversed(traceback.extract_tb(error.__traceback__)):
-    relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
-    parts = tuple(os.path.splitext(relative)[0].split(os.sep))
-    if parts in (('lib', 'storage'), _WORKDIR_HELPERS):
-      continue  # a layer writing for its caller: the caller says what
-    for fragment, what in _ACTIVITIES:
-      if parts[:len(fragment)] == fragment:
-        return what
+    # the store's layer and the workdir's write for their callers
+    what = _frame_activity(frame, (('lib', 'storage'), _WORKDIR_HELPERS))
+    if what:
+      return what
   return None
 
 
