@@ -43,7 +43,6 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 from gintrain.runner.data import base
@@ -134,6 +133,9 @@ class GrainSource(base.DataSource):
     return None if self._eval is None else len(self._eval)
 
   def bind(self, spec: base.Spec) -> None:
+    # grain (and the orbax it imports) is imported here, when a run uses it:
+    # about 0.5 s of every process start otherwise.
+    import grain  # pylint: disable=g-import-not-at-top
     super().bind(spec)
     if getattr(self._train, 'endless', False):
       examples = self._train  # its own epochs and order
@@ -151,6 +153,7 @@ class GrainSource(base.DataSource):
 
   def _iter(self):
     if self._iterator is None:
+      import grain  # pylint: disable=g-import-not-at-top
       dataset = self._dataset[self._start:].to_iter_dataset(
           grain.ReadOptions(num_threads=min(READ_THREADS, self.prefetch),
                             prefetch_buffer_size=self.prefetch))
