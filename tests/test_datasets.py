@@ -110,3 +110,20 @@ def test_docstring_examples_run():
   for module in (datasets,):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_digits_read_without_sklearn_equals_load_digits():
+  pixels, labels = datasets._digits_arrays()  # pylint: disable=protected-access
+  raw = load_digits()
+  np.testing.assert_array_equal(pixels, raw.data)
+  np.testing.assert_array_equal(labels, raw.target)
+
+
+def test_the_default_dataset_does_not_import_sklearn():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import sys\nfrom gintrain.runner.data import datasets\n'
+          'datasets.digits(image=True)\nprint("sklearn" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True, timeout=120).stdout
+  assert out.strip() == 'False'

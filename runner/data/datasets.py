@@ -16,6 +16,9 @@ on the arguments (``seed`` included), so runs are reproducible.
 """
 
 import dataclasses
+import gzip
+import importlib.util
+import os
 
 import numpy as np
 
@@ -94,6 +97,27 @@ def _stratified_split(labels, test_fraction, rng):
   return train, test
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits as (pixels (1797, 64), labels (1797,)).
+
+  Read from the data file scikit-learn ships (``digits.csv.gz``: 64 pixels
+  and the label per row, what ``load_digits`` parses) without importing
+  scikit-learn, whose import (scipy.stats) costs seconds of every run's
+  start; ``load_digits`` where that file is not found or not as expected.
+  """
+  spec = importlib.util.find_spec('sklearn')
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(folder, 'datasets', 'data', 'digits.csv.gz')
+    if os.path.isfile(path):
+      with gzip.open(path, 'rt') as f:
+        data = np.loadtxt(f, delimiter=',')
+      if data.shape == (1797, 65):
+        return data[:, :-1], data[:, -1].astype(int)
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  raw = load_digits()
+  return raw.data, raw.target
+
+
 def digits(test_fraction: float = 0.25, seed: int = 0,
            image: bool = False) -> Dataset:
   """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes).
@@ -110,10 +134,9 @@ def digits(test_fraction: float = 0.25, seed: int = 0,
   seed = check_int('seed', seed, 0)
   if not isinstance(image, (bool, np.bool_)):
     raise ValueError(f'image must be True or False, got {image!r}.')
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  raw = load_digits()
-  x = (np.asarray(raw.data, np.float32) / 16.0).astype(np.float32)
-  y = np.asarray(raw.target, np.int32)
+  pixels, labels = _digits_arrays()
+  x = (np.asarray(pixels, np.float32) / 16.0).astype(np.float32)
+  y = np.asarray(labels, np.int32)
   if image:
     x = x.reshape((-1, 8, 8, 1))
   train, test = _stratified_split(y, float(test_fraction),
