@@ -33,6 +33,11 @@ Rules this module enforces:
   (``AWS_MAX_ATTEMPTS``); once a store failed after its retries, later calls
   to it fail at once until one succeeds (the run's cleanup does not wait
   again).
+* A local file call here that fails says what it was doing:
+  :func:`operation_of` gives ``'create the directory'``, ``'remove'``,
+  ``'rename'``, ``'read'``, ``'write to'`` ... for the caller's message
+  (``cannot <operation> <path>: <reason>``); the error is unchanged
+  otherwise.
 
   >>> is_url('s3://b/run'), is_url('/tmp/run'), is_url('file:///tmp/run')
   (True, False, False)
@@ -96,6 +101,7 @@ __all__ = [
     'upload_tree',
     'tensorstore_kvstore_spec',
     'EXTRAS',
+    'operation_of',
 ]
 
 logger = logging.getLogger(__name__)
@@ -359,6 +365,51 @@ def call(url: str, fn, *args, **kwargs):
     return out
 
 
+# --- What a failed local call was doing --------------------------------------
+
+# Where an OSError keeps the operation that raised it (operation_of).
+_OPERATION = '_gintrain_operation'
+
+
+class _Doing:
+  """``with _Doing('remove'):`` an OSError leaving the block keeps the
+  operation, unless a block inside named one (the innermost wins)."""
+
+  __slots__ = ('operation',)
+
+  def __init__(self, operation: str):
+    self.operation = operation
+
+  def __enter__(self) -> None:
+    return None
+
+  def __exit__(self, kind, error, traceback) -> bool:
+    if isinstance(error, OSError) and not hasattr(error, _OPERATION):
+      setattr(error, _OPERATION, self.operation)
+    return False
+
+
+_CREATING_DIR = _Doing('create the directory')
+_REMOVING = _Doing('remove')
+_RENAMING = _Doing('rename')
+_READING = _Doing('read')
+_WRITING = _Doing('write to')
+_COPYING = _Doing('copy')
+
+
+def operation_of(error: BaseException) -> str | None:
+  """What the local file call of this module that raised ``error`` was
+  doing (``'create the directory'``, ``'remove'``, ``'rename'``,
+  ``'read'``, ``'write to'``, ``'copy'``), or None: not raised by one.
+
+    >>> try:
+    ...   remove('/nonexistent/file')
+    ... except OSError as e:
+    ...   operation_of(e)
+    'remove'
+  """
+  return getattr(error, _OPERATION, None)
+
 
 def _scheme(path) -> str | None:
   if not isinstance(path, str):
@@ -554,7 +605,8 @@ def makedirs(path: str) -> None:
   """Creates ``path`` as a directory (on S3/GCS: nothing, or the bucket)."""
   local = local_file(path)
   if local is not None:
-    os.makedirs(local, exist_ok=True)
+    with _CREATING_DIR:
+      os.makedirs(local, exist_ok=True)
     return
   fs, fs_path = filesystem(path)
   call(path, fs.makedirs, fs_path, exist_ok=True)
@@ -564,7 +616,8 @@ def remove(path: str) -> None:
   """Removes the file ``path`` (FileNotFoundError if there is none)."""
   local = local_file(path)
   if local is not None:
-    os.remove(local)
+    with _REMOVING:
+      os.remove(local)
     return
   fs, fs_path = filesystem(path)
   call(path, fs.rm_file, fs_path)
@@ -578,7 +631,8 @@ def rmtree(path: str) -> None:
     if os.path.isdir(local) and not os.path.islink(local):
       shutil.rmtree(local, ignore_errors=True)
     elif os.path.lexists(local):
-      os.remove(local)
+      with _REMOVING:
+        os.remove(local)
     return
   fs, fs_path = filesystem(path)
   try:
@@ -591,7 +645,7 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
   """The file's bytes (at most ``limit`` of them)."""
   local = local_file(path)
   if local is not None:
-    with open(local, 'rb') as f:
+    with _READING, open(local, 'rb') as f:
       return f.read() if limit is None else f.read(limit)
   fs, fs_path = filesystem(path)
   if limit is None:
@@ -608,7 +662,8 @@ def open_read(path: str):
   """A binary file object reading ``path`` (local: ``open(path, 'rb')``)."""
   local = local_file(path)
   if local is not None:
-    return open(local, 'rb')  # pylint: disable=consider-using-with
+    with _READING:
+      return open(local, 'rb')  # pylint: disable=consider-using-with
   fs, fs_path = filesystem(path)
   return call(path, fs.open, fs_path, 'rb')
 
@@ -636,8 +691,10 @@ def move(src: str, dst: str) -> None:
   if local_src is not None and local_dst is not None:
     parent = os.path.dirname(local_dst)
     if parent:
-      os.makedirs(parent, exist_ok=True)
-    os.rename(local_src, local_dst)
+      with _CREATING_DIR:
+        os.makedirs(parent, exist_ok=True)
+    with _RENAMING:
+      os.rename(local_src, local_dst)
     return
   fs, src_path = filesystem(src)
   _, dst_path = filesystem(dst)
@@ -744,9 +801,11 @@ class Upload:
     if local is not None:  # a hidden temporary, fsynced and renamed
       self.fs, self._path = None, local
       parent, name = os.path.split(os.path.abspath(local))
-      os.makedirs(parent, exist_ok=True)
+      with _CREATING_DIR:
+        os.makedirs(parent, exist_ok=True)
       self._tmp = os.path.join(parent, f'.{name}.part-{secrets.token_hex(4)}')
-      self._file = open(self._tmp, 'xb')  # pylint: disable=consider-using-with
+      with _WRITING:
+        self._file = open(self._tmp, 'xb')  # pylint: disable=consider-using-with
       return
     self.fs, path = filesystem(url)
     self._path = path
@@ -766,8 +825,9 @@ class Upload:
     if self._s3 is not None:
       self._s3.write(view)
       return
-    for start in range(0, view.nbytes, self.block):
-      _call_once(self.url, self._file.write, view[start:start + self.block])
+    with _WRITING:
+      for start in range(0, view.nbytes, self.block):
+        _call_once(self.url, self._file.write, view[start:start + self.block])
 
   def commit(self) -> None:
     self.done = True
@@ -775,10 +835,12 @@ class Upload:
       self._s3.commit()
       return
     if self.fs is None:
-      self._file.flush()
-      os.fsync(self._file.fileno())
-      self._file.close()
-      os.replace(self._tmp, self._path)
+      with _WRITING:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+      with _RENAMING:
+        os.replace(self._tmp, self._path)
       return
     _call_once(self.url, self._file.close)
     if self._tmp is not None:
@@ -828,7 +890,8 @@ def download(url: str, local: str) -> None:
   ``local``."""
   source = local_file(url)
   if source is not None:
-    shutil.copyfile(source, local)
+    with _COPYING:
+      shutil.copyfile(source, local)
     return
   fs, path = filesystem(url)
   call(url, fs.get_file, path, local)

@@ -22,6 +22,7 @@ from absl import flags
 
 from gintrain.lib import checkpoints as lib_checkpoints
 from gintrain.lib import storage
+from gintrain.runner import errors
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.cli import frozen_base
 from gintrain.runner.outputs import checkpoints
@@ -120,7 +121,8 @@ def evaluate(cfg: config_lib.TrainConfig, workdir: str,
   path = find_checkpoint(workdir, checkpoint, prefix)
   step, metrics = evaluate_checkpoint(cfg, path, workdir)
   if distributed.is_main_process():
-    with writers.JsonlWriter(workdir) as writer:
+    with errors.activity('writing the metrics'), writers.JsonlWriter(
+        workdir) as writer:
       writer.write_scalars(step, metrics, SPLIT)
     shown = ' '.join(f'{k}={v:.6g}' for k, v in metrics.items())
     print(f'{SPLIT} step {step} ({path}): {shown}', flush=True)

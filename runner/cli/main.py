@@ -103,6 +103,7 @@ from gintrain.runner.cli import sample as sample_cli
 from gintrain.runner.cli import sweep as sweep_cli
 from gintrain.runner.cli import data as data_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
+from gintrain.runner import errors
 from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
@@ -320,89 +321,6 @@ def eval_only() -> int:
   return 0
 
 
-# The folder holding runner/ and lib/ (the repository, or site-packages'
-# gintrain/).
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-# What the runner was doing, by the innermost of its own frames in an
-# OSError's traceback (path fragment, activity).
-_ACTIVITIES = (
-    (('runner', 'outputs', 'writers'), 'writing the metrics'),
-    (('runner', 'outputs', 'settings'), 'saving the settings'),
-    (('runner', 'outputs', 'plots'), 'writing the metrics plot'),
-    (('runner', 'outputs', 'lock'), 'locking the workdir'),
-    (('runner', 'outputs', 'workdir'), "writing the run's config files"),
-    (('runner', 'outputs', 'checkpoints'), 'handling the checkpoints'),
-    (('runner', 'actions'), 'running an action'),
-    (('runner', 'cli', 'main'), "writing the run's config files"),
-    (('runner', 'data'), 'reading the data'),
-    (('lib',), 'writing or reading a checkpoint'),
-)
-# runner.outputs.workdir writes the run's files for the module that owns
-# each (the settings, the config files): that module names the activity.
-_WORKDIR_HELPERS = ('runner', 'outputs', 'workdir')
-# The call on the failing line -> the operation.
-_CALLS = (('os.replace', 'rename'), ('os.rename', 'rename'),
-          ('makedirs', 'create the directory'), ('mkdir', 'create the directory'),
-          ('os.remove', 'remove'), ('os.unlink', 'remove'),
-          ('rmtree', 'remove'), ('savefig', 'write'), ('os.open', 'open'),
-          ('open(', 'open'), ('.write(', 'write to'), ('flush', 'write to'),
-          ('fsync', 'write to'), ('lockf', 'lock'), ('flock', 'lock'))
-
-
-def _frame_activity(frame, skip=()) -> str | None:
-  """The activity (:data:`_ACTIVITIES`) of a traceback frame in gintrain's
-  own code, or None (another module's frame, or one of ``skip``: modules
-  that write for their callers, which name the activity)."""
-  relative = os.path.relpath(os.path.abspath(frame.filename), _PACKAGE_ROOT)
-  parts = tuple(os.path.splitext(relative)[0].split(os.sep))
-  if parts in skip:
-    return None
-  return next((what for fragment, what in _ACTIVITIES
-               if parts[:len(fragment)] == fragment), None)
-
-
-def _os_error_line(error: OSError) -> str:
-  """``<activity>: cannot <operation> <path>: <reason> [Errno N]`` from
-  the traceback of an OSError that names its file."""
-  frames = traceback.extract_tb(error.__traceback__)
-  activity, operation = None, None
-  for frame in reversed(frames):
-    if operation is None:
-      if os.path.basename(frame.filename) in ('os.py', 'shutil.py'):
-        operation = {'makedirs': 'create the directory',
-                     'mkdir': 'create the directory',
-                     'replace': 'rename', 'rename': 'rename',
-                     'remove': 'remove', 'unlink': 'remove',
-                     'rmtree': 'remove'}.get(frame.name)
-      else:
-        line = frame.line or ''
-        operation = next((op for call, op in _CALLS if call in line), None)
-    activity = _frame_activity(frame, (_WORKDIR_HELPERS,))
-    if activity:
-      break
-  if error.filename2 is not None:
-    target = f'{error.filename} to {error.filename2}'
-    operation = 'rename'
-  else:
-    target = str(error.filename)
-  reason = error.strerror or type(error).__name__
-  code = f' [Errno {error.errno}]' if error.errno else ''
-  return (f'{activity or "a file operation"}: cannot'
-          f' {operation or "access"} {target}: {reason}{code}.')
-
-
-def _activity(error: BaseException) -> str | None:
-  """What the runner was doing when ``error`` was raised (its innermost
-  own frame), or None."""
-  for frame in reversed(traceback.extract_tb(error.__traceback__)):
-    # the store's layer and the workdir's write for their callers
-    what = _frame_activity(frame, (('lib', 'storage'), _WORKDIR_HELPERS))
-    if what:
-      return what
-  return None
-
-
 def _store_error(error: BaseException):
   """The object-store failure (``storage.StoreError``) that ``error`` is
   or was explicitly raised from, or None. When that failure was raised
@@ -429,11 +347,11 @@ def _one_line(error: BaseException) -> str:
   if store is not None and not isinstance(error, RunnerError):
     # e.g. 'writing the metrics: s3://b/run/metrics.jsonl: cannot reach the
     # object store at http://...: (connection refused) (the run stops; ...)'
-    activity = _activity(store)
+    activity = errors.activity_of(store) or errors.activity_of(error)
     return f'{activity}: {store}' if activity else str(store)
   if (isinstance(error, OSError) and error.filename is not None and
       type(error).__module__ == 'builtins'):
-    return _os_error_line(error)
+    return errors.file_error_line(error)
   lines = str(error).strip().split('\n')
   message = lines[0].strip() if lines else type(error).__name__
   match = _CONFIGURABLE_RE.search(str(error))

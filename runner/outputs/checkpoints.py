@@ -32,6 +32,7 @@ from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
 from gintrain.lib import storage
 from gintrain.runner import validation
+from gintrain.runner import errors
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.parallel import distributed
@@ -47,6 +48,8 @@ CORRUPT_DIR = workdir_lib.CORRUPT_DIR
 _MODES = ('min', 'max')
 # How long a sharded save waits for the slowest process's shards.
 _BARRIER_TIMEOUT_S = 600
+# What a file error under the checkpoint I/O says the run was doing.
+_CHECKPOINT_IO = errors.activity('writing or reading a checkpoint')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,7 @@ _RESUME_HINT = ('To start a different model or optimizer, use a new'
                 ' --workdir (with --init_from to reuse matching weights).')
 
 
+@_CHECKPOINT_IO
 def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
                   step: int | None = None, hint: str = _RESUME_HINT,
                   select: Callable[[Any], Any] | None = None,
@@ -283,6 +287,7 @@ class Checkpointer:
 
   # -- resume -------------------------------------------------------------
 
+  @_CHECKPOINT_IO
   def latest_step(self) -> int | None:
     """The step to resume from, the same on every process.
 
@@ -392,6 +397,7 @@ class Checkpointer:
   def path(self, step: int) -> str:
     return storage.join(self.dir, f'{self.policy.prefix}{step}')
 
+  @_CHECKPOINT_IO
   def read(self, step: int) -> dict:
     """The raw tree saved at ``step`` (state dicts of numpy arrays).
 
@@ -405,6 +411,7 @@ class Checkpointer:
     self._saved_steps.add(step)
     return raw
 
+  @errors.activity('handling the checkpoints')
   def prune_best_after(self, step: int, kept) -> None:
     """Drops best checkpoints newer than the resume point that are not in
     ``kept`` (they will be recomputed, identically)."""
@@ -457,6 +464,7 @@ class Checkpointer:
     every = self.policy.every_steps
     return bool(every) and step % every == 0
 
+  @_CHECKPOINT_IO
   def save(self, step: int, tree: Callable[[], Any],
            overwrite: bool = False) -> bool:
     """Saves ``tree()`` at ``step`` unless that step is already saved
@@ -470,6 +478,7 @@ class Checkpointer:
     self._saved_steps.add(step)
     return True
 
+  @_CHECKPOINT_IO
   def save_best(self, step: int, tree: Any, evicted=()) -> None:
     """Saves ``tree`` into ``best_checkpoints/`` and removes ``evicted``."""
     self._save(self.best_dir, tree, step, keep=0, overwrite=True)
@@ -477,6 +486,7 @@ class Checkpointer:
       for s in evicted:
         _remove(storage.join(self.best_dir, f'{self.policy.prefix}{s}'))
 
+  @_CHECKPOINT_IO
   def wait(self) -> None:
     """Blocks until a background save is done (re-raising its error)."""
     if self._async is not None:
@@ -486,6 +496,7 @@ class Checkpointer:
     if self._gda is not None:
       self._gda.wait_until_finished()  # every process's shards committed
 
+  @_CHECKPOINT_IO
   def busy(self) -> bool:
     """Whether a background save is still running, without waiting; a
     finished one that failed raises its error here (once)."""
@@ -499,6 +510,7 @@ class Checkpointer:
       thread = None
     return future is not None or thread is not None
 
+  @_CHECKPOINT_IO
   def close(self) -> None:
     """Waits for the last save and stops the background thread."""
     if self._async is not None:

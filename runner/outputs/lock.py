@@ -55,6 +55,7 @@ import uuid
 from absl import flags
 
 from gintrain.lib import storage
+from gintrain.runner import errors
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['WorkdirLock', 'LOCK_FILE', 'DEFAULT_LEASE_S', 'LOST_EXIT_CODE']
@@ -134,6 +135,7 @@ class WorkdirLock:
 
   # -- local: fcntl -------------------------------------------------------
 
+  @errors.activity('locking the workdir')
   def acquire(self) -> 'WorkdirLock':
     if storage.local_file(self.path) is None:
       return self._acquire_lease()
@@ -153,6 +155,7 @@ class WorkdirLock:
     self._fd = fd
     return self
 
+  @errors.activity('locking the workdir')
   def release(self) -> None:
     if self._fd is not None:
       fd, self._fd = self._fd, None

@@ -22,6 +22,7 @@ import os
 from absl import logging
 
 from gintrain.lib import storage
+from gintrain.runner import errors
 
 __all__ = ['read_metrics', 'plot_metrics', 'panels', 'plot_runs']
 
@@ -118,6 +119,7 @@ def _save(fig, out_png) -> str:
   return out
 
 
+@errors.activity('writing the metrics plot')
 def plot_metrics(metrics_jsonl: str | os.PathLike,
                  out_png: str | os.PathLike) -> str:
   """Draws the run's curves vs step (one line per split) into ``out_png``.

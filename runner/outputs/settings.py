@@ -157,4 +157,5 @@ def save(workdir: str, cfg) -> str:
   """Writes ``cfg`` as ``<workdir>/settings.json`` (atomically)."""
   text = json.dumps(_to_dict(cfg), indent=2, sort_keys=True,
                     default=str) + '\n'
-  return workdir_lib.write_text(workdir, SETTINGS_FILE, text)
+  return workdir_lib.write_text(workdir, SETTINGS_FILE, text,
+                                activity='saving the settings')

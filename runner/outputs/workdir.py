@@ -30,6 +30,7 @@ it was.
 import os
 
 from gintrain.lib import storage
+from gintrain.runner import errors
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['PARSED_CONFIG', 'OPERATIVE_CONFIG', 'FLAGS_FILE', 'SETTINGS_FILE',
@@ -100,10 +101,17 @@ def prepare(workdir: str) -> str:
   return workdir
 
 
-def write_text(workdir: str, name: str, text: str) -> str:
+def write_text(workdir: str, name: str, text: str,
+               activity: str = "writing the run's config files") -> str:
   """Writes ``text`` as ``<workdir>/<name>``, appearing whole (a temporary
-  renamed into place; on object stores one upload); returns its path."""
-  target = path(workdir, name)
+  renamed into place; on object stores one upload); returns its path.
+  ``activity``: what the caller is doing, for the error line of a failed
+  write (``runner.errors.activity``)."""
+  with errors.activity(activity):
+    return _write_text(path(workdir, name), text)
+
+
+def _write_text(target: str, text: str) -> str:
   local = storage.local_file(target)
   if local is None:
     storage.write_text(target, text)  # one upload: appears whole

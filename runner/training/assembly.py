@@ -22,6 +22,7 @@ from gintrain.runner.data import arrays
 from gintrain.runner.data import base as data_base
 from gintrain.runner.data import datasets
 from gintrain.runner import validation
+from gintrain.runner import errors
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.parallel import partitioners
@@ -63,6 +64,7 @@ def _resolve(obj, what, check, want):
   return obj
 
 
+@errors.activity('reading the data')
 def _source(dataset) -> data_base.DataSource:
   is_data = lambda d: isinstance(d, (data_base.DataSource, datasets.Dataset))  # pylint: disable=unnecessary-lambda-assignment
   dataset = _resolve(dataset, 'dataset', is_data,
@@ -106,6 +108,7 @@ def _with_mask(batch):
   return {**batch, 'mask': jax.ShapeDtypeStruct((rows,), np.float32)}
 
 
+@errors.activity('reading the data')
 def _bind_source(config, source, partitioner) -> None:
   """Checks the batch sizes against the devices; binds the data source."""
   divisor = partitioner.batch_divisor
@@ -240,6 +243,7 @@ def dry_run(config: config_lib.TrainConfig) -> dict:
 
 
 
+@errors.activity('reading the data')  # the eval batches
 def evaluate(run: Run, eval_step: Callable, dstate) -> dict:
   """Means of the task's eval metrics over ``run``'s eval batches, with the
   compiled ``eval_step`` on the placed state ``dstate`` ({} without data)."""

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from gintrain.runner import errors
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
@@ -26,8 +27,49 @@ def writer(trainer):
   factories = trainer.run.config.writers
   if factories is None:
     factories = (writers_lib.JsonlWriter, writers_lib.TensorBoardWriter)
-  return writers_lib.OpenLater(lambda: writers_lib.MultiWriter(
-      [f(trainer.workdir) for f in factories]))
+  return _WritingMetrics(writers_lib.OpenLater(lambda: writers_lib.MultiWriter(
+      [f(trainer.workdir) for f in factories])))
+
+
+_WRITING_METRICS = errors.activity('writing the metrics')
+
+
+class _WritingMetrics(writers_lib.MetricWriter):
+  """``writer``, whose file errors say the run was writing the metrics
+  (``runner.errors.activity``), whoever calls it: the trainer, the
+  actions."""
+
+  def __init__(self, writer: writers_lib.OpenLater):
+    self.writer = writer
+
+  def __repr__(self):
+    return repr(self.writer)
+
+  @_WRITING_METRICS
+  def open(self) -> writers_lib.MetricWriter:
+    return self.writer.open()
+
+  @_WRITING_METRICS
+  def write_scalars(self, step, scalars, split='train'):
+    self.writer.write_scalars(step, scalars, split)
+
+  @_WRITING_METRICS
+  def write_hparams(self, hparams, metrics=()):
+    self.writer.write_hparams(hparams, metrics)
+
+  @_WRITING_METRICS
+  def flush(self):
+    self.writer.flush()
+
+  @_WRITING_METRICS
+  def close(self):
+    self.writer.close()
+
+  def _write_scalars(self, step, scalars, split):  # write_scalars forwards
+    raise NotImplementedError
+
+  def _write_hparams(self, hparams, metrics):  # write_hparams forwards
+    raise NotImplementedError
 
 
 def resume_or_start(trainer, make):

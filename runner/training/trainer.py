@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from gintrain.runner import errors
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.actions import finite
 from gintrain.runner.actions import preempt
@@ -59,6 +60,9 @@ __all__ = ['TrainResult', 'Trainer', 'train', 'Preempted', 'METRICS_PLOT']
 METRICS_PLOT = workdir_lib.METRICS_PLOT
 METRICS_FILE = workdir_lib.METRICS_FILE
 Preempted = preempt.Preempted
+# What a file error under the loop's calls says the run was doing.
+_RUNNING_AN_ACTION = errors.activity('running an action')
+_READING_DATA = errors.activity('reading the data')
 
 
 @jax.jit
@@ -184,8 +188,9 @@ class Trainer:
                    jax.device_count())
     stop = False
     for action in self.actions:
-      action.bind(run, self.workdir)
-      stop = bool(action.on_start(start)) or stop
+      with _RUNNING_AN_ACTION:
+        action.bind(run, self.workdir)
+        stop = bool(action.on_start(start)) or stop
     return stop
 
   def _loop(self, dstate, start) -> TrainResult:
@@ -201,7 +206,7 @@ class Trainer:
     clock = goodput.CLOCK
     clock.begin_loop(step)
     while step < run.total and not stop:
-      with clock.span('input'):
+      with clock.span('input'), _READING_DATA:
         batch = p.put_batch(run.source.next_batch())
       log = (step + 1) % cfg.log_every == 0 or step + 1 == run.total
       # Variants: with the gradient and parameter norms (log steps only),
@@ -240,7 +245,7 @@ class Trainer:
         continue
       if action.due(step, False):
         ran.add(id(action))
-        with goodput.CLOCK.span(part):
+        with goodput.CLOCK.span(part), _RUNNING_AN_ACTION:
           stop = bool(action(step, self.dstate, metrics)) or stop
     return stop, ran
 
@@ -254,10 +259,10 @@ class Trainer:
     for action in order:
       if id(action) in ran and type(action).end is actions_base.Action.end:
         continue
-      with goodput.CLOCK.span(goodput.part_of(action)):
+      with goodput.CLOCK.span(goodput.part_of(action)), _RUNNING_AN_ACTION:
         action.end(step, self.dstate, metrics)
     for action in self.actions:
-      with goodput.CLOCK.span(goodput.part_of(action)):
+      with goodput.CLOCK.span(goodput.part_of(action)), _RUNNING_AN_ACTION:
         action.after_end(step, self.dstate, metrics)
 
 
