@@ -157,3 +157,30 @@ def test_converted_bindings_fail_with_one_line(capsys):
     assert code == 1
     assert [l for l in err.splitlines() if l.startswith('gintrain:')] == [
         f'gintrain: error: {line}']
+
+
+def test_converted_sweep_and_model_checks():
+  """The sweep file's settings, the sweep's flags and the Llama arguments go
+  through the same checks (issue 17)."""
+  from gintrain.runner.models import llama  # pylint: disable=g-import-not-at-top
+  from gintrain.runner.sweep import executors, spec, status  # pylint: disable=g-import-not-at-top
+  assert _message(spec.parse_text, "sweep.mode = 'zipp'\n", 'demo') == (
+      "demo:1: sweep.mode must be one of product, zip, random, got 'zipp'."
+      " (did you mean 'zip'?)")
+  assert _message(spec.parse_text, 'a.x = [1]\nsweep.samples = 0\n',
+                  'demo') == (
+                      'demo:2: sweep.samples must be an integer >= 1, got 0.')
+  assert _message(spec.parse_text, "sweep.seed = 'x'\n", 'demo') == (
+      "demo:1: sweep.seed must be an integer, got 'x'.")
+  assert spec.parse_text('sweep.seed = -3\nsweep.samples = 2\n').seed == -3
+  assert _message(executors.run_local, None, [], 0) == (
+      '--parallel must be an integer >= 1, got 0.')
+  assert _message(status.render, [], 'accuracy', 'yaml') == (
+      "--format must be one of table, csv, json, md, got 'yaml'.")
+  assert _message(llama.llama, vocab_size=1) == (
+      'llama.vocab_size must be an integer >= 2, got 1.')
+  assert _message(llama.llama, sliding_window=0) == (
+      'llama.sliding_window must be None or an integer >= 1, got 0.')
+  assert _message(llama.llama, head_dim=True) == (
+      'llama.head_dim must be an integer >= 2, got True.')
+  assert llama.llama(num_heads=np.int64(4)).num_heads == 4

@@ -34,7 +34,7 @@ from gintrain.runner.errors import RunnerError
 from gintrain.runner.models import llama as llama_lib
 
 __all__ = ['ARCHITECTURES', 'load', 'save', 'read_params', 'model_from_config',
-           'config_of', 'is_hf_folder']
+           'config_of']
 
 # architecture -> model_type
 ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
@@ -46,11 +46,6 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 
 _DTYPE_NAMES = {'float32': 'float32', 'bfloat16': 'bfloat16',
                 'float16': 'float16'}
-
-
-def is_hf_folder(path: str) -> bool:
-  """Whether ``path`` is a folder holding a ``config.json``."""
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
 def _read_config(path: str) -> dict:
@@ -72,6 +67,38 @@ def _read_config(path: str) -> dict:
   return cfg
 
 
+def _architecture(cfg: Mapping, where: str) -> str:
+  """The config's architecture among :data:`ARCHITECTURES` (the first of
+  ``architectures``, else found by ``model_type``).
+
+  Raises:
+    RunnerError: none of them.
+  """
+  archs = cfg.get('architectures') or []
+  arch = archs[0] if archs else None
+  if arch in ARCHITECTURES:
+    return arch
+  kind = cfg.get('model_type')
+  arch = next((a for a, t in ARCHITECTURES.items() if t == kind), None) \
+      if not archs else None
+  if arch is None:
+    raise RunnerError(
+        f'{where}: architecture {(archs or [cfg.get("model_type")])[0]!r}'
+        f' is not supported (supported: {", ".join(ARCHITECTURES)}).')
+  return arch
+
+
+def _rope(cfg: Mapping) -> tuple:
+  """``(rope_theta, rope_scaling or None)`` of a config, from its keys of
+  that name or from ``rope_parameters`` (newer transformers)."""
+  rope = dict(cfg.get('rope_parameters') or {})
+  scaling = cfg.get('rope_scaling') or None
+  theta = cfg.get('rope_theta', rope.get('rope_theta', 10000.0))
+  if scaling is None and rope.get('rope_type', 'default') != 'default':
+    scaling = rope
+  return theta, scaling
+
+
 def model_from_config(cfg: Mapping, where: str = CONFIG,
                       **overrides) -> llama_lib.Llama:
   """The :class:`~.llama.Llama` of a Hugging Face ``config.json`` dict;
@@ -81,16 +108,7 @@ def model_from_config(cfg: Mapping, where: str = CONFIG,
   Raises:
     RunnerError: an unsupported architecture or setting, or a missing key.
   """
-  archs = cfg.get('architectures') or []
-  arch = archs[0] if archs else None
-  if arch not in ARCHITECTURES:
-    kind = cfg.get('model_type')
-    arch = next((a for a, t in ARCHITECTURES.items() if t == kind), None) \
-        if not archs else None
-    if arch is None:
-      raise RunnerError(
-          f'{where}: architecture {(archs or [cfg.get("model_type")])[0]!r}'
-          f' is not supported (supported: {", ".join(ARCHITECTURES)}).')
+  arch = _architecture(cfg, where)
   kind = ARCHITECTURES[arch]
 
   def need(key):
@@ -101,11 +119,7 @@ def model_from_config(cfg: Mapping, where: str = CONFIG,
   if act != 'silu':
     raise RunnerError(f'{where}: hidden_act {act!r} is not supported (silu'
                       ' only).')
-  rope = dict(cfg.get('rope_parameters') or {})
-  scaling = cfg.get('rope_scaling') or None
-  theta = cfg.get('rope_theta', rope.get('rope_theta', 10000.0))
-  if scaling is None and rope.get('rope_type', 'default') != 'default':
-    scaling = rope
+  theta, scaling = _rope(cfg)
   sliding = None
   if kind == 'mistral':
     sliding = cfg.get('sliding_window')

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gintrain.runner import validation
+
 __all__ = ['Llama', 'llama', 'REMAT_POLICIES']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
@@ -370,10 +372,43 @@ class Llama:
 _jit_init = jax.jit(Llama._init, static_argnums=0)  # pylint: disable=protected-access
 
 
-def _check_int(name, value, low):
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(f'llama.{name} must be an integer >= {low}, got'
-                     f' {value!r}.')
+def _heads(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple:
+  """``(num_kv_heads, head_dim)``, checked, with their defaults."""
+  num_kv_heads = validation.check_int(
+      'llama.num_kv_heads', num_heads if num_kv_heads is None else
+      num_kv_heads, 1)
+  if num_heads % num_kv_heads:
+    raise ValueError(f'llama.num_heads={num_heads} must be a multiple of'
+                     f' num_kv_heads={num_kv_heads}.')
+  if head_dim is None:
+    if hidden_size % num_heads:
+      raise ValueError(f'llama.hidden_size={hidden_size} must be a multiple'
+                       f' of num_heads={num_heads} (or set head_dim).')
+    head_dim = hidden_size // num_heads
+  head_dim = validation.check_int('llama.head_dim', head_dim, 2)
+  if head_dim % 2:
+    raise ValueError(f'llama.head_dim={head_dim} must be even (rotary).')
+  return num_kv_heads, head_dim
+
+
+def _rope_scaling(rope_scaling: dict | None) -> tuple | None:
+  """The ``rope_scaling`` dict as the model keeps it (a sorted tuple of
+  pairs, None for the default frequencies), checked."""
+  if not rope_scaling:
+    return None
+  rope_scaling = dict(rope_scaling)
+  kind = rope_scaling.get('rope_type', rope_scaling.get('type', 'default'))
+  if kind == 'default':
+    return None
+  if kind != 'llama3':
+    raise ValueError(f"llama.rope_scaling: rope_type {kind!r} is not"
+                     " supported ('default' or 'llama3').")
+  missing = [k for k in _LLAMA3_KEYS if k not in rope_scaling]
+  if missing:
+    raise ValueError(f'llama.rope_scaling of rope_type llama3 needs'
+                     f' {", ".join(missing)}.')
+  return (('rope_type', 'llama3'),) + tuple(
+      (k, float(rope_scaling[k])) for k in _LLAMA3_KEYS)
 
 
 def llama(vocab_size: int = 256, hidden_size: int = 128,
@@ -414,49 +449,23 @@ def llama(vocab_size: int = 256, hidden_size: int = 128,
     scan_layers: one stacked ``layers`` subtree run by ``lax.scan``.
     init_std: the normal init's standard deviation.
   """
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  for name, value, low in (('vocab_size', vocab_size, 2),
-                           ('hidden_size', hidden_size, 1),
-                           ('intermediate_size', intermediate_size, 1),
-                           ('num_layers', num_layers, 1),
-                           ('num_heads', num_heads, 1),
-                           ('num_kv_heads', num_kv_heads, 1),
-                           ('max_len', max_len, 1)):
-    _check_int(name, value, low)
-  if num_heads % num_kv_heads:
-    raise ValueError(f'llama.num_heads={num_heads} must be a multiple of'
-                     f' num_kv_heads={num_kv_heads}.')
-  if head_dim is None:
-    if hidden_size % num_heads:
-      raise ValueError(f'llama.hidden_size={hidden_size} must be a multiple'
-                       f' of num_heads={num_heads} (or set head_dim).')
-    head_dim = hidden_size // num_heads
-  _check_int('head_dim', head_dim, 2)
-  if head_dim % 2:
-    raise ValueError(f'llama.head_dim={head_dim} must be even (rotary).')
-  scaling = None
-  if rope_scaling:
-    rope_scaling = dict(rope_scaling)
-    kind = rope_scaling.get('rope_type', rope_scaling.get('type', 'default'))
-    if kind == 'llama3':
-      missing = [k for k in _LLAMA3_KEYS if k not in rope_scaling]
-      if missing:
-        raise ValueError(f'llama.rope_scaling of rope_type llama3 needs'
-                         f' {", ".join(missing)}.')
-      scaling = (('rope_type', 'llama3'),) + tuple(
-          (k, float(rope_scaling[k])) for k in _LLAMA3_KEYS)
-    elif kind != 'default':
-      raise ValueError(f"llama.rope_scaling: rope_type {kind!r} is not"
-                       " supported ('default' or 'llama3').")
-  if sliding_window is not None:
-    _check_int('sliding_window', sliding_window, 1)
+  vocab_size, hidden_size, intermediate_size, num_layers, num_heads, \
+      max_len = (validation.check_int(f'llama.{name}', value, low)
+                 for name, value, low in (
+                     ('vocab_size', vocab_size, 2),
+                     ('hidden_size', hidden_size, 1),
+                     ('intermediate_size', intermediate_size, 1),
+                     ('num_layers', num_layers, 1),
+                     ('num_heads', num_heads, 1),
+                     ('max_len', max_len, 1)))
+  num_kv_heads, head_dim = _heads(hidden_size, num_heads, num_kv_heads,
+                                  head_dim)
+  scaling = _rope_scaling(rope_scaling)
+  sliding_window = validation.check_int('llama.sliding_window',
+                                        sliding_window, 1, allow_none=True)
   for name, value in (('dtype', dtype), ('param_dtype', param_dtype)):
-    if value not in _DTYPES:
-      raise ValueError(f'llama.{name} must be one of {sorted(_DTYPES)},'
-                       f' got {value!r}.')
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f'llama.remat must be one of {", ".join(REMAT_POLICIES)}'
-                     f'; got {remat!r}.')
+    validation.check_choice(f'llama.{name}', value, sorted(_DTYPES))
+  validation.check_choice('llama.remat', remat, REMAT_POLICIES)
   return Llama(vocab_size, hidden_size, intermediate_size, num_layers,
                num_heads, num_kv_heads, head_dim, float(rope_theta), scaling,
                float(rms_norm_eps), bool(tied), bool(qkv_bias),

@@ -40,7 +40,7 @@ from gintrain.runner.errors import RunnerError
 from gintrain.runner.parallel import rules as rules_lib
 
 __all__ = ['MODES', 'resolve_mode', 'make', 'partitioner', 'Partitioner',
-           'Single', 'Pmap', 'Sharded', 'DataParallel']
+           'Single', 'Pmap', 'Sharded']
 
 MODES = ('auto', 'single', 'pmap', 'sharded')
 _AXIS = 'data'
@@ -409,9 +409,6 @@ class Sharded(Partitioner):
       rows.append({'path': path, 'shape': list(x.shape),
                    'spec': str(tuple(spec)), 'bytes_per_device': nbytes})
     return {'mesh': axes, 'arrays': rows, 'state_bytes_per_device': total}
-
-
-DataParallel = Sharded  # the name before partition rules existed
 
 
 def partitioner(mesh_shape: dict | None = None,

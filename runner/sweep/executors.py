@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.sweep import trials as trials_lib
 
@@ -99,69 +100,89 @@ def run_local(sweep, trials, parallel=1, environ=None, monitor=None,
   trial or None); ``on_end(trial, status)`` is called as each trial ends
   or is skipped.
   """
-  if parallel < 1:
-    raise RunnerError(f'--parallel={parallel}: must be >= 1.')
-  slots = slot_environments(parallel, environ)
-  queue = list(trials)
-  free = list(range(parallel))
-  running = {}  # slot -> TrialProcess
-  counts = {}
-  stop = []
-
-  def on_signal(signum, frame):
-    del frame
-    if not stop:
-      _say(f'{signal.Signals(signum).name}: stopping (running trials'
-           ' checkpoint and exit; rerun the same command to resume).')
-    stop.append(signum)
-    if signum != signal.SIGINT:  # Ctrl-C reaches the trials by itself
-      for proc in running.values():
-        proc.signal(signal.SIGTERM)
-
-  old = {s: signal.signal(s, on_signal)
+  parallel = validation.check_int('--parallel', parallel, 1)
+  local = _LocalRun(sweep, trials, slot_environments(parallel, environ),
+                    monitor, next_trial, on_end)
+  old = {s: signal.signal(s, local.on_signal)
          for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     while True:
-      while free and not stop:
-        trial = queue.pop(0) if queue else (next_trial() if next_trial
-                                             else None)
-        if trial is None:
-          break
-        slot = free[0]
-        env, cpus = slots[slot]
-        proc = trials_lib.TrialProcess(sweep, trial, env=env, cpus=cpus)
-        if proc.start():
-          free.pop(0)
-          running[slot] = proc
-          _say(f'start {trial.name} (slot {slot})')
-        else:
-          counts[proc.status] = counts.get(proc.status, 0) + 1
-          _say(f'skip {trial.name}: {proc.status}')
-          if on_end is not None:
-            on_end(trial, proc.status)
-      if not running:
+      local.start_trials()
+      if not local.running:
         break
-      for slot, proc in list(running.items()):
-        if monitor is not None:
-          monitor(proc)
-        status = proc.poll()
-        if status is None:
-          continue
-        del running[slot]
-        free.append(slot)
-        free.sort()
-        counts[status] = counts.get(status, 0) + 1
-        extra = proc.record.get('error') or proc.record.get('reason') or ''
-        _say(f'{status} {proc.trial.name}' + (f': {extra}' if extra else ''))
-        if on_end is not None:
-          on_end(proc.trial, status)
+      local.poll()
       time.sleep(0.05)
   finally:
     for s, handler in old.items():
       signal.signal(s, handler)
-  if stop:
-    counts['stopped'] = 1
-  return counts
+  if local.stop:
+    local.counts['stopped'] = 1
+  return local.counts
+
+
+class _LocalRun:
+  """The state of :func:`run_local`: the trials still to run, the slots
+  (free, or running a trial) and the statuses counted so far."""
+
+  def __init__(self, sweep, trials, slots, monitor, next_trial, on_end):
+    self.sweep, self.slots = sweep, slots
+    self.queue = list(trials)
+    self.monitor, self.next_trial, self.on_end = monitor, next_trial, on_end
+    self.free = list(range(len(slots)))
+    self.running = {}  # slot -> TrialProcess
+    self.counts = {}
+    self.stop = []  # the signals received
+
+  def on_signal(self, signum, frame) -> None:
+    """SIGTERM/SIGINT: no new trial; the running ones get SIGTERM (Ctrl-C
+    reaches them by itself)."""
+    del frame
+    if not self.stop:
+      _say(f'{signal.Signals(signum).name}: stopping (running trials'
+           ' checkpoint and exit; rerun the same command to resume).')
+    self.stop.append(signum)
+    if signum != signal.SIGINT:
+      for proc in self.running.values():
+        proc.signal(signal.SIGTERM)
+
+  def _count(self, trial, status) -> None:
+    self.counts[status] = self.counts.get(status, 0) + 1
+    if self.on_end is not None:
+      self.on_end(trial, status)
+
+  def start_trials(self) -> None:
+    """Starts trials in the free slots while there are any (a trial that
+    needs no run, e.g. done already, is counted as skipped)."""
+    while self.free and not self.stop:
+      trial = self.queue.pop(0) if self.queue else (
+          self.next_trial() if self.next_trial else None)
+      if trial is None:
+        return
+      slot = self.free[0]
+      env, cpus = self.slots[slot]
+      proc = trials_lib.TrialProcess(self.sweep, trial, env=env, cpus=cpus)
+      if proc.start():
+        self.free.pop(0)
+        self.running[slot] = proc
+        _say(f'start {trial.name} (slot {slot})')
+      else:
+        _say(f'skip {trial.name}: {proc.status}')
+        self._count(trial, proc.status)
+
+  def poll(self) -> None:
+    """Monitors each running trial; frees the slots of those that ended."""
+    for slot, proc in list(self.running.items()):
+      if self.monitor is not None:
+        self.monitor(proc)
+      status = proc.poll()
+      if status is None:
+        continue
+      del self.running[slot]
+      self.free.append(slot)
+      self.free.sort()
+      extra = proc.record.get('error') or proc.record.get('reason') or ''
+      _say(f'{status} {proc.trial.name}' + (f': {extra}' if extra else ''))
+      self._count(proc.trial, status)
 
 
 def trial_command(sweep_dir: str, index: int) -> list:

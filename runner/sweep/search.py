@@ -29,6 +29,7 @@ import json
 import math
 import os
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import writers
 from gintrain.runner.sweep import executors
@@ -137,94 +138,129 @@ def run_study(sweep, specs, base, parse, n_trials, parallel=1, storage=None,
   dists, where = distributions(specs)
   storage = storage or f'sqlite:///{os.path.join(sweep.path, "optuna.db")}'
   worker = _worker_index(sweep)
-  # TPE samples at random for its first n_startup_trials (10 by default):
-  # a third of a small study, so that TPE itself picks most trials.
-  startup = max(2, min(10, n_trials // 3))
-  make_sampler = {
-      'tpe': lambda seed: optuna.samplers.TPESampler(
-          seed=seed, n_startup_trials=startup),
-      'random': lambda seed: optuna.samplers.RandomSampler(seed=seed)}[sampler]
   the_pruner = (optuna.pruners.MedianPruner(n_startup_trials=3)
                 if pruner == 'median' else optuna.pruners.NopPruner())
   with sweep.locked():  # creating the tables: one worker at a time
     study = optuna.create_study(
         storage=storage, study_name=study_name, load_if_exists=True,
         direction='maximize' if goal == 'max' else 'minimize',
-        sampler=make_sampler(seed + worker), pruner=the_pruner)
-  split, name = status_lib.split_metric(metric)
-  digest = trials_lib.base_digest(base, parse)
-  live = {}  # trial name -> (optuna trial, reported steps)
-  counted = (optuna.trial.TrialState.COMPLETE,
-             optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
-             optuna.trial.TrialState.RUNNING)
+        sampler=_sampler(optuna, sampler, seed + worker, n_trials),
+        pruner=the_pruner)
+  worker_trials = _WorkerTrials(optuna, study, sweep, base, parse, n_trials,
+                                (dists, where), metric,
+                                type(the_pruner).__name__)
+  # Trials stopped by a signal stay RUNNING in the study: the next worker
+  # on it resumes them from their checkpoints.
+  return executors.run_local(sweep, [], parallel=parallel, environ=environ,
+                             monitor=worker_trials.monitor,
+                             next_trial=worker_trials.next_trial,
+                             on_end=worker_trials.on_end)
 
-  def stale_or_new():
-    """Under the sweep lock: an interrupted trial of the study (its worker
-    died; resumed from its checkpoints), else a new one, else None."""
-    by_name = {t.name: t for t in sweep.trials()}
-    for frozen in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+
+def _sampler(optuna, name: str, seed: int, n_trials: int):
+  """The study's sampler: ``'tpe'`` or ``'random'``, seeded."""
+  validation.check_choice('sampler', name, ('tpe', 'random'))
+  if name == 'random':
+    return optuna.samplers.RandomSampler(seed=seed)
+  # TPE samples at random for its first n_startup_trials (10 by default):
+  # a third of a small study, so that TPE itself picks most trials.
+  return optuna.samplers.TPESampler(
+      seed=seed, n_startup_trials=max(2, min(10, n_trials // 3)))
+
+
+class _WorkerTrials:
+  """This worker's trials of the study: which to run next, their eval
+  records reported to Optuna (and pruned), their ends told to it."""
+
+  def __init__(self, optuna, study, sweep, base, parse, n_trials, space,
+               metric, pruner_name):
+    self.optuna, self.study, self.sweep = optuna, study, sweep
+    self.base, self.parse, self.n_trials = base, parse, n_trials
+    self.dists, self.where = space
+    self.metric, self.pruner_name = metric, pruner_name
+    self.split, self.name = status_lib.split_metric(metric)
+    self.digest = trials_lib.base_digest(base, parse)
+    self.live = {}  # trial name -> (optuna trial, reported steps)
+    states = optuna.trial.TrialState
+    self.counted = (states.COMPLETE, states.PRUNED, states.FAIL,
+                    states.RUNNING)
+
+  def next_trial(self):
+    """An interrupted trial of the study (its worker died; resumed from its
+    checkpoints), else a new one, else None (the study is full)."""
+    with self.sweep.locked():
+      trial = self._interrupted()
+      return trial if trial is not None else self._new()
+
+  def _interrupted(self):
+    """Under the sweep lock: a RUNNING trial whose worker died, or None.
+    One whose worker died before registering it is told failed."""
+    running = self.optuna.trial.TrialState.RUNNING
+    by_name = {t.name: t for t in self.sweep.trials()}
+    for frozen in self.study.get_trials(deepcopy=False, states=(running,)):
       trial_name = frozen.user_attrs.get('trial')
-      if trial_name in live:
+      if trial_name in self.live:
         continue
       if trial_name not in by_name:  # its worker died before registering
-        study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+        self.study.tell(frozen.number,
+                        state=self.optuna.trial.TrialState.FAIL)
         continue
-      status = trials_lib.trial_status(sweep.trial_dir(by_name[trial_name]))
+      status = trials_lib.trial_status(
+          self.sweep.trial_dir(by_name[trial_name]))
       if status[0] == 'interrupted':
-        asked = optuna.trial.Trial(study, frozen._trial_id)  # pylint: disable=protected-access
-        live[trial_name] = (asked, set(frozen.intermediate_values))
+        asked = self.optuna.trial.Trial(self.study, frozen._trial_id)  # pylint: disable=protected-access
+        self.live[trial_name] = (asked, set(frozen.intermediate_values))
         return by_name[trial_name]
-    if len(study.get_trials(deepcopy=False, states=counted)) >= n_trials:
+    return None
+
+  def _new(self):
+    """Under the sweep lock: a new trial asked of the study and registered
+    in the sweep, or None when the study holds ``n_trials``."""
+    study = self.study
+    if len(study.get_trials(deepcopy=False,
+                            states=self.counted)) >= self.n_trials:
       return None
-    asked = study.ask(dists)
+    asked = study.ask(self.dists)
     bindings = {k: (v if isinstance(v, str) else spec_lib.format_value(v))
                 for k, v in asked.params.items()}
     label = f't{asked.number:03d},' + spec_lib.label_of(bindings)
-    trial_spec = spec_lib.TrialSpec(bindings, label, where)
+    trial_spec = spec_lib.TrialSpec(bindings, label, self.where)
     try:
-      trial = trials_lib.resolve(base, [trial_spec], parse)[0]
+      trial = trials_lib.resolve(self.base, [trial_spec], self.parse)[0]
     except RunnerError:
-      study.tell(asked, state=optuna.trial.TrialState.FAIL)
+      study.tell(asked, state=self.optuna.trial.TrialState.FAIL)
       raise
-    sweep.register(base, digest, [trial])
+    self.sweep.register(self.base, self.digest, [trial])
     asked.set_user_attr('trial', trial.name)
-    live[trial.name] = (asked, set())
+    self.live[trial.name] = (asked, set())
     return trial
 
-  def next_trial():
-    with sweep.locked():
-      return stale_or_new()
-
-  def monitor(proc):
-    asked, seen = live[proc.trial.name]
-    for step, value in _eval_records(proc.dir, split, name):
+  def monitor(self, proc) -> None:
+    """Reports the running trial's new eval records; prunes it when the
+    pruner says so."""
+    asked, seen = self.live[proc.trial.name]
+    for step, value in _eval_records(proc.dir, self.split, self.name):
       if step in seen:
         continue
       seen.add(step)
       asked.report(value, step)
       if proc.pruned is None and asked.should_prune():
-        proc.prune(f'pruned by Optuna ({type(the_pruner).__name__}) at step'
-                   f' {step}: {metric}={value:.4f} is worse than the median'
-                   ' of the earlier trials at that step')
+        proc.prune(f'pruned by Optuna ({self.pruner_name}) at step'
+                   f' {step}: {self.metric}={value:.4f} is worse than the'
+                   ' median of the earlier trials at that step')
 
-  def on_end(trial, status):
-    asked, _ = live.pop(trial.name)
+  def on_end(self, trial, status) -> None:
+    """Tells the study how the trial ended (its last eval value if done)."""
+    asked, _ = self.live.pop(trial.name)
     if status == 'running':  # another worker runs it (and will tell)
       return
     if status == 'done':
-      points = _eval_records(sweep.trial_dir(trial), split, name)
+      points = _eval_records(self.sweep.trial_dir(trial), self.split,
+                             self.name)
       if points:
-        study.tell(asked, points[-1][1], skip_if_finished=True)
+        self.study.tell(asked, points[-1][1], skip_if_finished=True)
         return
       status = 'failed'
-    state = {'pruned': optuna.trial.TrialState.PRUNED}.get(
-        status, optuna.trial.TrialState.FAIL)
-    study.tell(asked, state=state, skip_if_finished=True)
-
-  counts = executors.run_local(sweep, [], parallel=parallel,
-                               environ=environ, monitor=monitor,
-                               next_trial=next_trial, on_end=on_end)
-  # Trials stopped by a signal stay RUNNING in the study: the next worker
-  # on it resumes them from their checkpoints.
-  return counts
+    state = {'pruned': self.optuna.trial.TrialState.PRUNED}.get(
+        status, self.optuna.trial.TrialState.FAIL)
+    self.study.tell(asked, state=state, skip_if_finished=True)

@@ -40,6 +40,7 @@ import tokenize
 
 import gin.config_parser
 
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['Axis', 'Distribution', 'SweepSpec', 'TrialSpec', 'MODES',
@@ -236,14 +237,11 @@ def parse_text(text: str, source: str = '<sweep>') -> SweepSpec:
                           f'{did_you_mean(name, _SETTINGS)} (settings:'
                           f' {", ".join("sweep." + s for s in _SETTINGS)}).')
       value = _parse_gin_value(value_text, where)
-      if not isinstance(value, _SETTINGS[name]) or isinstance(value, bool):
-        raise RunnerError(f'{where}: {key} takes a'
-                          f' {_SETTINGS[name].__name__}, got {value_text}.')
-      if name == 'mode' and value not in MODES:
-        raise RunnerError(f'{where}: sweep.mode = {value!r}: one of'
-                          f' {", ".join(map(repr, MODES))}.')
-      if name == 'samples' and value < 1:
-        raise RunnerError(f'{where}: sweep.samples must be >= 1.')
+      if name == 'mode':
+        value = validation.check_choice(f'{where}: {key}', value, MODES)
+      else:  # samples, seed
+        value = validation.check_int(f'{where}: {key}', value,
+                                     1 if name == 'samples' else None)
       setattr(spec, name, value)
       continue
     if key in seen:

@@ -15,7 +15,7 @@ import json
 import math
 import os
 
-from gintrain.runner.errors import RunnerError
+from gintrain.runner import validation
 from gintrain.runner.outputs import plots
 from gintrain.runner.outputs import writers
 from gintrain.runner.sweep import trials as trials_lib
@@ -52,8 +52,7 @@ def read_curve(trial_dir: str) -> dict:
 def rows(sweep, metric='accuracy', goal=None) -> list:
   """The table's rows (dicts), sorted as the module doc says."""
   goal = goal or default_goal(metric)
-  if goal not in ('min', 'max'):
-    raise RunnerError(f'--goal={goal}: min or max.')
+  validation.check_choice('--goal', goal, ('min', 'max'))
   key = split_metric(metric)
   out = []
   for index, trial in enumerate(sweep.trials()):
@@ -90,8 +89,7 @@ def _cell(value) -> str:
 
 def render(table_rows, metric, fmt='table') -> str:
   """The rows as ``fmt`` (:data:`FORMATS`)."""
-  if fmt not in FORMATS:
-    raise RunnerError(f'--format={fmt}: one of {", ".join(FORMATS)}.')
+  validation.check_choice('--format', fmt, FORMATS)
   columns = [c or metric for c in COLUMNS]
   if fmt == 'json':
     return json.dumps([{c: r[c] for c in columns + ['bindings']}
