@@ -24,7 +24,14 @@ Restores read a warm page cache.
 
 Phase 2 (elastic, 2x2 -> 1x4): one process with 4 devices restores the
 packed and Orbax checkpoints of phase 1 into ``P('data')``; numpy reads the
-two files of phase 1.
+two files of phase 1. It then writes the state as one process does: our
+msgpack file (``save_checkpoint``), Orbax's checkpoint and one numpy file.
+
+Phase 3 (1x4 -> 2x2): 2 processes x 2 devices restore those into
+``P('data')`` (``lib.checkpoints_multiprocess.restore_checkpoint`` with
+``ShapeDtypeStruct`` targets: each process reads only its rows), against
+numpy's ``fromfile`` of the same bytes per process and the old way (each
+process reads the whole file, then places its slices).
 
   python bench/sharded_checkpoint_bench.py [--gib 1] [--rounds 2]
 
@@ -138,6 +145,9 @@ def _worker(args, flags):
     return jax.block_until_ready(ocp.StandardCheckpointer().restore(
         orbax_path, target))
 
+  single_path = os.path.join(root, 'single', 'checkpoint_1')
+  single_orbax = os.path.join(root, 'orbax-single', 'ckpt')
+  single_numpy = os.path.join(root, 'numpy_single.bin')
   if args.phase == 'elastic':  # one process reads what two wrote
     state = jax.jit(make, out_shardings={k: rows for k in shapes})()
     for r in range(args.rounds):
@@ -154,7 +164,64 @@ def _worker(args, flags):
         if got is not None:
           check(got, state)
         del got
+    # The checkpoints of one process, for the 'scatter' phase: ours (one
+    # msgpack file, as a 1-process run writes it), Orbax's and numpy's.
+    checkpoints.save_checkpoint(os.path.dirname(single_path),
+                                {'state': state}, 1)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(single_orbax, state)
+    ckptr.wait_until_finished()
+    with open(single_numpy, 'wb') as f:
+      for k in sorted(shapes):
+        np.asarray(state[k]).tofile(f)
+    os.sync()
     print('RESULT ' + json.dumps(out), flush=True)
+    return
+
+  if args.phase == 'scatter':  # two processes read what one wrote
+    from gintrain.lib import checkpoints_multiprocess  # pylint: disable=g-import-not-at-top
+    from gintrain.lib import msgpack_slices  # pylint: disable=g-import-not-at-top
+    state = jax.jit(make, out_shardings={k: rows for k in shapes})()
+    target = {'state': {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                sharding=rows)
+                        for k, v in shapes.items()}}
+    half = sum(int(np.prod(v.shape)) for v in shapes.values()) // count
+
+    def ours():
+      return jax.block_until_ready(checkpoints_multiprocess.restore_checkpoint(
+          single_path, target)['state'])
+
+    def whole():  # what the restore did before: the whole file, then placed
+      raw = checkpoint_io.read_checkpoint_file(single_path)['state']
+      return jax.block_until_ready({k: jax.make_array_from_callback(
+          v.shape, rows, lambda i, v=raw[k]: v[i]) for k, v in shapes.items()})
+    for r in range(args.rounds):
+      for method in (('ours', 'whole', 'orbax', 'numpy') if r % 2 == 0 else
+                     ('numpy', 'orbax', 'whole', 'ours')):
+        got = None
+        if method == 'ours':
+          before = msgpack_slices.bytes_read()
+          got = timed('single ours', ours)
+          read = float(msgpack_slices.bytes_read() - before)
+          if count > 1:
+            read = float(np.max(multihost_utils.process_allgather(
+                np.float64(read))))
+          out['single ours bytes read'] = read
+        elif method == 'whole':
+          got = timed('single whole', whole)
+        elif method == 'orbax':
+          got = timed('single orbax', lambda: jax.block_until_ready(
+              ocp.StandardCheckpointer().restore(single_orbax, target[
+                  'state'])))
+        else:
+          timed('single numpy', lambda: np.fromfile(
+              single_numpy, np.float32, count=half, offset=me * half * 4))
+        if got is not None:
+          check(got, state)
+        del got
+    out['single bytes per process'] = half * 4
+    if me == 0:
+      print('RESULT ' + json.dumps(out), flush=True)
     return
 
   state = jax.jit(make, out_shardings={k: rows for k in shapes})()
@@ -317,6 +384,21 @@ def _table(r, gib, rounds, load=''):
   for m in ('packed', 'orbax', 'numpy'):
     lines.append(f'| {m} | {r[f"{m} elastic"]:.3f} |'
                  f' {r["numpy elastic"] / r[f"{m} elastic"]:.2f}x |')
+  share = r['single bytes per process']
+  lines += ['', 'A 1-process checkpoint read by 2 processes (1x4 -> 2x2): one'
+            ' process with 4 devices wrote it (ours: one msgpack file, as a'
+            ' 1-process run writes it); 2 processes x 2 devices restore it'
+            ' into P(\'data\'), each reading its half'
+            f' ({share / 2**20:.0f} MiB). numpy: `fromfile` of the same bytes'
+            ' per process (one contiguous range). ours reads'
+            f' {r["single ours bytes read"] / 2**20:.0f} MiB per process'
+            ' (`msgpack_slices.bytes_read()`); "whole file": the restore'
+            ' before, each process reading the whole file then placing its'
+            ' slices.', '', '| method | restore s | vs numpy |', '|---|---|---|']
+  for m, key in (('ours', 'single ours'), ('ours, whole file', 'single whole'),
+                 ('orbax', 'single orbax'), ('numpy', 'single numpy')):
+    lines.append(f'| {m} | {r[key]:.3f} |'
+                 f' {r["single numpy"] / r[key]:.2f}x |')
   return '\n'.join(lines)
 
 
@@ -337,6 +419,7 @@ def main():
   try:
     result = _launch(args, root, 2, 2, 'main')
     result.update(_launch(args, root, 1, 4, 'elastic'))
+    result.update(_launch(args, root, 2, 2, 'scatter'))
   finally:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)

@@ -47,6 +47,7 @@ import numpy as np
 from gintrain.lib import checkpoint_io
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import errors
+from gintrain.lib import msgpack_slices
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
 from gintrain.lib import storage
@@ -330,7 +331,10 @@ def save_checkpoint_multiprocess(
           _commit, tmp_path, ckpt_path, base_path, keep, overwrite,
           keep_every_n_steps, async_manager),
       array_format=array_format, host_memory_budget=host_memory_budget,
-      buffers_stay_valid=buffers_stay_valid)
+      buffers_stay_valid=buffers_stay_valid,
+      # A failed main file fails process 0's part: every process learns it.
+      wait_also=([async_manager.save_future] if is_writer and async_manager
+                 and async_manager.save_future is not None else []))
   return ckpt_path
 
 
@@ -392,14 +396,35 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
                     prefix)
         return target
       path = found[-1]
-  state = checkpoint_io.read_checkpoint_file(path)
   target_state = serialization.to_state_dict(target)
   shardings = jax.tree_util.tree_map(
       _sharding_of, target_state,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  # Large arrays of the msgpack file (a checkpoint written by one process)
+  # stay unread until placed: each process reads only its devices' slices.
+  state = None
+  if any(s is not None for s in jax.tree_util.tree_leaves(shardings)):
+    state = msgpack_slices.read_lazily(path)
+  if state is None:
+    state = checkpoint_io.read_checkpoint_file(path)
   state = multiprocess_arrays.read_arrays(state, path, shardings, step)
+  lazy = []  # (StoredArray, sharding): read together, in parallel
+
+  def collect(stored, sharding):
+    if sharding is not None and isinstance(stored,
+                                           msgpack_slices.StoredArray):
+      lazy.append((stored, sharding))
+    return stored
+  if isinstance(state, dict) and isinstance(shardings, dict):
+    _map_pairs(collect, state, shardings)
+  elif shardings is not None and not isinstance(shardings, dict):
+    collect(state, shardings)
+  placed = dict(zip([id(a) for a, _ in lazy],
+                    msgpack_slices.place(lazy) if lazy else []))
 
   def place(stored, sharding):
+    if id(stored) in placed and isinstance(stored, msgpack_slices.StoredArray):
+      return placed[id(stored)]
     if sharding is None or isinstance(stored, jax.Array):
       return stored
     return _place(stored, sharding)
@@ -407,7 +432,8 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
     state = _map_pairs(place, state, shardings)
   elif shardings is not None and not isinstance(shardings, dict):
     state = place(state, shardings)
-  return serialization.from_state_dict(target, state)
+  return serialization.from_state_dict(target,
+                                       msgpack_slices.materialize(state))
 
 
 def _map_pairs(fn, state, shardings):

@@ -47,6 +47,7 @@ import numpy as np
 
 from gintrain.lib import errors
 from gintrain.lib import packed_arrays
+from gintrain.lib import save_status
 from gintrain.lib import serialization
 
 __all__ = [
@@ -561,7 +562,8 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
                              final_path: str, on_commit,
                              array_format: str | None = None,
                              host_memory_budget: int | None = None,
-                             buffers_stay_valid: bool = False) -> None:
+                             buffers_stay_valid: bool = False,
+                             wait_also=()) -> None:
   """Starts writing ``arrays`` (``(subpath, jax.Array)`` pairs); all processes.
 
   Every process writes its own shards through ``gda_manager`` (a
@@ -582,12 +584,17 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
   the background writer brings each slice to the host as it writes it
   (host memory: two slices). A write that fails (e.g. a full disk) raises
   ``checkpoint_io.CheckpointWriteError`` naming the checkpoint, from
-  ``gda_manager.wait_until_finished()`` / ``check_for_errors()``.
+  ``gda_manager.wait_until_finished()`` / ``check_for_errors()``, on every
+  process (``lib.save_status``: the others' with the failed process's
+  reason), not only on the one that failed. ``wait_also``: futures (packed
+  layout: process 0's main-file write) whose failure fails this process's
+  part the same way.
   """
   target_dir = array_dir(final_path if is_remote_path(final_path) else tmp_path)
   if resolve_format(array_format, final_path) == 'packed':
     _save_packed(gda_manager, arrays, target_dir, on_commit,
-                 host_memory_budget, buffers_stay_valid, final_path)
+                 host_memory_budget, buffers_stay_valid, final_path,
+                 wait_also)
     return
   # The hashes of this process's shards go in before its data and before
   # the commit (which checks every process's manifest is there).
@@ -600,7 +607,7 @@ def save_multiprocess_arrays(gda_manager, arrays: list, tmp_path: str,
 
 def _save_packed(gda_manager, arrays, target_dir, on_commit,
                  host_memory_budget=None, buffers_stay_valid=False,
-                 final_path=None) -> None:
+                 final_path=None, wait_also=()) -> None:
   gda_manager.wait_until_finished()  # the previous save, as serialize does
   background = (hasattr(gda_manager, '_add_futures') and
                 hasattr(gda_manager, '_start_async_commit'))
@@ -610,17 +617,34 @@ def _save_packed(gda_manager, arrays, target_dir, on_commit,
     background = copy = False  # no copies: written now, one slice at a time
   snap = packed_arrays.snapshot(arrays, copy=copy)
   del arrays
+  # Every process learns whether another failed its part (jax's barrier
+  # alone would leave them waiting for its timeout).
+  status = save_status.start(final_path or target_dir,
+                             getattr(gda_manager, '_timeout_secs', 300))
 
   def write():
     from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
     try:
-      return packed_arrays.write_process_files(
-          target_dir, snap, jax.process_index(), jax.process_count())
-    except OSError as e:
-      raise checkpoint_io.CheckpointWriteError(
-          final_path or target_dir, e, target_dir) from e
-    finally:
-      snap.clear()  # the host copies (or device arrays) go now
+      try:
+        nbytes = packed_arrays.write_process_files(
+            target_dir, snap, jax.process_index(), jax.process_count())
+        for future in wait_also:  # process 0's main file
+          future.result()
+      except checkpoint_io.CheckpointWriteError:
+        raise
+      except OSError as e:
+        raise checkpoint_io.CheckpointWriteError(
+            final_path or target_dir, e, target_dir) from e
+      finally:
+        snap.clear()  # the host copies (or device arrays) go now
+    except BaseException as e:
+      if status is not None:
+        status.publish(e)
+      raise
+    if status is not None:
+      status.publish(None)
+      status.wait_others()
+    return nbytes
   if not background:  # a jax without the hooks: write, then commit
     write()
     gda_manager.serialize([], [], on_commit_callback=on_commit)

@@ -7,7 +7,9 @@ one index into ``<checkpoint>_gda/packed/``::
   process_<i>.bin    the raw bytes (C order) of every slice process i wrote,
                      each slice at a 4 KiB-aligned offset, fsynced once
   process_<i>.json   for each array: shape, dtype and, per slice written,
-                     its box, offset, size and xxh3-64 hash
+                     its box, offset, size and the xxh3-64 hash of each
+                     8 MiB block of it (``HASH_BLOCK``; version 1 indexes,
+                     one hash per slice, still read)
 
 A checkpoint has ``2 x processes`` array files whatever the number of arrays
 and devices (flax's per-array zarr layout has about ``arrays x (1 +
@@ -15,9 +17,13 @@ devices)``). Each slice of an array is written once, by the process holding
 its replica 0 (replicated arrays: by one process only). The index is written
 after the data and is the integrity record: a restore reads each slice it
 needs with ``os.preadv`` straight into the buffer handed to the device (one
-copy from the page cache, no decoding) and checks its hash; a slice stored
-with other bounds than the one wanted (another mesh or process count) is
-read whole, checked, and its overlap copied. On an object store
+copy from the page cache, no decoding), every hash block a task of the
+thread pool that hashes each 1 MiB piece right after reading it (while it
+is in the CPU's cache), so the check costs no second pass over memory and
+a slice is vouched for as it lands; a slice stored with other bounds than
+the one wanted (another mesh or process count) is read whole, checked,
+and its overlap copied. Devices holding the same box (replicas) share one
+read. On an object store
 (``s3://``, ``gs://``, through ``lib.storage``) the two files are two
 objects (multipart uploads that appear whole or not at all) and reads are
 ranged GETs. The commit (a directory rename locally, a commit marker
@@ -40,10 +46,14 @@ import numpy as np
 from gintrain.lib import errors
 
 __all__ = ['PACKED_DIR', 'snapshot', 'snapshot_bytes', 'write_process_files', 'is_packed',
-           'load_index', 'read_arrays', 'check_slices', 'describe']
+           'load_index', 'read_arrays', 'check_slices', 'describe',
+           'run_tasks', 'empty_aligned']
 
 PACKED_DIR = 'packed'
-VERSION = 1
+# 2: a hash per block of HASH_BLOCK bytes of each slice (1: one per slice,
+# still read).
+VERSION = 2
+HASH_BLOCK = 8 << 20
 _ALIGN = 4096
 # Reads of one slice are split into pieces of this size across threads.
 _PIECE_BYTES = 32 << 20
@@ -63,6 +73,18 @@ def _pool():
       _POOL = concurrent.futures.ThreadPoolExecutor(
           _THREADS, thread_name_prefix='gintrain-packed-read')
     return _POOL
+
+
+def empty_aligned(shape, dtype) -> np.ndarray:
+  """``np.empty(shape, dtype)`` starting at a 4 KiB boundary: jax's CPU
+  client takes such a buffer as the device array without copying it
+  (numpy's own allocations are only 16-byte aligned, and were copied
+  again by ``device_put``)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _aligned(n: int) -> int:
@@ -88,6 +110,14 @@ def _digest(view) -> str:
   for lo in range(0, len(view), _HASH_PIECE):
     state.update(view[lo:lo + _HASH_PIECE])
   return state.hexdigest()
+
+
+def _block_digests(view) -> list:
+  """The xxh3-64 of each ``HASH_BLOCK`` bytes of a flat byte view (one
+  for an empty view): a restore checks each block as it lands, in
+  parallel."""
+  return [_digest(view[lo:lo + HASH_BLOCK])
+          for lo in range(0, max(len(view), 1), HASH_BLOCK)]
 
 
 def _box(index, shape) -> tuple:
@@ -226,7 +256,8 @@ def write_process_files(directory: str, snap: list, process: int,
   data_path = os.path.join(folder, f'process_{process}.bin')
   index_path = os.path.join(folder, f'process_{process}.json')
   index = {'version': VERSION, 'process': process,
-           'process_count': process_count, 'arrays': {}}
+           'process_count': process_count, 'hash_block': HASH_BLOCK,
+           'arrays': {}}
   flat = [data for _, _, _, slices in snap for _, data in slices]
   pool = _pool()
   digests = [None] * len(flat)
@@ -239,7 +270,7 @@ def write_process_files(directory: str, snap: list, process: int,
       if n + 1 < len(flat) and hasattr(flat[n + 1], 'copy_to_host_async'):
         flat[n + 1].copy_to_host_async()
       view = _bytes_view(_host(data))
-      future = pool.submit(_digest, view)
+      future = pool.submit(_block_digests, view)
       start = _aligned(offset)
       sink.write_at(start, view)
       offsets.append((start, int(view.size)))
@@ -292,7 +323,9 @@ def load_index(directory: str) -> tuple[dict, int]:
   """``(merged index, checksum)`` of a packed array directory.
 
   The merged index maps each array subpath to ``{'shape', 'dtype',
-  'chunks': [(box, xxh3)], 'where': {box: (process, offset, nbytes)}}``.
+  'chunks': [(box, (hash block bytes, xxh3 hex digests))], 'where': {box:
+  (process, offset, nbytes)}}`` (block 0: one digest of the whole slice,
+  a version 1 index).
 
   Raises:
     gintrain.lib.errors.CheckpointReadError: an index is missing, damaged,
@@ -312,8 +345,11 @@ def load_index(directory: str) -> tuple[dict, int]:
     crc = zlib.crc32(blob, crc)
     try:
       index = json.loads(blob)
-      if index['version'] != VERSION or index['process'] != process:
+      if index['version'] not in (1, VERSION) or index['process'] != process:
         raise ValueError('wrong version or process number')
+      block = int(index['hash_block']) if index['version'] > 1 else 0
+      if block < 0 or (index['version'] > 1 and not block):
+        raise ValueError(f'hash block {block}')
       if count is None:
         count = int(index['process_count'])
         if count < 1:
@@ -337,7 +373,8 @@ def load_index(directory: str) -> tuple[dict, int]:
               np.prod([b - a for a, b in box])) or offset < 0):
             raise ValueError(f'slice {_box_str(box)} of "{subpath}" has a'
                              ' bad size or offset')
-          entry['chunks'].append((box, str(c['xxh3'])))
+          entry['chunks'].append((box, _parse_digest(c['xxh3'], block,
+                                                    nbytes)))
           entry['where'][box] = (process, offset, nbytes)
           end = max(end, offset + nbytes)
     except (ValueError, KeyError, TypeError) as e:
@@ -384,7 +421,6 @@ class _Files:
     self.folder = folder
     self.fds = {}
     self.lock = threading.Lock()
-    self.futures = []  # every read submitted: waited for before closing
     self.fs = None
     if _is_url(folder):
       from gintrain.lib import storage  # pylint: disable=g-import-not-at-top
@@ -403,7 +439,6 @@ class _Files:
       return functools.partial(_pread_into, self.fds[process])
 
   def close(self):
-    concurrent.futures.wait(self.futures)
     for fd in self.fds.values():
       os.close(fd)
 
@@ -426,24 +461,66 @@ def _get_into(fs, fs_path: str, view: np.ndarray, offset: int,
   view[:] = np.frombuffer(data, np.uint8)
 
 
-def _read_slice(pool, files, where, dest: np.ndarray, path: str) -> list:
-  """Futures reading the stored slice at ``where`` into ``dest`` (a
-  C-contiguous array of its shape), in pieces."""
-  process, offset, nbytes = where
-  read = files.fd(process)
-  view = _bytes_view(dest)
-  futures = [pool.submit(read, view[lo:lo + _PIECE_BYTES], offset + lo, path)
-             for lo in range(0, nbytes, _PIECE_BYTES)]
-  files.futures += futures
-  return futures or [None]
+# A restore reads each hash block in pieces of this size (local files),
+# hashing each piece while it is in the CPU's cache.
+_READ_PIECE = 1 << 20
 
 
-def _check(view, digest, path, box) -> None:
-  got = _digest(view)
-  if got != digest:
-    raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
-                   f' (xxh3 {got}, written {digest}): the data file is'
-                   ' damaged or was swapped')
+def _parse_digest(value, block: int, nbytes: int) -> tuple:
+  """An index's hash entry as ``(block bytes, hex digests)``: version 1,
+  one digest of the whole slice (block 0); version 2, one per ``block``
+  bytes."""
+  if not block:
+    if not isinstance(value, str):
+      raise ValueError('a version 1 hash is one string')
+    return 0, (value,)
+  want = max(1, -(-nbytes // block))
+  if not (isinstance(value, list) and len(value) == want and
+          all(isinstance(v, str) for v in value)):
+    raise ValueError(f'a slice of {nbytes} bytes needs {want} block hashes')
+  return block, tuple(value)
+
+
+def _read_and_check(read, view, offset, digest, path, box, piece) -> list:
+  """Tasks that read the stored slice at file ``offset`` into ``view`` (a
+  flat byte view of its size) and check it against ``digest``: one task
+  per hash block, each hashing its pieces as they land."""
+  block, hexes = digest
+  size = len(view)
+  block = block or max(size, 1)
+
+  def task(k):
+    import xxhash  # pylint: disable=g-import-not-at-top
+    lo, hi = k * block, min(size, (k + 1) * block)
+    state = xxhash.xxh3_64()
+    for start in range(lo, hi, piece):
+      part = view[start:min(hi, start + piece)]
+      read(part, offset + start, path)
+      state.update(part)
+    got = state.hexdigest()
+    if got != hexes[k]:
+      where = f' (bytes {lo}-{hi} of {size})' if len(hexes) > 1 else ''
+      raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
+                     f'{where} (xxh3 {got}, written {hexes[k]}): the data'
+                     ' file is damaged or was swapped')
+  return [functools.partial(task, k) for k in range(len(hexes))]
+
+
+def run_tasks(tasks) -> None:
+  """Runs ``tasks`` (callables) on the read pool; raises the first error
+  once none is running any more (no read may outlive its file)."""
+  futures = [_pool().submit(t) for t in tasks]
+  error = None
+  for future in futures:
+    try:
+      future.result()
+    except BaseException as e:  # pylint: disable=broad-except
+      if error is None:
+        error = e
+        for f in futures:
+          f.cancel()
+  if error is not None:
+    raise error
 
 
 def _overlap(box, stored):
@@ -460,17 +537,22 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
   directory ``directory``, each placed with its sharding; this process
   reads only the slices its devices hold, all in parallel.
 
+  Each hash block of a stored slice is one task: read in pieces straight
+  into the destination buffer (a stored slice within a device's box and
+  with its whole rows) or into a temporary (other bounds; its overlaps
+  copied once every block matched), each piece hashed as it lands.
+
   Raises:
     gintrain.lib.errors.CheckpointReadError: a slice missing, short, or not
       matching its hash (the message names the array).
   """
   files = _Files(os.path.join(directory, PACKED_DIR))
-  pool = _pool()
+  piece = _READ_PIECE if files.fs is None else _PIECE_BYTES
   try:
     plans = []  # per array: [(device, dest buffer)]
-    checks = []  # (futures, view, digest, path, box) to hash when read
-    copies = []  # (futures, dest, dest slices, temp, temp slices)
-    temps = {}  # (array index, stored box) -> (futures, temp)
+    tasks = []  # reads with their hash checks, independent of each other
+    copies = []  # (dest, dest slices, temp, temp slices), after the reads
+    temps = {}  # (array index, stored box) -> temp
     for i, (subpath, path, sharding) in enumerate(wanted):
       info = merged.get(subpath)
       if info is None:
@@ -478,10 +560,14 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
       shape, dtype = info['shape'], _dtype(info['dtype'])
       digests = dict(info['chunks'])
       placed = []
+      boxes = {}  # box -> buffer: replicas are read once
       for device, index in sharding.addressable_devices_indices_map(
           shape).items():
         box = _box(index, shape)
-        dest = np.empty([b - a for a, b in box], dtype)
+        if box in boxes:
+          placed.append((device, boxes[box]))
+          continue
+        dest = boxes[box] = empty_aligned([b - a for a, b in box], dtype)
         placed.append((device, dest))
         covered = 0
         for stored, where in info['where'].items():
@@ -492,37 +578,31 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
           inside = all(a <= c and d <= b for (a, b), (c, d)
                        in zip(box, stored))
           rows_whole = all(box[k] == stored[k] for k in range(1, len(box)))
+          process, offset, _ = where
           if inside and rows_whole:  # contiguous in dest: read straight in
             part = dest[_local(box, stored)] if box else dest
-            checks.append((_read_slice(pool, files, where, part, path),
-                           _bytes_view(part), digests[stored], path,
-                           stored))
+            tasks += _read_and_check(files.fd(process), _bytes_view(part),
+                                     offset, digests[stored], path, stored,
+                                     piece)
             continue
           key = (i, stored)
           if key not in temps:
-            temp = np.empty([d - c for c, d in stored], dtype)
-            futures = _read_slice(pool, files, where, temp, path)
-            temps[key] = (futures, temp)
-            checks.append((futures, _bytes_view(temp), digests[stored],
-                           path, stored))
-          futures, temp = temps[key]
+            temps[key] = np.empty([d - c for c, d in stored], dtype)
+            tasks += _read_and_check(files.fd(process),
+                                     _bytes_view(temps[key]), offset,
+                                     digests[stored], path, stored, piece)
           inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d)
                         in zip(box, stored))
-          copies.append((futures, dest, _local(box, inter), temp,
+          copies.append((dest, _local(box, inter), temps[key],
                          _local(stored, inter)))
         if covered != int(np.prod(dest.shape)):
           raise _corrupt(path, f'slice {_box_str(box)} is not covered by'
                          ' the stored slices')
       plans.append(placed)
-    hashed = [pool.submit(_wait_and_check, *c) for c in checks]
-    for future in hashed:
-      future.result()
+    run_tasks(tasks)
     # Overlaps of slices read whole: copied in parallel (numpy releases the
     # GIL), once every hash matched.
-    copied = [pool.submit(_copy, dest, dslices, temp, tslices)
-              for _, dest, dslices, temp, tslices in copies]
-    for future in copied:
-      future.result()
+    run_tasks([functools.partial(_copy, *c) for c in copies])
   finally:
     files.close()
   out = []
@@ -537,32 +617,23 @@ def _copy(dest, dslices, temp, tslices) -> None:
   dest[dslices] = temp[tslices]
 
 
-def _wait_and_check(futures, view, digest, path, box) -> None:
-  for future in futures:
-    if future is not None:
-      future.result()
-  _check(view, digest, path, box)
-
-
 def check_slices(directory: str, merged: dict, items: list) -> None:
   """Reads each stored slice ``(subpath, path, box)`` whole and checks its
   hash (``path`` names the array in errors); in parallel, at most 256 MiB
   at a time."""
   files = _Files(os.path.join(directory, PACKED_DIR))
-  pool = _pool()
+  piece = _READ_PIECE if files.fs is None else _PIECE_BYTES
   try:
     batch, size = [], 0
     for n, (subpath, path, box) in enumerate(items):
       info = merged[subpath]
-      where = info['where'][box]
+      process, offset, nbytes = info['where'][box]
       temp = np.empty([d - c for c, d in box], _dtype(info['dtype']))
-      futures = _read_slice(pool, files, where, temp, path)
-      batch.append(pool.submit(_wait_and_check, futures, _bytes_view(temp),
-                               dict(info['chunks'])[box], path, box))
-      size += where[2]
+      batch += _read_and_check(files.fd(process), _bytes_view(temp), offset,
+                               dict(info['chunks'])[box], path, box, piece)
+      size += nbytes
       if size >= (256 << 20) or n == len(items) - 1:
-        for future in batch:
-          future.result()
+        run_tasks(batch)
         batch, size = [], 0
   finally:
     files.close()

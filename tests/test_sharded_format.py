@@ -269,3 +269,52 @@ def test_over_the_host_memory_budget_the_save_writes_before_returning(
   out = mpa.read_arrays({'params': {'w': PH + 'params/w'}}, ckpt,
                         {'params': {'w': _named(P())}})
   np.testing.assert_array_equal(np.asarray(out['params']['w']), W)
+
+
+def test_each_hash_block_is_checked_and_names_its_bytes(tmp_path,
+                                                        monkeypatch):
+  monkeypatch.setattr(packed_arrays, 'HASH_BLOCK', 64)
+  wide = np.arange(8 * 32, dtype=np.float32).reshape(8, 32)
+  ckpt, state = _save(tmp_path, {
+      'params/w': jax.device_put(wide, _named(P('data', None)))})
+  chunk = _w_chunks(ckpt)[1]  # rows 2:4, 256 bytes: 4 blocks of 64
+  assert chunk['box'] == [[2, 4], [0, 32]] and len(chunk['xxh3']) == 4
+  np.testing.assert_array_equal(_restore_w(ckpt, state, P('data')), wide)
+  with open(_data(ckpt), 'r+b') as f:  # a byte of its second block
+    f.seek(chunk['offset'] + 64 + 5)
+    f.write(b'\x7f')
+  for check in (lambda: _restore_w(ckpt, state, P('data')),
+                lambda: _restore_w(ckpt, state, P(None, 'data')),
+                lambda: mpa.verify_arrays(ckpt, state)):
+    with pytest.raises(errors.CheckpointReadError,
+                       match=r'params/w.*slice \[2:4, 0:32\].*bytes 64-128'
+                       ' of 256'):
+      check()
+
+
+def _restore_w(ckpt, state, spec):
+  out = mpa.read_arrays(state, ckpt, {'params': {'w': _named(spec)}})
+  return np.asarray(out['params']['w'])
+
+
+def test_version_1_indexes_one_hash_per_slice_still_restore(tmp_path):
+  import xxhash  # pylint: disable=g-import-not-at-top
+  ckpt, state = _save(tmp_path, {
+      'params/w': jax.device_put(W, _named(P('data', 'model')))})
+  with open(_index(ckpt)) as f:
+    index = json.load(f)
+  with open(_data(ckpt), 'rb') as f:
+    data = f.read()
+  index['version'] = 1
+  del index['hash_block']
+  for c in index['arrays']['params/w']['chunks']:
+    c['xxh3'] = xxhash.xxh3_64_hexdigest(
+        data[c['offset']:c['offset'] + c['nbytes']])
+  with open(_index(ckpt), 'w') as f:
+    json.dump(index, f)
+  mpa.verify_arrays(ckpt, state)
+  for spec in (P('data', 'model'), P(None, 'data'), P()):
+    np.testing.assert_array_equal(_restore_w(ckpt, state, spec), W)
+  _swap(ckpt)
+  with pytest.raises(errors.CheckpointReadError, match='params/w'):
+    _restore_w(ckpt, state, P('data', 'model'))

@@ -1,0 +1,117 @@
+"""Every process learns whether any process failed its part of a save.
+
+In a multi-process save each process writes its own slices in a background
+thread (``lib.multiprocess_arrays``, packed layout), then meets the others
+at jax's commit barrier. When one process fails (a full disk), it never
+reaches that barrier, and the others would wait there until its timeout
+(minutes) while the failed process stops: the run would stop on one
+process only. Here each process publishes the outcome of its part in
+jax's distributed key-value store (the coordinator that
+``jax.distributed.initialize`` started), and its background thread then
+waits for every other process's outcome: a failure anywhere fails the save
+on every process at once, with the failing process's reason (errno kept),
+so every process raises it at its next check (the runner: the step after
+the failed save) with one line.
+
+Keys: ``gintrain/save_status/<n>/<process>``, ``n`` counting this
+module's saves (every process saves in the same order: SPMD). A process
+deletes its key of save ``n - 1`` when it publishes save ``n``: by then
+every process has read it (a save begins only after the previous one's
+commit, which follows every process's wait).
+
+In one process, or without ``jax.distributed``, :func:`start` returns None
+and nothing is exchanged.
+"""
+
+import errno as errno_codes
+import itertools
+import time
+
+import jax
+
+__all__ = ['SaveStatus', 'start']
+
+_ROOT = 'gintrain/save_status'
+_COUNT = itertools.count()
+# Polling of the other processes' outcomes: from 1 ms up to this.
+_MAX_POLL_S = 0.05
+
+
+def _client():
+  if jax.process_count() == 1:
+    return None
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(distributed.global_state, 'client', None)
+
+
+def start(path: str, timeout_s: float):
+  """The status exchange of one save of checkpoint ``path`` (all processes
+  call it, in the same order); None in one process."""
+  client = _client()
+  number = next(_COUNT)
+  if client is None:
+    return None
+  return SaveStatus(client, number, path, timeout_s)
+
+
+class SaveStatus:
+  """One save's outcomes, per process (see the module doc)."""
+
+  def __init__(self, client, number: int, path: str, timeout_s: float):
+    self.client, self.number, self.path = client, number, path
+    self.timeout_s = timeout_s
+    self.me, self.count = jax.process_index(), jax.process_count()
+
+  def _key(self, number: int, process: int) -> str:
+    return f'{_ROOT}/{number}/{process}'
+
+  def publish(self, error: BaseException | None) -> None:
+    """Tells the other processes this process's outcome (``error``: its
+    failure, None: its part is written)."""
+    if error is None:
+      value = 'ok'
+    else:
+      code = getattr(error, 'errno', None) or 0
+      reason = getattr(getattr(error, 'cause', None), 'strerror', None) or (
+          getattr(error, 'strerror', None) or str(error))
+      value = f'error {int(code)} {" ".join(str(reason).split())[:300]}'
+    self.client.key_value_set(self._key(self.number, self.me), value)
+    if self.number:
+      try:
+        self.client.key_value_delete(self._key(self.number - 1, self.me))
+      except Exception:  # pylint: disable=broad-except
+        pass  # (a leftover key costs a few bytes of the coordinator)
+
+  def wait_others(self) -> None:
+    """Returns once every process published success; raises
+    ``checkpoint_io.CheckpointWriteError`` naming the first failed process
+    as soon as one published a failure. Past the timeout, returns (jax's
+    barrier then times out with its own error)."""
+    prefix = f'{_ROOT}/{self.number}/'
+    deadline = time.monotonic() + self.timeout_s
+    pause = 0.001
+    while True:
+      found = {}
+      for key, value in self.client.key_value_dir_get(prefix):
+        tail = key.rsplit('/', 1)[-1]
+        if tail.isdigit():
+          found[int(tail)] = value
+      failed = sorted(p for p, v in found.items()
+                      if v.startswith('error') and p != self.me)
+      if failed:
+        raise self._error(failed[0], found[failed[0]])
+      if len(found) >= self.count or time.monotonic() > deadline:
+        return
+      time.sleep(pause)
+      pause = min(2 * pause, _MAX_POLL_S)
+
+  def _error(self, process: int, value: str):
+    from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
+    _, code, reason = (value.split(' ', 2) + ['', ''])[:3]
+    code = int(code) if code.isdigit() and int(code) else errno_codes.EIO
+    cause = OSError(code, f'{reason or "its save failed"} on process'
+                    f' {process}')
+    return checkpoint_io.CheckpointWriteError(self.path, cause)
