@@ -184,3 +184,15 @@ def test_converted_sweep_and_model_checks():
   assert _message(llama.llama, head_dim=True) == (
       'llama.head_dim must be an integer >= 2, got True.')
   assert llama.llama(num_heads=np.int64(4)).num_heads == 4
+
+
+def test_converted_distributed_checks():
+  from gintrain.runner.parallel import distributed  # pylint: disable=g-import-not-at-top
+  assert _message(distributed.resolve, 'auto', process_count=0,
+                  environ={}) == (
+                      '--process_count must be an integer >= 1, got 0.')
+  assert _message(distributed.barrier, 'a/b') == (
+      "barrier name must be letters, digits and _.- only, got 'a/b'.")
+  # its own error type is a user error too (one line), and a ValueError
+  assert issubclass(distributed.DistributedConfigError, RunnerError)
+  assert issubclass(distributed.DistributedConfigError, ValueError)

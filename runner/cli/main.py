@@ -362,7 +362,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _is_user_error(error: BaseException) -> bool:
-  if isinstance(error, (RunnerError, distributed.DistributedConfigError)):
+  if isinstance(error, RunnerError):  # distributed's config errors too
     return True
   # The object store failed under the run (endpoint unreachable, bucket
   # deleted, access denied): lib.storage's error names the URL and why.

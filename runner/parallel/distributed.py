@@ -45,6 +45,8 @@ from typing import Mapping, Optional, Sequence
 
 from absl import flags
 
+from gintrain.runner import validation
+from gintrain.runner.errors import RunnerError
 from gintrain.runner.parallel import signals
 
 __all__ = [
@@ -96,10 +98,12 @@ _DEFAULTS = {
 }
 _KEY_PREFIX = 'gintrain'
 _ADDRESS_RE = re.compile(r'^(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})$')
+_NAME_RE = re.compile(r'[A-Za-z0-9_.\-]+')  # a barrier's name
 
 
-class DistributedConfigError(ValueError):
-  """The multi-process flags or the launcher's environment are inconsistent."""
+class DistributedConfigError(RunnerError, ValueError):
+  """The multi-process flags or the launcher's environment are inconsistent
+  (a user error: one ``gintrain: error:`` line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +210,7 @@ def resolve(multiprocess: str = 'auto',
 
   Raises:
     DistributedConfigError: naming the flag or environment variable at fault.
+    validation.ArgumentError: ``--process_count`` below 1.
   """
   environ = os.environ if environ is None else environ
   if multiprocess not in MULTIPROCESS_MODES:
@@ -225,9 +230,8 @@ def resolve(multiprocess: str = 'auto',
     return Plan(False, 'off')
   if coordinator_address is not None:
     _check_address(coordinator_address)
-  if process_count is not None and process_count < 1:
-    raise DistributedConfigError(
-        f'--process_count={process_count} must be >= 1.')
+  if process_count is not None:
+    validation.check_int('--process_count', process_count, 1)
   if len(given) == 3:
     if not 0 <= process_index < process_count:
       raise DistributedConfigError(
@@ -419,8 +423,8 @@ def _next_key(name: str) -> str:
 
 
 def _check_name(name):
-  if not re.fullmatch(r'[A-Za-z0-9_.\-]+', name):
-    raise ValueError(f'barrier name {name!r} must match [A-Za-z0-9_.-]+')
+  validation.check_name('barrier name', name, 'letters, digits and _.- only',
+                        test=_NAME_RE.fullmatch)
 
 
 def barrier_timeout() -> float:
