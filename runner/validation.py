@@ -31,7 +31,8 @@ from gintrain.runner.errors import RunnerError
 from gintrain.runner.errors import did_you_mean
 
 __all__ = ['ArgumentError', 'fail', 'is_int', 'check_int', 'check_positive_int',
-           'check_number', 'check_fraction', 'check_choice', 'check_bool',
+           'check_number', 'check_fraction', 'check_multiple',
+           'check_choice', 'check_bool',
            'check_callable', 'check_callables', 'check_name',
            'check_regex', 'check_regex_list']
 
@@ -159,6 +160,21 @@ def check_number(name: str, value: Any, low: float | None = None,
 def check_fraction(name: str, value: Any) -> float:
   """``value`` as a float in (0, 1) (a real number, not a bool)."""
   return check_number(name, value, 0, 1, low_open=True, high_open=True)
+
+
+def check_multiple(name: str, value: int, divisor: int, of: str) -> int:
+  """``value`` if ``divisor`` divides it (two settings that must fit:
+  ``of`` names the divisor, e.g. ``'heads=4'``), after both were checked as
+  integers.
+
+    >>> check_multiple('train.batch_size', 12, 8, '8 (devices)')
+    Traceback (most recent call last):
+    ...
+    gintrain.runner.validation.ArgumentError: train.batch_size=12 must be a multiple of 8 (devices).
+  """
+  if value % divisor:
+    raise ArgumentError(name, f'{name}={value} must be a multiple of {of}.')
+  return value
 
 
 def _listed(choices) -> str:

@@ -196,3 +196,18 @@ def test_converted_distributed_checks():
   # its own error type is a user error too (one line), and a ValueError
   assert issubclass(distributed.DistributedConfigError, RunnerError)
   assert issubclass(distributed.DistributedConfigError, ValueError)
+
+
+def test_multiple():
+  assert v.check_multiple('train.batch_size', 16, 8, '8 (devices)') == 16
+  assert _message(v.check_multiple, 'transformer.width', 10, 4,
+                  'heads=4') == (
+                      'transformer.width=10 must be a multiple of heads=4.')
+  from gintrain.runner.models import transformer  # pylint: disable=g-import-not-at-top
+  assert _message(transformer.transformer, width=10, heads=4) == (
+      'transformer.width=10 must be a multiple of heads=4.')
+  assert _message(transformer.transformer, positions='rotari') == (
+      "transformer.positions must be 'learned' or 'rotary', got 'rotari'."
+      " (did you mean 'rotary'?)")
+  assert _message(transformer.transformer, depth=0) == (
+      'transformer.depth must be an integer >= 1, got 0.')

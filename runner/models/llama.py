@@ -377,13 +377,11 @@ def _heads(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple:
   num_kv_heads = validation.check_int(
       'llama.num_kv_heads', num_heads if num_kv_heads is None else
       num_kv_heads, 1)
-  if num_heads % num_kv_heads:
-    raise ValueError(f'llama.num_heads={num_heads} must be a multiple of'
-                     f' num_kv_heads={num_kv_heads}.')
+  validation.check_multiple('llama.num_heads', num_heads, num_kv_heads,
+                            f'num_kv_heads={num_kv_heads}')
   if head_dim is None:
-    if hidden_size % num_heads:
-      raise ValueError(f'llama.hidden_size={hidden_size} must be a multiple'
-                       f' of num_heads={num_heads} (or set head_dim).')
+    validation.check_multiple('llama.hidden_size', hidden_size, num_heads,
+                              f'num_heads={num_heads} (or set head_dim)')
     head_dim = hidden_size // num_heads
   head_dim = validation.check_int('llama.head_dim', head_dim, 2)
   if head_dim % 2:

@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gintrain.runner import validation
+
 __all__ = ['Transformer', 'transformer']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
@@ -197,24 +199,19 @@ def transformer(vocab_size: int = 256, width: int = 128, depth: int = 4,
                 positions: str = 'rotary', tied: bool = True,
                 dtype: str = 'float32') -> Transformer:
   """A decoder-only :class:`Transformer` (checked arguments)."""
-  for name, value, low in (('vocab_size', vocab_size, 2), ('width', width, 1),
-                           ('depth', depth, 1), ('heads', heads, 1),
-                           ('mlp_ratio', mlp_ratio, 1),
-                           ('max_len', max_len, 1)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ValueError(f'transformer.{name} must be an integer >= {low}, got'
-                       f' {value!r}.')
-  if width % heads:
-    raise ValueError(f'transformer.width={width} must be a multiple of'
-                     f' heads={heads}.')
-  if positions not in ('learned', 'rotary'):
-    raise ValueError("transformer.positions must be 'learned' or 'rotary',"
-                     f' got {positions!r}.')
+  vocab_size, width, depth, heads, mlp_ratio, max_len = (
+      validation.check_int(f'transformer.{name}', value, low)
+      for name, value, low in (('vocab_size', vocab_size, 2),
+                               ('width', width, 1), ('depth', depth, 1),
+                               ('heads', heads, 1), ('mlp_ratio', mlp_ratio, 1),
+                               ('max_len', max_len, 1)))
+  validation.check_multiple('transformer.width', width, heads,
+                            f'heads={heads}')
+  validation.check_choice('transformer.positions', positions,
+                          ('learned', 'rotary'))
   if positions == 'rotary' and (width // heads) % 2:
     raise ValueError('rotary positions need an even head width; got'
                      f' width/heads = {width // heads}.')
-  if dtype not in _DTYPES:
-    raise ValueError(f'transformer.dtype must be one of {sorted(_DTYPES)},'
-                     f' got {dtype!r}.')
+  validation.check_choice('transformer.dtype', dtype, sorted(_DTYPES))
   return Transformer(vocab_size, width, depth, heads, mlp_ratio, max_len,
                      positions, bool(tied), dtype)

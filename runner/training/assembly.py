@@ -112,10 +112,9 @@ def _with_mask(batch):
 def _bind_source(config, source, partitioner) -> None:
   """Checks the batch sizes against the devices; binds the data source."""
   divisor = partitioner.batch_divisor
-  if config.batch_size % divisor:
-    raise RunnerError(
-        f'train.batch_size={config.batch_size} must be a multiple of'
-        f' {divisor} (devices) for parallelism={partitioner.name!r}.')
+  validation.check_multiple(
+      'train.batch_size', config.batch_size, divisor,
+      f'{divisor} (devices) for parallelism={partitioner.name!r}')
   if (config.batch_size // divisor) % config.microbatches:
     raise RunnerError(
         f'train.microbatches={config.microbatches} must divide the batch of'
