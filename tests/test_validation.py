@@ -211,3 +211,18 @@ def test_multiple():
       " (did you mean 'rotary'?)")
   assert _message(transformer.transformer, depth=0) == (
       'transformer.depth must be an integer >= 1, got 0.')
+
+
+def test_converted_data_checks():
+  from gintrain.runner.data import corpora, packing, sources, text  # pylint: disable=g-import-not-at-top
+  assert _message(packing.Rows, None, 8, mode='packed') == (
+      "packing mode must be 'pack' or 'pad', got 'packed'. (did you mean"
+      " 'pack'?)")
+  assert _message(sources.JsonlDocs, '/nonexistent.jsonl',
+                  on_bad_line='skipp') == (
+                      "jsonl.on_bad_line must be 'skip' or 'error', got"
+                      " 'skipp'. (did you mean 'skip'?)")
+  assert _message(corpora.lm_source, None, None, 0) == (
+      'length must be an integer >= 1, got 0.')
+  assert _message(text.text_files, length=True) == (
+      'text_files.length must be an integer >= 1, got True.')

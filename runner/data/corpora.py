@@ -47,6 +47,7 @@ from gintrain.runner.data import sources
 from gintrain.runner.data import staging
 from gintrain.runner.data import text as text_lib
 from gintrain.runner.errors import RunnerError
+from gintrain.runner import validation
 from gintrain.runner.validation import check_fraction
 
 __all__ = ['jsonl', 'parquet', 'array_record', 'packed_text_files',
@@ -136,8 +137,8 @@ def lm_source(train_docs, eval_docs, length: int, packing_mode: str = 'pack',
               ) -> grain_source.GrainSource:
   """A GrainSource of packed rows of ``train_docs`` (eval: ``eval_docs``;
   ``prefetch``: batches read ahead, see ``GrainSource``)."""
-  _check_int('length', length, 1)
-  _check_int('worker_count', worker_count, 0)
+  validation.check_int('length', length, 1)
+  validation.check_int('worker_count', worker_count, 0)
   tok = train_docs.tokenizer
   train = _SeededRows(train_docs, length, shuffle, packing_mode, mask_prompt,
                       seed)
@@ -177,11 +178,6 @@ class _LMSource(grain_source.GrainSource):
       rows.seed = spec.seed
       rows._epochs.clear()  # pylint: disable=protected-access
     super().bind(spec)
-
-
-def _check_int(name, value, low):
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise RunnerError(f'{name} must be an integer >= {low}, got {value!r}.')
 
 
 def _docs(make, paths, what):

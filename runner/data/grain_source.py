@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from gintrain.runner import validation
 from gintrain.runner.data import base
 
 __all__ = ['GrainSource', 'collate', 'PREFETCH_BATCHES', 'READ_THREADS']
@@ -96,11 +97,9 @@ class GrainSource(base.DataSource):
                name: str = 'grain', prefetch: int | None = None):
     if len(train) < 1:
       raise ValueError(f'{name}: the train split is empty.')
-    prefetch = PREFETCH_BATCHES if prefetch is None else prefetch
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or (
-        prefetch < 1):
-      raise ValueError(f'{name}: prefetch must be an integer >= 1, got'
-                       f' {prefetch!r}.')
+    prefetch = validation.check_int(
+        f'{name}: prefetch',
+        PREFETCH_BATCHES if prefetch is None else prefetch, 1)
     self._train, self._eval = train, eval
     self.shuffle, self.worker_count = shuffle, worker_count
     self.prefetch = prefetch

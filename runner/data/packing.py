@@ -55,6 +55,8 @@ import threading
 
 import numpy as np
 
+from gintrain.runner import validation
+
 __all__ = ['Rows', 'padded_share_of_windows', 'CACHED_DOCUMENTS',
            'CACHED_TOKENS']
 
@@ -81,8 +83,7 @@ class Rows:
   def __init__(self, docs, length: int, seed: int = 0, shuffle: bool = True,
                mode: str = 'pack', mask_prompt: bool = True,
                endless: bool = True):
-    if mode not in ('pack', 'pad'):
-      raise ValueError(f"packing mode must be 'pack' or 'pad', got {mode!r}.")
+    validation.check_choice('packing mode', mode, ('pack', 'pad'))
     self.docs, self.length, self.seed = docs, int(length), int(seed)
     self.shuffle, self.mode, self.mask_prompt = shuffle, mode, mask_prompt
     self.endless = endless

@@ -46,6 +46,7 @@ import numpy as np
 from gintrain.lib import storage
 from gintrain.runner.data import staging
 from gintrain.runner.data import tokenizer as tokenizer_lib
+from gintrain.runner import validation
 from gintrain.runner.errors import RunnerError
 
 __all__ = ['Documents', 'JsonlDocs', 'ParquetDocs', 'ArrayRecordDocs',
@@ -213,9 +214,8 @@ class JsonlDocs(Documents):
   def __init__(self, path: str, field: str = 'text', tokenizer='byte',
                prompt_field: str | None = None, on_bad_line: str = 'skip',
                cache_dir: str | None = None):
-    if on_bad_line not in ('skip', 'error'):
-      raise RunnerError("jsonl.on_bad_line must be 'skip' or 'error', got"
-                        f' {on_bad_line!r}.')
+    validation.check_choice('jsonl.on_bad_line', on_bad_line,
+                            ('skip', 'error'))
     self.path = local_copy(path, 'jsonl', cache_dir)
     self.url = self.path if storage.local_file(path) is not None else path
     self.tokenizer = tokenizer_lib.load(tokenizer)

@@ -32,6 +32,7 @@ import sysconfig
 import numpy as np
 
 from gintrain.runner.data import grain_source
+from gintrain.runner import validation
 from gintrain.runner.validation import check_fraction
 
 __all__ = ['Chunks', 'list_files', 'split_by_hash', 'text_files',
@@ -158,9 +159,7 @@ def text_files(root: str | None = None, pattern: str = '*.py',
   root = os.path.abspath(os.path.expanduser(root or default_root()))
   for name, value, low in (('length', length, 1), ('repeat', repeat, 1),
                            ('worker_count', worker_count, 0)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ValueError(f'text_files.{name} must be an integer >= {low}, got'
-                       f' {value!r}.')
+    validation.check_int(f'text_files.{name}', value, low)
   check_fraction('text_files.holdout_fraction', holdout_fraction)
   files = list_files(root, pattern)
   paths = [p for p, _ in files]

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gintrain.runner import validation
+
 __all__ = ['generate', 'generate_uncached', 'sample_logits']
 
 
@@ -81,8 +83,7 @@ def generate(model, params, prompt, max_new_tokens: int,
   """``max_new_tokens`` new tokens ``(batch, max_new_tokens)`` after the
   int ``prompt`` ``(batch, length)`` (equal lengths), with the KV cache."""
   prompt = jnp.asarray(prompt, jnp.int32)
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+  validation.check_int('max_new_tokens', max_new_tokens, 1)
   return _generate(model, params, prompt, int(max_new_tokens),
                    float(temperature), int(top_k), float(top_p),
                    jax.random.key(seed))
