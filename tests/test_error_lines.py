@@ -8,6 +8,7 @@ its source text. The runner's own files are checked end to end in
 test_reliability_errors.py (test_os_error_of_a_runner_file_is_one_line).
 """
 
+import errno
 import importlib.util
 import os
 import sys
@@ -19,6 +20,8 @@ import pytest
 from gintrain.lib import storage
 from gintrain.runner import errors
 from gintrain.runner.actions import base
+from gintrain.runner.data import arrays
+from gintrain.runner.data import datasets
 from gintrain.runner.outputs import plots
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -180,3 +183,29 @@ def test_a_user_action_failing_gets_the_declared_activity(tmp_path, capsys,
     want = (f'running an action: cannot access {target}: No such file or'
             ' directory [Errno 2].')
   assert lines == [f'gintrain: error: {want}'], err[-3000:]
+
+
+@gin.configurable(module='error_lines')
+class ReadsFail(arrays.ArraySource):
+  """A user's data source whose third batch cannot be read."""
+
+  def __init__(self):
+    super().__init__(datasets.synthetic(num_features=16, num_classes=4))
+    self.reads = 0
+
+  def next_batch(self):
+    self.reads += 1
+    if self.reads == 3:
+      raise FileNotFoundError(errno.ENOENT, 'No such file or directory',
+                              '/data/shard-3')
+    return super().next_batch()
+
+
+def test_a_user_data_source_failing_reads_the_data(tmp_path, capsys):
+  code = run(tmp_path / 'run', '--gin.train.dataset=@error_lines.ReadsFail()')
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith('gintrain: error:')]
+  assert code == 1 and 'Traceback' not in err, err[-3000:]
+  assert lines == ['gintrain: error: reading the data: cannot access'
+                   ' /data/shard-3: No such file or directory [Errno 2].'], (
+                       err[-3000:])

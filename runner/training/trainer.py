@@ -206,8 +206,12 @@ class Trainer:
     clock = goodput.CLOCK
     clock.begin_loop(step)
     while step < run.total and not stop:
-      with clock.span('input'), _READING_DATA:
-        batch = p.put_batch(run.source.next_batch())
+      try:
+        with clock.span('input'):
+          batch = p.put_batch(run.source.next_batch())
+      except BaseException as e:  # free while nothing fails (a with is not)
+        _READING_DATA.note(e)
+        raise
       log = (step + 1) % cfg.log_every == 0 or step + 1 == run.total
       # Variants: with the gradient and parameter norms (log steps only),
       # and without donating the state (the step after a checkpoint, whose
@@ -240,13 +244,17 @@ class Trainer:
     """Runs the actions due after ``step``; ``(stop asked, ids of the
     actions that ran)``."""
     stop, ran = False, set()
-    for action, part in zip(self.actions, self._parts):
-      if action.records_only and not metrics:
-        continue
-      if action.due(step, False):
-        ran.add(id(action))
-        with goodput.CLOCK.span(part), _RUNNING_AN_ACTION:
-          stop = bool(action(step, self.dstate, metrics)) or stop
+    try:
+      for action, part in zip(self.actions, self._parts):
+        if action.records_only and not metrics:
+          continue
+        if action.due(step, False):
+          ran.add(id(action))
+          with goodput.CLOCK.span(part):
+            stop = bool(action(step, self.dstate, metrics)) or stop
+    except BaseException as e:  # free while nothing fails (a with is not)
+      _RUNNING_AN_ACTION.note(e)
+      raise
     return stop, ran
 
   def _end(self, step, metrics, ran) -> None:
