@@ -49,6 +49,7 @@ from gintrain.lib import checkpoint_naming
 from gintrain.lib import errors
 from gintrain.lib import msgpack_slices
 from gintrain.lib import multiprocess_arrays
+from gintrain.lib import save_status
 from gintrain.lib import serialization
 from gintrain.lib import storage
 
@@ -56,6 +57,10 @@ __all__ = ['save_checkpoint_multiprocess', 'restore_checkpoint',
            'checkpoint_files']
 
 logger = logging.getLogger(__name__)
+
+# How long the other processes wait for process 0's background write of a
+# checkpoint without sharded arrays (jax's commit barrier's default).
+_STATUS_TIMEOUT_S = 600
 
 
 def _barrier(name: str) -> None:
@@ -294,15 +299,23 @@ def save_checkpoint_multiprocess(
   token = _agree('Flax:Checkpoint:CheckOverwriteBeforeSave', error, token)
 
   if not arrays:
-    if is_writer:
-      write_and_clean_up = functools.partial(
-          checkpoint_io.write_and_retain, encoded, ckpt_path, None,
-          base_path, keep, overwrite, keep_every_n_steps)
-      if async_manager:
+    write_and_clean_up = functools.partial(
+        checkpoint_io.write_and_retain, encoded, ckpt_path, None,
+        base_path, keep, overwrite, keep_every_n_steps)
+    if async_manager:
+      # The other processes' "save" waits for process 0's outcome, so that
+      # a failed background write fails the save on every process
+      # (lib.save_status), not on process 0 alone.
+      status = save_status.start(ckpt_path, _STATUS_TIMEOUT_S)
+      if status is not None:
+        write_and_clean_up = (
+            functools.partial(status.run_and_publish, write_and_clean_up)
+            if is_writer else functools.partial(status.wait_others, [0]))
+      if is_writer or status is not None:
         async_manager.save_async(write_and_clean_up)
-      else:
+    else:
+      if is_writer:
         error = _call(write_and_clean_up)
-    if not async_manager:
       _agree('Flax:Checkpoint:MainFileWritten', error)
     return ckpt_path
 

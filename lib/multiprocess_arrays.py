@@ -651,8 +651,16 @@ def _save_packed(gda_manager, arrays, target_dir, on_commit,
     return
   # jax's commit thread waits for our write as it would for tensorstore's,
   # then meets the other processes at its barrier and runs on_commit.
-  gda_manager._add_futures([_writer().submit(write)])  # pylint: disable=protected-access
+  future = _writer().submit(write)
+  gda_manager._add_futures([future])  # pylint: disable=protected-access
   gda_manager._start_async_commit(on_commit)  # pylint: disable=protected-access
+
+  def forget_commit(done):
+    # jax's wait_until_finished() would otherwise wait (for its timeout)
+    # for the commit key of this failed save, once its error was raised.
+    if done.exception() is not None:
+      gda_manager._count = None  # pylint: disable=protected-access
+  future.add_done_callback(forget_commit)
 
 
 def commit_array_dir(tmp_path: str, final_path: str) -> None:

@@ -85,11 +85,24 @@ class SaveStatus:
       except Exception:  # pylint: disable=broad-except
         pass  # (a leftover key costs a few bytes of the coordinator)
 
-  def wait_others(self) -> None:
-    """Returns once every process published success; raises
-    ``checkpoint_io.CheckpointWriteError`` naming the first failed process
-    as soon as one published a failure. Past the timeout, returns (jax's
-    barrier then times out with its own error)."""
+  def run_and_publish(self, fn):
+    """``fn()``, its outcome published (its error re-raised)."""
+    try:
+      result = fn()
+    except BaseException as e:
+      self.publish(e)
+      raise
+    self.publish(None)
+    return result
+
+  def wait_others(self, processes=None) -> None:
+    """Returns once every process of ``processes`` (None: all but this
+    one) published success; raises ``checkpoint_io.CheckpointWriteError``
+    naming the first failed process as soon as one published a failure.
+    Past the timeout, returns (jax's barrier then times out with its own
+    error)."""
+    if processes is None:
+      processes = [p for p in range(self.count) if p != self.me]
     prefix = f'{_ROOT}/{self.number}/'
     deadline = time.monotonic() + self.timeout_s
     pause = 0.001
@@ -97,13 +110,12 @@ class SaveStatus:
       found = {}
       for key, value in self.client.key_value_dir_get(prefix):
         tail = key.rsplit('/', 1)[-1]
-        if tail.isdigit():
+        if tail.isdigit() and int(tail) in processes:
           found[int(tail)] = value
-      failed = sorted(p for p, v in found.items()
-                      if v.startswith('error') and p != self.me)
+      failed = sorted(p for p, v in found.items() if v.startswith('error'))
       if failed:
         raise self._error(failed[0], found[failed[0]])
-      if len(found) >= self.count or time.monotonic() > deadline:
+      if len(found) >= len(processes) or time.monotonic() > deadline:
         return
       time.sleep(pause)
       pause = min(2 * pause, _MAX_POLL_S)

@@ -11,7 +11,9 @@ processes (the first failure exits non-zero; 'WORKER OK <id>' at the end):
 2. A packed save whose part fails on process 1 (its data file cannot be
    created) fails on both processes at once, the other naming process 1,
    long before jax's commit barrier would time out; nothing is committed;
-   the next save works.
+   the manager does not hang on the failed commit and the next save works.
+3. An asynchronous save without split arrays (process 0's file alone)
+   whose write fails raises on process 1 too.
 """
 
 import os
@@ -126,9 +128,11 @@ def failed_part_fails_everywhere(root, mesh):
   check(not os.path.exists(ckpt + '_gda'), 'committed')
   log(f'a failed part raised on this process after {took:.2f} s: {text}')
 
-  # The processes still agree: the next save commits and restores. (A new
-  # manager: jax's waits for the failed save's commit key, never written.)
-  mgr = jax_ser.GlobalAsyncCheckpointManager(timeout_secs=BARRIER_S)
+  # The manager does not wait for the failed save's commit any more, and
+  # the processes still agree: the next save commits and restores.
+  start = time.monotonic()
+  mgr.wait_until_finished()
+  check(time.monotonic() - start < 10, 'waited for the failed commit')
   tmp, ckpt = os.path.join(root, '.tmp_6'), os.path.join(root, 'checkpoint_6')
   if PID == 0:
     mpa.prepare_array_dir(tmp, ckpt, ['params/w'], 'packed')
@@ -144,6 +148,29 @@ def failed_part_fails_everywhere(root, mesh):
   log('the next save commits')
 
 
+def failed_main_file_fails_everywhere(root):
+  """A checkpoint with no split arrays is process 0's file alone: its
+  background write failing (a directory in its place) fails the save on
+  process 1 too."""
+  d = os.path.join(root, 'plain')
+  if PID == 0:
+    os.makedirs(os.path.join(d, 'checkpoint_9', 'in_the_way'))
+  sync('in the way')
+  am = checkpoints.AsyncManager()
+  checkpoints_multiprocess.save_checkpoint_multiprocess(
+      d, {'a': np.arange(3.0)}, 9, overwrite=True, async_manager=am)
+  try:
+    am.wait_previous_save()
+  except checkpoint_io.CheckpointWriteError as e:
+    error = e
+  else:
+    raise AssertionError('the failed save did not raise here')
+  text = str(error)
+  check(text.startswith(f'Cannot write checkpoint "{d}/checkpoint_9"'), text)
+  check(('on process 0' in text) == (PID == 1), text)
+  log(f'a failed main file raised here too: {text}')
+
+
 def main():
   global PID
   PID, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -151,6 +178,7 @@ def main():
   mesh = Mesh(np.array(jax.devices()), ('data',))
   one_process_checkpoint_read_by_two(root, mesh)
   failed_part_fails_everywhere(root, mesh)
+  failed_main_file_fails_everywhere(root)
   sync('done')
   log(f'WORKER OK {PID}')
 
