@@ -1,11 +1,20 @@
 """Divergence check: the run stops on a non-finite train metric."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gintrain.runner.actions import base
 from gintrain.runner.errors import RunnerError
 
-__all__ = ['CheckFinite', 'diverged']
+__all__ = ['CheckFinite', 'diverged', 'all_finite']
+
+
+@jax.jit
+def all_finite(tree):
+  """Whether every leaf of ``tree`` is finite (one device scalar)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 WATCHED = ('loss', 'grad_norm')
 

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -55,20 +54,11 @@ from gintrain.runner.training import steps
 
 TrainResult = records.TrainResult
 
-__all__ = ['TrainResult', 'Trainer', 'train', 'Preempted', 'METRICS_PLOT']
+__all__ = ['TrainResult', 'Trainer', 'train', 'Preempted']
 
-METRICS_PLOT = workdir_lib.METRICS_PLOT
-METRICS_FILE = workdir_lib.METRICS_FILE
 Preempted = preempt.Preempted
-# What a file error under the loop's calls says the run was doing.
 _RUNNING_AN_ACTION = errors.activity('running an action')
 _READING_DATA = errors.activity('reading the data')
-
-
-@jax.jit
-def _all_finite(tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 class Trainer:
@@ -102,7 +92,7 @@ class Trainer:
     Raises:
       RunnerError: the parameters are not finite (nothing is saved).
     """
-    if not bool(_all_finite(self.dstate.params)):
+    if not bool(finite.all_finite(self.dstate.params)):
       finite.diverged(step, 'params', float('nan'), self.ckpt)
     # The placed arrays themselves where the partitioner allows it: the
     # background writer reads them while the next (non-donating) step runs.
@@ -168,8 +158,9 @@ class Trainer:
     finally:
       start_lib.close(self, writer)
     if self.main:
-      plots.plot_metrics(workdir_lib.path(self.workdir, METRICS_FILE),
-                         workdir_lib.path(self.workdir, METRICS_PLOT))
+      plots.plot_metrics(
+          workdir_lib.path(self.workdir, workdir_lib.METRICS_FILE),
+          workdir_lib.path(self.workdir, workdir_lib.METRICS_PLOT))
     return result
 
   def _start(self, dstate, start) -> bool:
