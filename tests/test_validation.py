@@ -226,3 +226,14 @@ def test_converted_data_checks():
       'length must be an integer >= 1, got 0.')
   assert _message(text.text_files, length=True) == (
       'text_files.length must be an integer >= 1, got True.')
+
+
+def test_converted_plain_model_checks():
+  from gintrain.runner.models import plain  # pylint: disable=g-import-not-at-top
+  assert _message(plain.mlp, activation='rellu') == (
+      'activation must be one of elu, gelu, relu, sigmoid, silu, tanh, got'
+      " 'rellu'. (did you mean 'relu'?)")
+  assert _message(plain.cnn, pool='mean') == (
+      "pool must be 'avg' or 'max', got 'mean'.")
+  assert _message(plain.cnn, dense=-1) == (
+      'dense must be an integer >= 0, got -1.')

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from gintrain.runner import validation
+
 __all__ = ['Model', 'mlp', 'cnn', 'param_shapes', 'Dense', 'Conv',
            'Activation', 'Pool', 'Flatten', 'ACTIVATIONS']
 
@@ -272,9 +274,7 @@ def _check_positive_ints(name, values):
 
 
 def _check_activation(activation):
-  if activation not in ACTIVATIONS:
-    raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got'
-                     f' {activation!r}.')
+  validation.check_choice('activation', activation, sorted(ACTIVATIONS))
 
 
 def mlp(features=(128,), num_classes: int = 10,
@@ -324,10 +324,8 @@ def cnn(features=(16, 32), dense: int = 64, num_classes: int = 10,
   features = _check_positive_ints('features', features)
   (num_classes,) = _check_positive_ints('num_classes', num_classes)
   (kernel_size,) = _check_positive_ints('kernel_size', kernel_size)
-  if isinstance(dense, bool) or not isinstance(dense, int) or dense < 0:
-    raise ValueError(f'dense must be a non-negative integer, got {dense!r}.')
-  if pool not in ('avg', 'max'):
-    raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}.")
+  dense = validation.check_int('dense', dense, 0)
+  validation.check_choice('pool', pool, ('avg', 'max'))
   _check_activation(activation)
   layers = []
   for f in features:
