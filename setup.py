@@ -52,6 +52,7 @@ setup(
         'tensorstore>=0.1.70',
         'scikit-learn>=1.3',
         'tensorboardX>=2.6',
+        'google-crc32c>=1.5',  # event-file checksums in C (runner.outputs.writers)
         'matplotlib>=3.8',
         'grain>=0.2.12',
         'xxhash>=3.0',  # checkpoint integrity sidecars

@@ -7,15 +7,15 @@ with the same step math (loss, gradient, optimizer update, accuracy):
 * runner: ``runner.train.main_with_flags`` on the same config (evaluation
   and periodic checkpoints outside the timed steps), so the timed steps
   include everything its loop does per step: batch assembly, dispatch,
-  metric buffering, hooks, the preemption check, and every ``window`` steps
-  a log line with its metric fetch and record.
+  metric buffering, the actions, the preemption check, and every ``window``
+  steps a log line with its metric fetch and records (train and goodput).
 
 Timing is interleaved in one process so that load from other jobs on the
-machine hits both alike, in ABBA rounds: the runner calls a hook after every
-step, at a log step after its metrics fetch (so no runner work is pending
-then); every ``window`` (= ``log_every``) steps the hook closes a runner
-window (``window`` steps, timed from the end of the hook's previous work).
-After the first runner window of a round the hook runs two bare windows
+machine hits both alike, in ABBA rounds: the runner runs a timing hook (an
+action due every ``window`` = ``log_every`` steps, after the log step's
+metrics fetch and records, so no runner work is pending then), which closes
+a runner window (``window`` steps, timed from the end of its previous
+work). After the first runner window of a round the hook runs two bare windows
 (each ended by ``block_until_ready``), after the second nothing: runner,
 bare, bare, runner. Each round gives a ratio runner/bare (tokens/s, or
 steps/s: the same batches); the table shows the median over the rounds after
@@ -27,11 +27,17 @@ and noise of the method (on a shared 2-core machine a few percent, more for
 short windows). "corrected" divides runner/bare by it.
 
     python bench/runner_overhead.py [--scale=1] [--only=default,llama]
+        [--profile]
 
-The target is a ratio >= 0.97.
+The target is a ratio >= 0.97. Also printed: the main thread's CPU time a
+step, runner and bare (medians of the windows), which load from other jobs
+disturbs far less than the ratios; ``--profile`` prints where the runner
+windows' host time goes (cProfile, which slows them: not for the ratios).
 """
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -41,6 +47,7 @@ import jax
 import optax
 from absl import logging
 
+from gintrain.runner.actions import base as actions_base
 from gintrain.runner.data import batching
 from gintrain.runner.data import datasets
 from gintrain.runner.tasks import losses
@@ -192,25 +199,57 @@ def _runner_flags(model, batch_size):
           f'--gin.optimizer.learning_rate={LEARNING_RATE}']
 
 
-def measure(model, batch_size, windows, window, warmup, extra=()):
-  """``[(runner steps/s, bare steps/s)]``, one pair per ABBA round
-  (``windows`` runner windows, so ``windows // 2`` rounds)."""
+class _EveryWindow(actions_base.Action):
+  """The timing hook as an action (``hooks=`` takes actions too), due only
+  at the end of a window: the other steps cost the runner no call."""
+
+  def __init__(self, hook, window):
+    self.hook, self.window = hook, window
+
+  def due(self, step, last):
+    return step % self.window == 0
+
+  def __call__(self, step, state, metrics):
+    self.hook(step)
+
+
+def measure(model, batch_size, windows, window, warmup, extra=(),
+            profile=None):
+  """``([(runner steps/s, bare steps/s)], (runner, bare) host CPU µs a
+  step)``: one pair per ABBA round (``windows`` runner windows, so
+  ``windows // 2`` rounds); the host CPU is the main thread's (medians of
+  the windows: the Python work, not the device's), which load from other
+  jobs disturbs far less than wall time. ``profile``: a
+  ``cProfile.Profile`` enabled during the runner's windows only."""
   bare = _bare(model, batch_size)
   bare.run(window)  # compile
-  runner_s, bare_s = [], []
-  last = [None]
+  runner_s, bare_s, runner_cpu, bare_cpu = [], [], [], []
+  last = [None, None]
+
+  def bare_window():
+    cpu = time.thread_time()
+    seconds = bare.run(window)
+    bare_cpu.append(time.thread_time() - cpu)
+    return seconds
 
   def hook(step):
     if step % window:
       return
-    now = time.perf_counter()
+    now, cpu = time.perf_counter(), time.thread_time()
+    if profile is not None:
+      profile.disable()
     if last[0] is not None and step > warmup * window:
       runner_s.append(now - last[0])
+      runner_cpu.append(cpu - last[1])
       if len(runner_s) % 2:  # runner, [bare, bare], runner
-        bare_s.extend([bare.run(window), bare.run(window)])
-    last[0] = time.perf_counter()
+        bare_s.extend([bare_window(), bare_window()])
+    if profile is not None and warmup * window <= step < total:
+      profile.enable()
+      profile.windows = getattr(profile, 'windows', 0) + 1
+    last[0], last[1] = time.perf_counter(), time.thread_time()
 
   total = (warmup + windows + 1) * window
+  timer = _EveryWindow(hook, window)
   with tempfile.TemporaryDirectory() as workdir:
     code = runner_train.main_with_flags([
         'bench', f'--workdir={workdir}', '--gin.train.num_epochs=None',
@@ -218,10 +257,12 @@ def measure(model, batch_size, windows, window, warmup, extra=()):
         *_runner_flags(model, batch_size),
         f'--gin.train.log_every={window}', f'--gin.train.eval_every={total}',
         '--gin.checkpoint_policy.every_steps=0',
-        '--gin.train.parallelism="single"', *extra], hooks=[hook])
+        '--gin.train.parallelism="single"', *extra], hooks=[timer])
   if code:
     raise SystemExit(f'runner failed with status {code}')
-  return _rounds(runner_s, bare_s, window)
+  return _rounds(runner_s, bare_s, window), (
+      statistics.median(runner_cpu) / window * 1e6,
+      statistics.median(bare_cpu) / window * 1e6)
 
 
 def _rounds(a_s, b_s, window):
@@ -246,6 +287,19 @@ def control(model, batch_size, rounds, window):
   return _rounds(a_s, b_s, window)
 
 
+def _print_profile(profile, windows, top=25):
+  """The ``top`` functions by own time, in microseconds per window."""
+  stats = pstats.Stats(profile).stats
+  rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+  total = sum(v[2] for v in stats.values())
+  print(f'  {total / windows * 1e6:10.1f} us own time per window in all',
+        file=sys.stderr)
+  for (path, line, func), (_, calls, own, cum, _) in rows:
+    where = f'{path.rsplit("/", 2)[-2:][-1]}:{line}({func})'
+    print(f'  {own / windows * 1e6:10.1f} us own {cum / windows * 1e6:10.1f}'
+          f' us cum {calls / windows:8.1f} calls  {where}', file=sys.stderr)
+
+
 def _summary(pairs):
   ratios = sorted(x / y for x, y in pairs)
   q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -262,6 +316,10 @@ def main():
   parser.add_argument('--only', default='',
                       help='comma-separated config name prefixes (e.g.'
                       ' "default,llama"; case-insensitive); default: all')
+  parser.add_argument('--profile', action='store_true',
+                      help="cProfile the runner's timed windows and print"
+                      ' where their host time goes (the profiler slows the'
+                      ' runner: its ratios are then not the figures)')
   parser.add_argument('--runner_flag', action='append', default=[],
                       help='a further runner flag (repeatable), e.g.'
                       ' --runner_flag=--gin.train.spike_guard=False to see'
@@ -280,19 +338,29 @@ def main():
   rows = []
   for name, model, batch_size, window, windows in configs:
     windows = 2 * max(2, int(windows * args.scale) // 2)
-    pairs = measure(model, batch_size, windows, window, args.warmup,
-                    args.runner_flag)
+    profile = cProfile.Profile() if args.profile else None
+    pairs, cpu = measure(model, batch_size, windows, window, args.warmup,
+                         args.runner_flag, profile)
+    if profile is not None:
+      print(f'--- {name}: the runner windows under cProfile, per window'
+            f' ({window} steps)', file=sys.stderr)
+      _print_profile(profile, profile.windows)
     runner = _summary(pairs)
     aa = _summary(control(model, batch_size, len(pairs), window))
-    rows.append((name, model, batch_size, runner, aa))
+    rows.append((name, model, batch_size, runner, aa, cpu))
     print(f'  {name}: {len(pairs)} ABBA rounds of {window}-step windows',
           file=sys.stderr, flush=True)
   print(f'{"config":26} {"bare steps/s":>12} {"runner steps/s":>14}'
         f' {"runner/bare (quartiles)":>24} {"A/A":>6} {"corrected":>9}')
-  for name, _, _, (bare, run, ratio, q1, q3), aa in rows:
+  for name, _, _, (bare, run, ratio, q1, q3), aa, _ in rows:
     print(f'{name:26} {bare:12.1f} {run:14.1f} {ratio:9.3f} ({q1:.3f}-{q3:.3f})'
           f' {aa[2]:6.3f} {ratio / aa[2]:9.3f}')
-  for name, model, batch_size, (bare, run, *_), _ in rows:
+  print('host CPU of the main thread, µs a step (the Python work; less'
+        ' disturbed by load than the ratios):')
+  for name, _, _, _, _, (run, bare) in rows:
+    print(f'  {name:26} runner {run:7.1f}  bare {bare:7.1f}  extra'
+          f' {run - bare:7.1f}')
+  for name, model, batch_size, (bare, run, *_), _, _ in rows:
     if isinstance(model, str):
       tokens = batch_size * TOKENS[model.split(':')[0]]
       print(f'{name}: tokens/s bare {bare * tokens:.0f}, runner'

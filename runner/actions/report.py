@@ -46,22 +46,30 @@ class ReportTrain(base.Action):
   """
 
   name = 'report'
-  records_only = True
 
   def __init__(self, writer, total: int, log: bool = True, delay: int = 8):
     self.writer, self.total, self.log, self.delay = writer, total, log, delay
     self.pending = None
     self.last: dict = {}
     self.seen = None  # the step of the last record taken
+    self.log_every = 1  # from the run (bind): where records are
+    self.write_at = None  # the step at which the pending record is written
+
+  def bind(self, run, workdir):
+    self.log_every = run.config.log_every or 1
 
   def due(self, step, last):
-    return True
+    # At the log steps (to take the record) and `delay` steps after one (to
+    # write it): skipped at the others, without a call.
+    return (step % self.log_every == 0 or last or
+            (self.write_at is not None and step >= self.write_at))
 
   def __call__(self, step, state, metrics):
     if 'train' in metrics and step != self.seen:
       self.seen = step
       self.write()
       self.pending = (step, dict(metrics['train']))
+      self.write_at = step + self.delay
       self.last = self.pending[1]
     if self.pending is not None and step >= self.pending[0] + self.delay:
       self.write()
@@ -71,9 +79,9 @@ class ReportTrain(base.Action):
     if self.pending is None:
       return
     step, record = self.pending
-    self.pending = None
+    self.pending = self.write_at = None
     self.writer.write_scalars(step, record)
-    if self.log:
+    if self.log and logging.level_info():  # no formatting for nothing
       shown = {k: v for k, v in record.items()
                if k not in _RATE_KEYS and k != 'learning_rate'}
       rate = record.get('steps_per_sec', float('nan'))

@@ -34,6 +34,7 @@ is far outside ordinary noise.
 import dataclasses
 import json
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -226,7 +227,7 @@ class SpikeGuard(base.Action):
     value = record.get(name)
     if value is None or len(self.history) < self.policy.min_history:
       return None
-    median = float(np.median(self.history[-self.policy.window:]))
+    median = statistics.median(self.history[-self.policy.window:])
     if value > self.policy.factor * median:
       return (f'{name}={value:.6g} > {self.policy.factor:g} x the median'
               f' {median:.6g} of the last {min(len(self.history), self.policy.window)}'

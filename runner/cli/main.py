@@ -105,6 +105,7 @@ from gintrain.runner.cli import data as data_cli
 from gintrain.runner.cli import tokenizer as tokenizer_cli
 from gintrain.runner import errors
 from gintrain.runner import validation
+from gintrain.runner.actions import once
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.outputs import settings as settings_lib
@@ -286,7 +287,7 @@ def train(hooks=()) -> int:
     result = trainer.train(
         cfg, workdir=workdir, resume=runner_flags.RESUME.value,
         init_from=init_from, settings=settings,
-        hooks=[write_operative_config, *hooks], files=files)
+        hooks=[once.Once(write_operative_config), *hooks], files=files)
   finally:
     watchdog.stop()
   if main:

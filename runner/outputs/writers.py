@@ -37,9 +37,10 @@ Back ends (each takes the run directory ``workdir`` first):
   Non-finite floats are written as ``NaN`` / ``Infinity``, which Python's
   ``json`` reads back. ``hparams.json``: the last
   ``write_hparams`` dict.
-* :class:`TensorBoardWriter`: event files (tensorboardX) in ``tensorboard/``;
-  scalars are tagged ``<split>/<name>``; hparams use the TensorBoard HParams
-  plugin format, with the given metric tags as the table's metric columns.
+* :class:`TensorBoardWriter`: event files (tensorboardX's protos, checksums
+  by google-crc32c) in ``tensorboard/``; scalars are tagged
+  ``<split>/<name>``; hparams use the TensorBoard HParams plugin format,
+  with the given metric tags as the table's metric columns.
 * :class:`WandbWriter`: a Weights & Biases run (``wandb/`` under ``workdir``;
   offline by default); needs ``pip install wandb``.
 
@@ -63,6 +64,8 @@ import numbers
 import os
 import re
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -92,6 +95,10 @@ HParam = bool | int | float | str | None
 
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.\-/]+$')
 _RESERVED = ('step', 'split', 'time')
+# Metric names that passed the check (a run writes the same few names at
+# every log step); bounded, in case a program makes names without end.
+_GOOD_NAMES: set = set()
+_GOOD_NAMES_MAX = 4096
 
 
 def to_json_scalar(value: Any, name: str = 'value') -> bool | int | float:
@@ -143,14 +150,26 @@ def _check_scalars(step, scalars, split):
                      f' {type(scalars).__name__}.')
   clean = {}
   for name, value in scalars.items():
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-      raise ValueError(f'Metric name {_short_repr(name)} must be a non-empty'
-                       ' string of letters, digits and _.-/')
-    if name in _RESERVED:
-      raise ValueError(f'Metric name {name!r} is reserved'
-                       f' ({", ".join(_RESERVED)}); rename it.')
-    clean[name] = to_json_scalar(value, name)
+    if type(name) is not str or name not in _GOOD_NAMES:
+      _check_name(name)
+    kind = type(value)
+    # Plain floats and ints (most values) as they are; the rest converted.
+    clean[name] = (value if kind is float or kind is int else
+                   to_json_scalar(value, name))
   return step_value, clean, split
+
+
+def _check_name(name) -> None:
+  """Raises ValueError unless ``name`` is a metric name (then remembered
+  in ``_GOOD_NAMES`` while that is not full)."""
+  if not isinstance(name, str) or not _NAME_RE.match(name):
+    raise ValueError(f'Metric name {_short_repr(name)} must be a non-empty'
+                     ' string of letters, digits and _.-/')
+  if name in _RESERVED:
+    raise ValueError(f'Metric name {name!r} is reserved'
+                     f' ({", ".join(_RESERVED)}); rename it.')
+  if type(name) is str and len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+    _GOOD_NAMES.add(name)
 
 
 def _hparam_value(name, value):
@@ -275,6 +294,15 @@ class MetricWriter(abc.ABC):
   def _check_open(self):
     if self._closed:
       raise RuntimeError(f'{self!r} is closed; it cannot write any more.')
+
+  def _write_checked(self, step: int, scalars: dict, split: str) -> None:
+    """``write_scalars`` of input that a combinator has checked already:
+    not checked again, unless this class overrides ``write_scalars``."""
+    if type(self).write_scalars is not MetricWriter.write_scalars:
+      self.write_scalars(step, scalars, split)
+    else:
+      self._check_open()
+      self._write_scalars(step, dict(scalars), split)
 
   # --- What a back end implements. ---
 
@@ -458,8 +486,132 @@ def _import_tensorboardx() -> None:
       del sys.modules['torch']
 
 
+def _crc32c_function() -> Callable[[bytes], int]:
+  """CRC-32C of bytes: google-crc32c's C code (a dependency), else
+  tensorboardX's (pure Python: about 0.3 ms for a record of 800 bytes)."""
+  try:
+    import google_crc32c  # pylint: disable=g-import-not-at-top
+    if google_crc32c.implementation == 'c':
+      return google_crc32c.value
+  except ImportError:
+    pass
+  _import_tensorboardx()
+  from tensorboardX import crc32c  # pylint: disable=g-import-not-at-top
+  return crc32c.crc32c
+
+
+_PACK_LENGTH = struct.Struct('<Q').pack
+_PACK_CRC = struct.Struct('<I').pack
+_PACK_FLOAT = struct.Struct('<f').pack
+_PACK_DOUBLE = struct.Struct('<d').pack
+# (split, name) -> the serialized start of its Summary.Value, up to the
+# float (bounded like _GOOD_NAMES).
+_VALUE_HEADS: dict = {}
+
+
+def _varint(n: int) -> bytes:
+  """Protobuf's varint of a non-negative integer."""
+  out = bytearray()
+  while n > 0x7F:
+    out.append((n & 0x7F) | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
+
+
+def _scalars_event(wall_time: float, step: int, split: str,
+                   scalars: dict) -> bytes:
+  """The serialized ``Event(wall_time=, step=, summary=Summary(value=[
+  Value(tag='<split>/<name>', simple_value=value), ...]))``, byte for byte
+  what protobuf writes (fields in number order; ``step`` 0 left out, as
+  proto3 does), encoded here: a third of the cost of building the messages.
+
+  Raises:
+    OverflowError: a value beyond float32's range (the caller then builds
+      the messages, which store it as an infinity).
+  """
+  parts = []
+  for name, value in scalars.items():
+    head = _VALUE_HEADS.get((split, name))
+    if head is None:
+      tag = f'{split}/{name}'.encode()
+      # Value: tag (field 1, bytes), simple_value (field 2, fixed32).
+      value_head = b'\x0a' + _varint(len(tag)) + tag + b'\x15'
+      # Summary.value (field 1): its length, then the Value.
+      head = b'\x0a' + _varint(len(value_head) + 4) + value_head
+      if len(_VALUE_HEADS) < _GOOD_NAMES_MAX:
+        _VALUE_HEADS[(split, name)] = head
+    parts.append(head)
+    parts.append(_PACK_FLOAT(value))
+  summary = b''.join(parts)
+  # Event: wall_time (field 1, fixed64), step (field 2, varint), summary
+  # (field 5, bytes).
+  return b''.join((b'\x09', _PACK_DOUBLE(wall_time),
+                   b'\x10' + _varint(step) if step else b'',
+                   b'\x2a', _varint(len(summary)), summary))
+
+
+class _EventFile:
+  """An event file: TFRecord framing of serialized ``Event`` protos, as
+  TensorBoard reads it: per record the length (8 bytes, little-endian),
+  its masked CRC-32C, the data and the data's masked CRC-32C (4 bytes
+  each). Each record is one ``write`` call; written synchronously
+  (tensorboardX's own writers go through a queue and a thread, or
+  checksum in Python).
+
+  Args:
+    prefix: the file's path up to ``.out.tfevents.<time>.<host>``.
+    suffix: appended to the name (keeps quickly restarted runs apart).
+  """
+
+  _CRC = None  # the CRC-32C function, looked up once
+
+  def __init__(self, prefix: str, suffix: str = ''):
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.proto import event_pb2
+    if _EventFile._CRC is None:
+      _EventFile._CRC = _crc32c_function()
+    self._crc = _EventFile._CRC
+    self._event_cls = event_pb2.Event
+    now = time.time()
+    self.path = (f'{prefix}.out.tfevents.{int(now):010d}.'
+                 f'{socket.gethostname()}{suffix}')
+    self._file = open(self.path, 'wb')  # pylint: disable=consider-using-with
+    self.write(self._event_cls(wall_time=now, file_version='brain.Event:2'))
+
+  def _masked(self, data: bytes) -> int:
+    crc = self._crc(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+  def write(self, event) -> None:
+    """Appends the ``Event`` proto ``event``."""
+    self.write_serialized(event.SerializeToString())
+
+  def write_serialized(self, data: bytes) -> None:
+    """Appends a serialized ``Event``."""
+    header = _PACK_LENGTH(len(data))
+    self._file.write(b''.join((header, _PACK_CRC(self._masked(header)), data,
+                               _PACK_CRC(self._masked(data)))))
+
+  def event(self, **fields):
+    """An ``Event`` proto with ``fields``."""
+    return self._event_cls(**fields)
+
+  def flush(self) -> None:
+    """Pushes the written records to the disk (and fsyncs)."""
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    try:
+      self.flush()
+    finally:
+      self._file.close()
+
+
 class TensorBoardWriter(MetricWriter):
-  """TensorBoard event files in ``<workdir>/tensorboard/`` (tensorboardX).
+  """TensorBoard event files in ``<workdir>/tensorboard/`` (tensorboardX's
+  protos, written by :class:`_EventFile`).
 
   Scalars are tagged ``<split>/<name>``, one event per ``write_scalars``
   call. ``write_hparams`` writes the HParams plugin's experiment (listing
@@ -479,8 +631,6 @@ class TensorBoardWriter(MetricWriter):
 
   def __init__(self, workdir: str | os.PathLike):
     _import_tensorboardx()
-    # pylint: disable-next=g-import-not-at-top
-    from tensorboardX.event_file_writer import EventsWriter
     self.workdir = storage.check(os.fspath(workdir))
     self._staged = None
     staged = storage.local_file(self.workdir) is None
@@ -492,27 +642,31 @@ class TensorBoardWriter(MetricWriter):
     else:
       logdir = os.path.join(self.workdir, TENSORBOARD_DIR)
       os.makedirs(logdir, exist_ok=True)
-    # tensorboardX names files by the second and host only and opens them
-    # with 'wb': a unique suffix keeps a quickly restarted run (or a second
-    # writer) from truncating the previous file.
+    # Event files are named by the second and host (as TensorBoard's own
+    # writers name them) and opened with 'wb': a unique suffix keeps a
+    # quickly restarted run (or a second writer) from truncating the
+    # previous file.
     suffix = f'.{os.getpid()}.{uuid.uuid4().hex[:8]}'
     # Written synchronously (tensorboardX's FileWriter queues events for a
     # thread, so its flush() does not mean "on disk"); flushed by flush(),
     # close() and, for live viewing, every FLUSH_SECS on a write.
-    self._events = EventsWriter(os.path.join(logdir, 'events'), suffix)
+    self._events = _EventFile(os.path.join(logdir, 'events'), suffix)
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2
+    self._summary = summary_pb2.Summary
     self._last_flush = time.monotonic()
     if staged:
-      name = os.path.basename(self._events._file_name)  # pylint: disable=protected-access
+      name = os.path.basename(self._events.path)
       self._staged = _Staged(
           storage.join(self.workdir, TENSORBOARD_DIR, name), download=False,
-          staging_dir=self._stage_dir,
-          local_path=self._events._file_name)  # pylint: disable=protected-access
+          staging_dir=self._stage_dir, local_path=self._events.path)
 
   def _add(self, summary, step=0):
-    # pylint: disable-next=g-import-not-at-top
-    from tensorboardX.proto import event_pb2
-    self._events.write_event(
-        event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._events.write(
+        self._events.event(wall_time=time.time(), step=step, summary=summary))
+    self._after_write()
+
+  def _after_write(self):
     if time.monotonic() - self._last_flush > self.FLUSH_SECS:
       self._flush()
     elif self._staged is not None and (
@@ -520,16 +674,22 @@ class TensorBoardWriter(MetricWriter):
       self._flush()
 
   def _write_scalars(self, step, scalars, split):
-    # pylint: disable-next=g-import-not-at-top
-    from tensorboardX.proto import summary_pb2
     if not scalars:
       return
     # One Summary event holding every scalar of this call (an event per
-    # scalar costs more than the training step of a small model).
-    values = [summary_pb2.Summary.Value(tag=f'{split}/{name}',
-                                        simple_value=float(value))
-              for name, value in scalars.items()]
-    self._add(summary_pb2.Summary(value=values), step)
+    # scalar costs more than the training step of a small model), encoded
+    # by hand (_scalars_event).
+    try:
+      data = _scalars_event(time.time(), step, split, scalars)
+    except OverflowError:  # beyond float32: stored as an infinity
+      summary = self._summary()
+      add = summary.value.add
+      for name, value in scalars.items():
+        add(tag=f'{split}/{name}', simple_value=float(value))
+      self._add(summary, step)
+      return
+    self._events.write_serialized(data)
+    self._after_write()
 
   def _write_hparams(self, hparams, metrics):
     # pylint: disable=g-import-not-at-top
@@ -699,7 +859,17 @@ class MultiWriter(MetricWriter):
       raise first_error
 
   def _write_scalars(self, step, scalars, split):
-    self._each(lambda w: w.write_scalars(step, scalars, split))
+    # _each's loop without its closure: this runs at every log step.
+    first_error = None
+    for writer in self.writers:
+      try:
+        # pylint: disable-next=protected-access
+        writer._write_checked(step, scalars, split)
+      except Exception as e:  # pylint: disable=broad-except
+        if first_error is None:
+          first_error = e
+    if first_error is not None:
+      raise first_error
 
   def _write_hparams(self, hparams, metrics):
     self._each(lambda w: w.write_hparams(hparams, metrics))
@@ -750,7 +920,8 @@ class OpenLater(MetricWriter):
     return self.writer
 
   def _write_scalars(self, step, scalars, split):
-    self.open().write_scalars(step, scalars, split)
+    # pylint: disable-next=protected-access
+    self.open()._write_checked(step, scalars, split)
 
   def _write_hparams(self, hparams, metrics):
     self.open().write_hparams(hparams, metrics)

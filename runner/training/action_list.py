@@ -101,5 +101,7 @@ def replace(actions: list, replacements: dict) -> list:
 
 
 def hook_actions(hooks: Sequence[Callable[[int], Any]]) -> list:
-  """``train(hooks=...)`` as actions (:class:`base.StepHook`)."""
-  return [base.StepHook(h) for h in hooks]
+  """``train(hooks=...)`` as actions (:class:`base.StepHook`); an action
+  among them is kept as it is (e.g. ``runner.actions.once.Once``)."""
+  return [h if isinstance(h, base.Action) else base.StepHook(h)
+          for h in hooks]

@@ -218,9 +218,10 @@ class Trainer:
         clock.first_step()
       metrics = {}
       if log:
+        host_sums, norms = p.get((sums, out[2]))  # waits for the step
         metrics['train'] = last_train = records.train_record(
-            run, rates.means(step, p.get(sums), since), p.get(out[2]), step,
-            first=since == start)  # waits for the step
+            run, rates.means(step, host_sums, since), norms, step,
+            first=since == start)
         sums, since = zero, step
       stop, ran = (self._run_actions(step, metrics) if step < run.total
                    else (False, set()))
