@@ -10,10 +10,10 @@ can signal or kill processes mid-run without racing the end of training.
 Shown here:
 * 2 processes train to the same params as 1 process with 4 devices (float
   tolerance), writing one file per checkpoint, metrics from process 0 only;
-* SIGKILL of both processes mid-run, then a relaunch: bitwise-identical
-  final state to the uninterrupted 2-process run;
 * SIGTERM to one process: both agree, write one checkpoint, exit 75; the
-  relaunch resumes from it (again bitwise identical at the end);
+  relaunch resumes from it, is SIGKILLed (both processes) mid-run, and a
+  second relaunch resumes again: bitwise-identical final state to the
+  uninterrupted 2-process run (one sequence for both signals);
 * SIGKILL of one process: the other exits non-zero, with a message, within
   the heartbeat timeout;
 * mpirun (pmap mode) and SLURM sbatch+srun (sharded mode; preempted by
@@ -112,22 +112,26 @@ def test_two_processes_match_one_process(single_run, local_run):
   assert 'initialize via flags' in launch.log(1)
 
 
-def test_sigkill_both_then_relaunch_is_bitwise_identical(cache, tmp_path,
-                                                         local_run):
-  workdir, launch = _local(cache, tmp_path, 'killed')
-  harness.wait_for_file(workdir / 'checkpoints' / 'checkpoint_20',
-                        proc=launch.proc)
-  kills.kill(launch)  # SIGKILL to local.sh and both processes
-  assert max(harness.checkpoint_steps(workdir)) < STEPS  # really mid-run
-  workdir, relaunch = _local(cache, tmp_path, 'killed')
-  assert relaunch.wait() == 0, relaunch.describe()
-  assert 'Resumed from' in relaunch.log(0)
-  _assert_identical(workdir, local_run[0])
+def test_sigterm_to_one_process_then_sigkill_both_then_relaunch(
+    cache, tmp_path, local_run):
+  """One workdir through both interruptions, each checked on the way, and
+  its end state bitwise that of the uninterrupted run (one launch sequence
+  instead of two that each started from scratch):
 
+  1. SIGTERM to process 1 mid-run: both agree on a step, write one
+     checkpoint and exit 75;
+  2. the relaunch resumes from it and is SIGKILLed (local.sh and both
+     processes) mid-run, once it wrote a checkpoint of its own (right after
+     its resume if none is left before the end);
+  3. the next relaunch resumes and finishes.
+  """
+  workdir = tmp_path / 'interrupted'
 
-def test_sigterm_to_one_process_checkpoints_and_resumes(cache, tmp_path,
-                                                        local_run):
-  workdir, launch = _local(cache, tmp_path, 'preempted')
+  def launch_in(logs):
+    return harness.Launch(harness.train_command(workdir, *FAST_FAILURE),
+                          tmp_path / logs, environ=harness.env(cache))
+
+  launch = launch_in('term_logs')
   harness.wait_for_file(workdir / 'checkpoints' / 'checkpoint_20',
                         proc=launch.proc)
   os.kill(launch.pids()[1], 15)  # SIGTERM
@@ -143,9 +147,19 @@ def test_sigterm_to_one_process_checkpoints_and_resumes(cache, tmp_path,
   state = harness.final_state(workdir, stop)
   assert int(state['step']) == stop
 
-  workdir, relaunch = _local(cache, tmp_path, 'preempted')
-  assert relaunch.wait() == 0, relaunch.describe()
-  assert f'checkpoint_{stop} (step {stop})' in relaunch.log(0)
+  launch = launch_in('kill_logs')
+  assert harness.wait_for_resume(launch) == stop
+  assert f'checkpoint_{stop} (step {stop})' in launch.log(0)
+  after = [s for s in SAVES if stop < s < STEPS]
+  if after:
+    harness.wait_for_file(workdir / 'checkpoints' / f'checkpoint_{after[0]}',
+                          proc=launch.proc)
+  kills.kill(launch)  # SIGKILL to local.sh and both processes
+  assert max(harness.checkpoint_steps(workdir)) < STEPS  # really mid-run
+
+  launch = launch_in('final_logs')
+  assert launch.wait() == 0, launch.describe()
+  assert stop <= kills.resumed_step(launch.log(0)) < STEPS, launch.log(0)
   _assert_one_file_per_save(workdir, sorted(set(SAVES) | {stop}))
   _assert_identical(workdir, local_run[0])
 

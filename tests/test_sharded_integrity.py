@@ -6,7 +6,9 @@ of damage (a chunk file deleted, truncated, swapped with another valid one,
 overwritten with garbage; the array metadata or an integrity manifest
 missing) must raise ``CheckpointReadError`` naming the array, from
 ``verify_arrays`` and from a restore, never return a fill value. The runner
-test at the end damages a real 2-process FSDP checkpoint and resumes.
+test that damages a real 2-process FSDP checkpoint and resumes is in
+tests/test_sharding.py (test_runner_falls_back_past_a_swapped_chunk_on_two_
+processes), on that module's uninterrupted run.
 """
 
 import os
@@ -211,96 +213,3 @@ def test_a_missing_array_directory_is_corrupt(saved):
   shutil.rmtree(os.path.join(mpa.array_dir(ckpt), 'params', 'b'))
   with pytest.raises(errors.CheckpointReadError, match='missing'):
     mpa.verify_arrays(ckpt, state)
-
-
-# -- the runner: a damaged sharded checkpoint is moved aside -------------
-
-RUN_LM = """
-include 'lm.gin'
-transformer.width = 32
-transformer.depth = 1
-transformer.heads = 2
-transformer.max_len = 32
-text_files.length = 32
-text_files.max_eval_examples = 32
-train.batch_size = 8
-train.num_steps = 20
-train.log_every = 10
-train.eval_every = 20
-train.eval_batch_size = 32
-train.actions = []
-checkpoint_policy.every_steps = 10
-checkpoint_policy.keep = 0
-warmup_cosine_decay_schedule.warmup_steps = 5
-warmup_cosine_decay_schedule.decay_steps = 200
-train.parallelism = @partitioner()
-partitioner.rules = 'fsdp'
-"""
-
-
-def test_runner_falls_back_past_a_swapped_chunk_on_two_processes(tmp_path,
-                                                                 capsys):
-  import re  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
-  import harness  # pylint: disable=g-import-not-at-top
-  from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
-  from gintrain.runner.outputs import checkpoints as runner_ckpt  # pylint: disable=g-import-not-at-top
-
-  gin_file = tmp_path / 'lm.gin'
-  gin_file.write_text(RUN_LM)
-  workdir = tmp_path / 'run'
-  command = [sys.executable, '-m', 'gintrain.runner.train',
-             f'--workdir={workdir}', f'--gin_file={gin_file}',
-             '--heartbeat_timeout=5', '--barrier_timeout=60',
-             '--shutdown_timeout=20', '--initialization_timeout=60']
-  environ = harness.env(tmp_path / 'cache')
-
-  def state(path):
-    raw = runner_ckpt.read_arrays(path, checkpoint_io.read_checkpoint_file(
-        path))
-    return harness.flat(raw['state'])
-
-  launch = harness.Launch(command, tmp_path / 'logs1', environ=environ)
-  assert launch.wait() == 0, launch.describe()
-  ckpts = workdir / 'checkpoints'
-  # Each save's cost is in the records and ckpt ls counts every file: the
-  # msgpack file and two packed files per process (issue 21).
-  import test_checkpoint_records as records  # pylint: disable=g-import-not-at-top
-  records.check_records(str(workdir), [10, 20], files=5)
-  records.check_ls(workdir, capsys, [10, 20], files=5)
-  path = str(ckpts / 'checkpoint_20')
-  original = state(path)
-  # The issue's case: one slice of the embedding swapped for another valid
-  # one of the same array (a restore without hashes loads it silently). The
-  # runner writes the packed layout: the slices are in process_0.bin.
-  import json  # pylint: disable=g-import-not-at-top
-  folder = ckpts / 'checkpoint_20_gda' / 'packed'
-  assert sorted(os.listdir(folder)) == [
-      'process_0.bin', 'process_0.json', 'process_1.bin', 'process_1.json']
-  index = json.loads((folder / 'process_0.json').read_text())
-  a, b = index['arrays']['state/params/Embed_0/embedding']['chunks'][:2]
-  with open(folder / 'process_0.bin', 'r+b') as f:
-    f.seek(a['offset'])
-    da = f.read(a['nbytes'])
-    f.seek(b['offset'])
-    db = f.read(b['nbytes'])
-    assert da != db and len(da) == len(db)
-    f.seek(a['offset'])
-    f.write(db)
-    f.seek(b['offset'])
-    f.write(da)
-
-  launch = harness.Launch(command, tmp_path / 'logs2', environ=environ)
-  assert launch.wait() == 0, launch.describe()
-  log = launch.log(0)
-  assert re.search(r'Skipping checkpoint .*checkpoint_20: .*'
-                   r'Embed_0/embedding.*does not match its hash', log), log
-  assert 'checkpoint_10 (step 10)' in log, log
-  corrupt = workdir / runner_ckpt.CORRUPT_DIR
-  assert sorted(os.listdir(corrupt)) == ['checkpoint_20', 'checkpoint_20_gda']
-  # Trained again from step 10: the same state, bit for bit.
-  again = state(path)
-  assert again.keys() == original.keys()
-  for key in original:
-    np.testing.assert_array_equal(again[key], original[key], err_msg=key)

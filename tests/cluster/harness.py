@@ -253,6 +253,25 @@ def wait_progress(proc, log_paths, timeout=240, stall_s=None, until=None):
     time.sleep(0.05)
 
 
+def wait_for_resume(launch, timeout=240) -> int:
+  """Waits, while ``launch`` (a :class:`Launch`) runs, for process 0's
+  ``Resumed from ... (step N)`` line; returns N. Fails if the launch ends
+  first."""
+  pattern = re.compile(r'Resumed from \S+ \(step (\d+)\)')
+
+  def resumed():
+    try:
+      return pattern.search(launch.log(0))
+    except OSError:  # no log yet
+      return None
+
+  status = wait_progress(launch.proc, launch.log_paths(), timeout,
+                         until=resumed)
+  assert status is None, (f'the launch ended (status {status}) before it'
+                          f' resumed:\n{launch.describe()}')
+  return int(resumed().group(1))
+
+
 def tail(text, lines=40) -> str:
   kept = [l for l in text.splitlines() if not l.startswith('    @ ')]
   return '\n'.join(kept[-lines:])
