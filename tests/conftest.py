@@ -43,14 +43,19 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
 # with the longest files (measured, longest first), so short files fill in
 # at the end. The rest keep pytest's order.
 _LONGEST_FIRST = (
-    'test_sharding.py', 'test_sweep.py', 'test_reliability_kills.py',
-    'test_sharded_integrity.py', 'test_multihost.py',
-    'test_reliability_round3.py', 'test_readme.py',
-    'test_object_store_runner.py', 'test_sweep_optuna.py',
-    'test_sweep_slurm.py', 'test_object_store_crash.py',
+    'test_sharding.py', 'test_multihost.py', 'test_reliability_kills.py',
+    'test_sweep.py', 'test_reliability_round3.py', 'test_sweep_optuna.py',
+    'test_readme.py', 'test_object_store_crash.py',
+    'test_object_store_runner.py', 'test_sweep_slurm.py',
     'test_checkpoint_hardening.py', 'test_checkpoint_multiprocess.py',
     'test_sharded_format.py', 'test_reliability_signals.py',
     'test_llama.py', 'test_hf.py', 'test_docs.py', 'test_install.py')
+# (xdist hands the first file to worker 0, the second to worker 1, ..., then
+# a second file to each in the same order: test_sharding and test_sweep,
+# test_multihost and test_reliability_round3 (two of the three files that
+# start the SLURM cluster, which runs one at a time on this machine: on one
+# worker they do not wait for each other), the kill soak and the Optuna
+# sweep.)
 # Files whose tests share no module fixture and take long together (the
 # README/guide examples: one training run after another): with loadfile,
 # each of their tests is a unit of its own, so several workers share them.
