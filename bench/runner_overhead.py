@@ -38,6 +38,7 @@ windows' host time goes (cProfile, which slows them: not for the ratios).
 import argparse
 import cProfile
 import pstats
+import re
 import statistics
 import sys
 import tempfile
@@ -315,7 +316,8 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--only', default='',
                       help='comma-separated config name prefixes (e.g.'
-                      ' "default,llama"; case-insensitive); default: all')
+                      ' "default,llama"; case-insensitive), or a whole name'
+                      ' ("default, log every 50"); default: all')
   parser.add_argument('--profile', action='store_true',
                       help="cProfile the runner's timed windows and print"
                       ' where their host time goes (the profiler slows the'
@@ -326,9 +328,14 @@ def main():
                       ' what a part of the loop costs')
   args = parser.parse_args()
   logging.set_verbosity(logging.ERROR)
-  only = [p.strip().lower() for p in args.only.split(',') if p.strip()]
-  configs = [c for c in CONFIGS
-             if not only or any(c[0].lower().startswith(p) for p in only)]
+  # ',' separates patterns, ', ' is part of a name ('default, log every 50')
+  only = [p.strip().lower() for p in re.split(r',(?! )', args.only)
+          if p.strip()]
+  # A pattern that is a whole config name picks that one only (the name
+  # 'default, log every 50' is also the start of '... 500').
+  picked = [([c for c in CONFIGS if c[0].lower() == p] or
+             [c for c in CONFIGS if c[0].lower().startswith(p)]) for p in only]
+  configs = [c for c in CONFIGS if not only or any(c in cs for cs in picked)]
   if not configs:
     raise SystemExit(f'--only={args.only}: no config starts with that; the'
                      f' configs: {", ".join(c[0] for c in CONFIGS)}.')
