@@ -377,8 +377,11 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
   ``jax.Array`` with that sharding, whatever process count, mesh or layout
   (``packed`` or ``zarr``) wrote it. Each process reads only the slices its
   devices hold, straight into their buffers, checked against the
-  checkpoint's hashes. Other leaves come back as stored. Every process
-  calls it (errors are agreed, so all raise or none).
+  checkpoint's hashes; so does a checkpoint written by one process (its
+  arrays whole in the msgpack file: ``lib.msgpack_slices``; a file with an
+  integrity sidecar is read whole, to be checked). Other leaves come back
+  as stored. Every process calls it (errors are agreed, so all raise or
+  none).
 
   Args:
     ckpt_dir: a checkpoint file, or a directory of ``<prefix><step>`` files.
@@ -440,7 +443,7 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
       return placed[id(stored)]
     if sharding is None or isinstance(stored, jax.Array):
       return stored
-    return _place(stored, sharding)
+    return _place(msgpack_slices.materialize(stored), sharding)
   if isinstance(state, dict) and isinstance(shardings, dict):
     state = _map_pairs(place, state, shardings)
   elif shardings is not None and not isinstance(shardings, dict):
