@@ -15,23 +15,11 @@ import pytest
 from gintrain.runner.actions import base
 from gintrain.runner.actions import once
 from gintrain.runner.actions import report
-from gintrain.runner.outputs import writers
 from gintrain.runner.training import action_list
 import test_writers_events  # pylint: disable=g-bad-import-order
+from test_writers import ListWriter
 from tensorboardX.proto import event_pb2  # after it: no torch
 from tiny import run
-
-
-class _Rows(writers.MetricWriter):
-
-  def __init__(self):
-    self.rows = []
-
-  def _write_scalars(self, step, scalars, split):
-    self.rows.append((step, split, scalars))
-
-  def _write_hparams(self, hparams, metrics):
-    pass
 
 
 def _loop(action, steps, records_at, total):
@@ -49,7 +37,7 @@ def _loop(action, steps, records_at, total):
 
 
 def test_the_train_record_is_written_delay_steps_after_its_fetch():
-  rows = _Rows()
+  rows = ListWriter()
   action = report.ReportTrain(rows, total=60, log=False, delay=8)
   action.bind(types.SimpleNamespace(config=types.SimpleNamespace(
       log_every=20)), '/unused')
@@ -70,7 +58,7 @@ def test_the_train_record_is_written_delay_steps_after_its_fetch():
 
 
 def test_a_record_comes_out_before_the_next_one_when_logs_are_close():
-  rows = _Rows()
+  rows = ListWriter()
   action = report.ReportTrain(rows, total=12, log=False, delay=8)
   action.bind(types.SimpleNamespace(config=types.SimpleNamespace(
       log_every=1)), '/unused')
