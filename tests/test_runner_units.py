@@ -274,16 +274,20 @@ def test_jax_flags_are_applied(tmp_path, capsys):
   assert not os.listdir(tmp_path)
 
 
-def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
-  """tensorboardX imports torch when installed (a second per run); the
-  writer hides it unless the program imported torch itself."""
+def test_the_tensorboard_writer_does_not_import_torch_or_boto3(tmp_path):
+  """tensorboardX imports torch and boto3 when installed (a second per
+  run); the writer hides them unless the program imported them itself, and
+  they import normally afterwards."""
   import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   code = (
       'import sys\n'
       'from gintrain.runner.outputs import writers\n'
       f'w = writers.TensorBoardWriter({str(tmp_path)!r})\n'
       "w.write_scalars(1, {'loss': 1.0}, split='train'); w.close()\n"
-      "print('torch' in sys.modules, sys.modules.get('torch', 0) is None)\n")
+      "print('torch' in sys.modules, sys.modules.get('torch', 0) is None)\n"
+      "print('boto3' in sys.modules)\n"
+      'import boto3\n'
+      "print(hasattr(boto3, 'client'))\n")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, check=True).stdout.split()
-  assert out == ['False', 'False']
+  assert out == ['False', 'False', 'False', 'True']

@@ -473,17 +473,22 @@ _SESSION_START_TAG = '_hparams_/session_start_info'
 
 
 def _import_tensorboardx() -> None:
-  """Imports tensorboardX without torch: its package ``__init__`` imports
-  torch when it is installed (over a second, for a ``torch.Tensor`` alias
-  this writer never uses). A program that imported torch itself keeps it."""
-  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+  """Imports tensorboardX without torch or boto3: its package ``__init__``
+  imports torch when it is installed (over a second, for a ``torch.Tensor``
+  alias this writer never uses) and boto3 (0.2-0.9 s, for its own S3
+  writer; this writer stages event files and uploads through lib.storage).
+  A program that imported either itself keeps it."""
+  if 'tensorboardX' in sys.modules:
     return
-  sys.modules['torch'] = None  # `import torch` raises ImportError
+  hidden = [name for name in ('torch', 'boto3') if name not in sys.modules]
+  for name in hidden:
+    sys.modules[name] = None  # `import <name>` raises ImportError
   try:
     import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
   finally:
-    if sys.modules.get('torch', 0) is None:
-      del sys.modules['torch']
+    for name in hidden:
+      if sys.modules.get(name, 0) is None:
+        del sys.modules[name]
 
 
 def _crc32c_function() -> Callable[[bytes], int]:
