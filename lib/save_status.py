@@ -13,11 +13,18 @@ on every process at once, with the failing process's reason (errno kept),
 so every process raises it at its next check (the runner: the step after
 the failed save) with one line.
 
+A failed process's thread ends only once every other process has seen its
+failure (``gintrain/save_ack/<n>/<process>``, or failed itself): the
+runner checks after each step whether the save failed, and a process that
+raised at a step where another did not know yet would leave that one in
+the next step's collectives until jax's timeouts.
+
 Keys: ``gintrain/save_status/<n>/<process>``, ``n`` counting this
 module's saves (every process saves in the same order: SPMD). A process
-deletes its key of save ``n - 1`` when it publishes save ``n``: by then
-every process has read it (a save begins only after the previous one's
-commit, which follows every process's wait).
+deletes its key of save ``n - 1`` when it publishes save ``n`` (by then
+every process has read it: a save begins only after the previous one's
+commit, which follows every process's wait), and its acknowledgement of
+save ``n - 2``.
 
 In one process, or without ``jax.distributed``, :func:`start` returns None
 and nothing is exchanged.
@@ -33,14 +40,18 @@ then every process has read them).
 
 import errno as errno_codes
 import itertools
+import logging
 import time
 
 import jax
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 __all__ = ['SaveStatus', 'start', 'allgather']
 
 _ROOT = 'gintrain/save_status'
+_ACK_ROOT = 'gintrain/save_ack'
 _COUNT = itertools.count()
 _GATHER_ROOT = 'gintrain/allgather'
 _GATHERS = itertools.count()
@@ -91,11 +102,37 @@ class SaveStatus:
           getattr(error, 'strerror', None) or str(error))
       value = f'error {int(code)} {" ".join(str(reason).split())[:300]}'
     self.client.key_value_set(self._key(self.number, self.me), value)
-    if self.number:
+    (logger.debug if error is None else logger.info)(
+        'Save %d of %s: this process\'s part: %s', self.number, self.path,
+        value)
+    for key in ([self._key(self.number - 1, self.me)] if self.number else []
+                ) + ([f'{_ACK_ROOT}/{self.number - 2}/{self.me}']
+                     if self.number >= 2 else []):
       try:
-        self.client.key_value_delete(self._key(self.number - 1, self.me))
+        self.client.key_value_delete(key)
       except Exception:  # pylint: disable=broad-except
         pass  # (a leftover key costs a few bytes of the coordinator)
+    if error is not None:
+      self._wait_acks()
+
+  def _wait_acks(self) -> None:
+    """After a failure: waits (at most the timeout) until every other
+    process has seen it (acknowledged, or failed itself), so that no
+    process raises at a step where another does not yet know and would go
+    on into that step's collectives."""
+    others = {p for p in range(self.count) if p != self.me}
+    deadline = time.monotonic() + self.timeout_s
+    pause = 0.001
+    while others and time.monotonic() < deadline:
+      for prefix in (f'{_ACK_ROOT}/{self.number}/', f'{_ROOT}/{self.number}/'):
+        for key, value in self.client.key_value_dir_get(prefix):
+          tail = key.rsplit('/', 1)[-1]
+          if tail.isdigit() and (prefix.startswith(_ACK_ROOT) or
+                                 value.startswith('error')):
+            others.discard(int(tail))
+      if others:
+        time.sleep(pause)
+        pause = min(2 * pause, _MAX_POLL_S)
 
   def run_and_publish(self, fn):
     """``fn()``, its outcome published (its error re-raised)."""
@@ -125,7 +162,11 @@ class SaveStatus:
         if tail.isdigit() and int(tail) in processes:
           found[int(tail)] = value
       failed = sorted(p for p, v in found.items() if v.startswith('error'))
-      if failed:
+      if failed:  # acknowledged, then raised (see _wait_acks)
+        logger.info('Save %d: process %d failed: %s', self.number, failed[0],
+                    found[failed[0]])
+        self.client.key_value_set(f'{_ACK_ROOT}/{self.number}/{self.me}',
+                                  'seen')
         raise self._error(failed[0], found[failed[0]])
       if len(found) >= len(processes) or time.monotonic() > deadline:
         return

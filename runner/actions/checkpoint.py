@@ -104,9 +104,11 @@ class SaveCheckpoint(base.PeriodicAction):
     self.writer, self.main = writer, main
     self.final = None  # (step, action states) of the final checkpoint
     self.pending: SaveCost | None = None  # the save in flight
+    self.failed: Exception | None = None  # its error, for the next check
 
   def due(self, step, last):
-    return self.pending is not None or super().due(step, last)
+    return (self.pending is not None or self.failed is not None or
+            super().due(step, last))
 
   def save(self, step: int, overwrite: bool = False) -> bool:
     if self.pending is not None:  # the save below waits for it anyway
@@ -118,12 +120,21 @@ class SaveCheckpoint(base.PeriodicAction):
       return False
     cost.returned()
     self.pending = cost
-    self.finish()  # a synchronous save is complete already
+    try:
+      self.finish()  # a synchronous save is complete already
+    except Exception as e:  # pylint: disable=broad-except
+      # A background save that failed already: raised at the next step's
+      # check, where every process raises it (lib.save_status), not here,
+      # where the others may not know yet.
+      self.failed = e
     return True
 
   def finish(self) -> bool:
     """Writes the record of the save in flight if it is complete (a failed
     background save raises its error); whether none is in flight now."""
+    if self.failed is not None:
+      failed, self.failed = self.failed, None
+      raise failed
     if self.pending is None:
       return True
     try:
