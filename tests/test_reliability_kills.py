@@ -4,8 +4,8 @@ by a relaunch in the same workdir: no relaunch fails, and every run ends
 with the bitwise-identical state of an uninterrupted run of its process
 count.
 
-CI runs 10 kills (1- and 2-process episodes alternate, at most 5 kills
-each: two episodes, so two runs to the end after the kills); set ``GINTRAIN_SOAK_KILLS=30`` (the CI count until issue 26) or
+CI runs 10 kills (1- and 2-process episodes alternate, at most 4 kills
+each); set ``GINTRAIN_SOAK_KILLS=30`` (the CI count until issue 26) or
 ``=200`` for the long soak (docs/guides/long_runs.md, Reliability, has its
 figures). ``GINTRAIN_SOAK_SEED`` changes the random moments.
 """
@@ -23,11 +23,6 @@ from gintrain.lib import checkpoint_naming  # pylint: disable=g-import-not-at-to
 
 KILLS = int(os.environ.get('GINTRAIN_SOAK_KILLS', '10'))
 SEED = int(os.environ.get('GINTRAIN_SOAK_SEED', '0'))
-# Kills per episode (a workdir killed and relaunched until its run ends).
-# With 10 kills, 5 makes one 1-process and one 2-process episode: each
-# episode ends with a launch that runs to the end, so fewer episodes are
-# fewer launches for the same kills.
-PER_EPISODE = 5
 # The multi-host experiment, shorter, with a checkpoint every 2 steps (the
 # last 3 kept: retention deletes files while kills land) written in the
 # background.
@@ -96,8 +91,7 @@ def test_sigkill_soak(tmp_path, monkeypatch):
   for processes in (1, 2):
     references[processes], durations[processes] = kills.reference(
         tmp_path, environ, ARGS, processes)
-  soak = kills.Soak(tmp_path, environ, ARGS, references, KILLS, seed=SEED,
-                    per_episode=PER_EPISODE)
+  soak = kills.Soak(tmp_path, environ, ARGS, references, KILLS, seed=SEED)
   soak.durations = durations
   stats = soak.run()
   seconds = time.monotonic() - begun
