@@ -1,4 +1,4 @@
-"""`gintrain sweep --executor=slurm`: a 2 x 2 digits grid as one array job
+"""`gintrain sweep --executor=slurm`: the 3 x 2 digits grid as one array job
 through launch/slurm.sbatch on the single-node SLURM of tests/cluster
 (slurm_local.sh), one array task per trial; a resubmission submits
 nothing."""
@@ -15,10 +15,8 @@ import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        'sweep_helpers')
-# 4 trials (each mostly process start-up; the single-node cluster runs 2 at
-# once): an array of several tasks, as the 3 x 2 grid was, in 2 rounds.
 GRID = """\
-optimizer.learning_rate = [0.003, 0.03]
+optimizer.learning_rate = [0.003, 0.01, 0.03]
 train.seed = [0, 1]
 """
 BASE = ['--gin.train.num_epochs=None', '--gin.train.num_steps=20',
@@ -52,20 +50,20 @@ def test_grid_as_a_slurm_array_job(tmp_path):
     assert 'submitted array job' in result.stdout
     job = result.stdout.split('submitted array job ')[1].split()[0]
     # one array task per trial, each its own batch job of slurm.sbatch
-    assert len(logs) == 4, [p.name for p in logs]
+    assert len(logs) == 6, [p.name for p in logs]
     assert sorted(p.name for p in logs) == sorted(
-        f'{job}_{i}.out' for i in range(4))
-    assert text.count('slurm.sbatch: tasks exited with status 0') == 4
+        f'{job}_{i}.out' for i in range(6))
+    assert text.count('slurm.sbatch: tasks exited with status 0') == 6
     again = subprocess.run(command, capture_output=True, text=True, env=env,
                            cwd=tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert '4 finished, 0 to run' in again.stderr
+    assert '6 finished, 0 to run' in again.stderr
     assert 'submitted' not in again.stdout
   trials = json.load(open(sweep_dir / 'sweep.json'))['trials']
-  assert len(trials) == 4
+  assert len(trials) == 6
   table = result.stdout
   for trial in trials:
     record = json.load(open(sweep_dir / trial['name'] / 'trial.json'))
     assert record['status'] == 'done' and record['exit_status'] == 0
     assert trial['name'] in table
-  assert table.count(' done ') == 4
+  assert table.count(' done ') == 6
