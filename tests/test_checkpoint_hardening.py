@@ -29,6 +29,9 @@ from gintrain.lib import checkpoints
 from gintrain.lib import errors
 from gintrain.lib import serialization
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,19 +336,9 @@ _ENOSPC_SCRIPT = '''
 '''
 
 
-def _mount_cmd():
-  """A command prefix running in a private mount namespace, or None."""
-  if shutil.which('unshare') is None:
-    return None
-  for cmd in (['unshare', '-rm'], ['unshare', '-m']):
-    probe = subprocess.run(cmd + ['true'], capture_output=True, check=False)
-    if probe.returncode == 0:
-      return cmd
-  return None
-
 
 def test_disk_full_gives_one_clear_error(tmp_path):
-  cmd = _mount_cmd()
+  cmd = harness.mount_namespace()
   if cmd is None:
     pytest.skip('cannot mount a small tmpfs here (no mount namespace)')
   d = tmp_path / 'small'

@@ -8,9 +8,7 @@ oracle).
 
 import collections
 import os
-import subprocess
 import sys
-import time
 import warnings
 
 import jax
@@ -214,48 +212,9 @@ def _free_port() -> int:
   return harness.free_port((PORTS.start, PORTS.stop))
 
 
-def _run_workers(root, num=2):
-  port = _free_port()
-  env = dict(os.environ)
-  env.update({
-      'JAX_PLATFORMS': 'cpu',
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-      'PYTHONPATH': REPO + os.pathsep + env.get('PYTHONPATH', ''),
-      'PYTHONUNBUFFERED': '1',
-  })
-  logs = [open(os.path.join(root, f'worker{i}.log'), 'w+') for i in range(num)]
-  procs = [subprocess.Popen(  # pylint: disable=consider-using-with
-      [sys.executable, WORKER, str(i), str(port), str(root)], cwd=REPO,
-      env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(num)]
-  deadline = time.monotonic() + CHILD_TIMEOUT_S
-  first_failure = None
-  try:
-    while True:
-      codes = [p.poll() for p in procs]
-      if None not in codes:
-        break
-      now = time.monotonic()
-      if any(c not in (None, 0) for c in codes):
-        first_failure = first_failure or now
-      # A failed process leaves the other one waiting at a barrier.
-      if now > deadline or (first_failure and now > first_failure + 10):
-        break
-      time.sleep(0.1)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-  outputs = []
-  for f in logs:
-    f.seek(0)
-    outputs.append(f.read())
-    f.close()
-  return [p.returncode for p in procs], outputs
-
-
 def test_two_processes_save_restore_retention_and_errors(tmp_path):
-  codes, outputs = _run_workers(tmp_path)
+  codes, outputs = harness.run_workers(
+      WORKER, tmp_path, timeout=CHILD_TIMEOUT_S, port=_free_port())
   report = '\n'.join(f'----- worker {i} (exit {c}) -----\n{out[-6000:]}'
                      for i, (c, out) in enumerate(zip(codes, outputs)))
   assert codes == [0, 0], report

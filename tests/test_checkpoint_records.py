@@ -7,7 +7,6 @@ sharded (packed) run."""
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -94,20 +93,10 @@ def test_one_process_async_saves_are_recorded_and_listed(tmp_path, capsys):
 
 # -- a background save that fails (full disk) stops the run at the next step -
 
-def _mount_namespace():
-  """A command prefix running in a private mount namespace, or None."""
-  if shutil.which('unshare') is None:
-    return None
-  for cmd in (['unshare', '-m'], ['unshare', '-rm']):
-    probe = subprocess.run(cmd + ['true'], capture_output=True, check=False)
-    if probe.returncode == 0:
-      return cmd
-  return None
-
 
 def test_a_background_save_on_a_full_disk_stops_the_run_at_the_next_step(
     tmp_path):
-  namespace = _mount_namespace()
+  namespace = harness.mount_namespace()
   if namespace is None:
     pytest.skip('cannot make a mount namespace here (no unshare -m)')
   workdir = tmp_path / 'run'

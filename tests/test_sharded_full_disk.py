@@ -13,7 +13,6 @@ commit barrier to time out.
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,16 +43,6 @@ TMPFS = '640k'
 TIMEOUT_S = 150
 
 
-def _mount_namespace():
-  """A command prefix running in a private mount namespace, or None."""
-  if shutil.which('unshare') is None:
-    return None
-  for cmd in (['unshare', '-m'], ['unshare', '-rm']):
-    probe = subprocess.run(cmd + ['true'], capture_output=True, check=False)
-    if probe.returncode == 0:
-      return cmd
-  return None
-
 
 def _train_steps(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -74,7 +63,7 @@ LAYOUTS = {
     'fsdp', pytest.param('replicated', marks=pytest.mark.skipif(
         not os.environ.get('GINTRAIN_SLOW'), reason='GINTRAIN_SLOW=1'))])
 def test_a_full_disk_stops_both_processes_at_the_next_step(tmp_path, layout):
-  namespace = _mount_namespace()
+  namespace = harness.mount_namespace()
   if namespace is None:
     pytest.skip('cannot make a mount namespace here (no unshare -m)')
   workdir = tmp_path / 'run'

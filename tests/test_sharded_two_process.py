@@ -10,9 +10,7 @@ The checks run in tests/mp_sharded_worker.py (one start of both processes).
 """
 
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'cluster'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,40 +20,8 @@ WORKER = os.path.join(REPO, 'tests', 'mp_sharded_worker.py')
 TIMEOUT_S = 120
 
 
-def _run(root):
-  port = harness.free_port()
-  env = harness.env(devices=2)
-  logs = [open(os.path.join(root, f'worker{i}.log'), 'w+')  # pylint: disable=consider-using-with
-          for i in range(2)]
-  procs = [subprocess.Popen(  # pylint: disable=consider-using-with
-      [sys.executable, WORKER, str(i), str(port), str(root)], cwd=REPO,
-      env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-  deadline = time.monotonic() + TIMEOUT_S
-  failed_at = None
-  try:
-    while None in [p.poll() for p in procs]:
-      now = time.monotonic()
-      if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
-        failed_at = now
-      # a failed process leaves the other at a barrier
-      if now > deadline or (failed_at and now > failed_at + 10):
-        break
-      time.sleep(0.1)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-  outputs = []
-  for f in logs:
-    f.seek(0)
-    outputs.append(f.read())
-    f.close()
-  return [p.returncode for p in procs], outputs
-
-
 def test_slice_reads_of_a_one_process_checkpoint_and_failed_parts(tmp_path):
-  codes, outputs = _run(tmp_path)
+  codes, outputs = harness.run_workers(WORKER, tmp_path, timeout=TIMEOUT_S)
   report = '\n'.join(f'----- worker {i} (exit {c}) -----\n{out[-6000:]}'
                      for i, (c, out) in enumerate(zip(codes, outputs)))
   assert codes == [0, 0], report

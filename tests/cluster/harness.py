@@ -325,6 +325,55 @@ def flat(tree, prefix=''):
   return out
 
 
+def run_workers(worker, root, num=2, devices=2, timeout=180, port=None):
+  """Runs ``python worker <index> <port> <root>`` as ``num`` processes on
+  127.0.0.1 and returns ([exit codes], [outputs]). Waits for all, at most
+  ``timeout`` s, or 10 s past the first failure (a failed process leaves
+  the others at a barrier); kills what is left. Outputs go through files in
+  ``root`` (worker<i>.log), so a chatty worker never blocks on a pipe."""
+  port = free_port() if port is None else port
+  logs = [open(os.path.join(root, f'worker{i}.log'), 'w+')  # pylint: disable=consider-using-with
+          for i in range(num)]
+  procs = [subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, worker, str(i), str(port), str(root)], cwd=REPO,
+      env=env(devices=devices), stdout=logs[i], stderr=subprocess.STDOUT)
+           for i in range(num)]
+  deadline = time.monotonic() + timeout
+  failed_at = None
+  try:
+    while None in [p.poll() for p in procs]:
+      now = time.monotonic()
+      if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+        failed_at = now
+      if now > deadline or (failed_at and now > failed_at + 10):
+        break
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  outputs = []
+  for f in logs:
+    f.seek(0)
+    outputs.append(f.read())
+    f.close()
+  return [p.returncode for p in procs], outputs
+
+
+def mount_namespace():
+  """A command prefix that runs a command in a private mount namespace (to
+  mount a small tmpfs without touching the machine's mounts), or None where
+  no namespace can be made (no ``unshare``, no privilege)."""
+  if shutil.which('unshare') is None:
+    return None
+  for cmd in (['unshare', '-m'], ['unshare', '-rm']):
+    probe = subprocess.run(cmd + ['true'], capture_output=True, check=False)
+    if probe.returncode == 0:
+      return cmd
+  return None
+
+
 def node_name_resolves() -> bool:
   """Whether ``hostname -s`` resolves (Debian lists it in /etc/hosts)."""
   try:
