@@ -4,7 +4,7 @@ by a relaunch in the same workdir: no relaunch fails, and every run ends
 with the bitwise-identical state of an uninterrupted run of its process
 count.
 
-CI runs 10 kills (1- and 2-process episodes alternate, at most 4 kills
+CI runs 6 kills (1- and 2-process episodes alternate, at most 4 kills
 each); set ``GINTRAIN_SOAK_KILLS=30`` (the CI count until issue 26) or
 ``=200`` for the long soak (docs/guides/long_runs.md, Reliability, has its
 figures). ``GINTRAIN_SOAK_SEED`` changes the random moments.
@@ -21,7 +21,7 @@ import kills  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from gintrain.lib import checkpoint_naming  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-KILLS = int(os.environ.get('GINTRAIN_SOAK_KILLS', '10'))
+KILLS = int(os.environ.get('GINTRAIN_SOAK_KILLS', '6'))
 SEED = int(os.environ.get('GINTRAIN_SOAK_SEED', '0'))
 # The multi-host experiment, shorter, with a checkpoint every 2 steps (the
 # last 3 kept: retention deletes files while kills land) written in the
