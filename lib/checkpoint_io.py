@@ -50,8 +50,11 @@ request; no temporary name, no rename); a read downloads the object into a
 local temporary staging file, decodes it as above and deletes it.
 
 **Integrity sidecar** (beyond flax): a save may write
-``<dir>/.<name>.xxh3`` holding the xxh3-64 hash and size of the main file
-(computed while streaming it; the main file's bytes do not change), before
+``<dir>/.<name>.xxh3`` holding the size of the main file and the xxh3-64
+hash of each of its 8 MiB blocks (``lib.checkpoint_sidecar``: computed
+while streaming it, in the one pass that hashed the whole file before; the
+main file's bytes do not change; a process can check just the blocks it
+reads, ``lib.msgpack_slices``), before
 the main file is committed. A read verifies the file against its sidecar
 when there is one (a mismatch is a ``CheckpointReadError`` naming the file);
 files without one (flax's) read as before. Which saves write one:
@@ -75,9 +78,9 @@ from typing import Any
 import jax
 import msgpack
 import numpy as np
-import xxhash
 
 from gintrain.lib import checkpoint_naming
+from gintrain.lib import checkpoint_sidecar
 from gintrain.lib import errors
 from gintrain.lib import serialization
 from gintrain.lib import msgpack_stream
@@ -100,6 +103,7 @@ __all__ = [
     'set_integrity_sidecar',
     'integrity_sidecar',
     'verify_sidecar',
+    'read_sidecar',
 ]
 
 # Arrays smaller than this are packed into the framing bytes.
@@ -115,10 +119,8 @@ _MAX_NDIM = msgpack_stream.MAX_NDIM
 # The reader's memory bound, in multiples of msgpack_restore's
 # (lib.msgpack_stream): 500,000 4-element arrays cost under 10x their file.
 _RESTORE_SLACK = 4
-# Integrity sidecars: '<algorithm> <16 hex digits> <size>\n'.
-_SIDECAR_ALGO = 'xxh3_64'
-_SIDECAR_MAX_BYTES = 256
-_HASH_PIECE_BYTES = 8 << 20
+# Integrity sidecars: lib.checkpoint_sidecar.
+_SIDECAR_MAX_BYTES = checkpoint_sidecar.MAX_BYTES
 _sidecar_mode = 'auto'
 
 
@@ -144,22 +146,8 @@ def integrity_sidecar(path: str) -> bool:
   return bool(_sidecar_mode)
 
 
-def _sidecar_text(hasher, nbytes: int) -> bytes:
-  return f'{_SIDECAR_ALGO} {hasher.hexdigest()} {nbytes}\n'.encode('ascii')
-
-
-def _parse_sidecar(path: str, data: bytes) -> tuple[str, int]:
-  """``(hex digest, size)`` of a sidecar's bytes."""
-  try:
-    algo, digest, nbytes = data.decode('ascii').split()
-    if (algo != _SIDECAR_ALGO or len(digest) != 16 or
-        int(digest, 16) < 0 or not nbytes.isdigit()):
-      raise ValueError
-    return digest.lower(), int(nbytes)
-  except (ValueError, UnicodeDecodeError):
-    raise errors.CheckpointReadError(
-        path, f'its integrity sidecar {checkpoint_naming.sidecar_path(path)}'
-        ' is malformed') from None
+def _sidecar_text(hasher: checkpoint_sidecar.Hasher, nbytes: int) -> bytes:
+  return hasher.text(nbytes)
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +476,8 @@ def write_file(tree, path: str, sort_keys: bool = False,
     path: the file to write.
     sort_keys: sort dict keys (ignored for an :class:`EncodedTree`).
     exclusive: fail with ``FileExistsError`` if anything exists at ``path``.
-    hasher: an ``xxhash`` hasher fed the file's bytes as they are written.
+    hasher: a ``checkpoint_sidecar.Hasher`` fed the file's bytes as they
+      are written.
 
   Raises:
     NotARegularFileError: something other than a regular file is at
@@ -638,7 +627,8 @@ def _write_url_checkpoint(tree, final_path: str, overwrite: bool,
     tree = encode(tree, sort_keys=sort_keys)
   if not overwrite and storage.exists(final_path):
     raise errors.AlreadyExistsError(final_path)
-  hasher = xxhash.xxh3_64() if integrity_sidecar(final_path) else None
+  hasher = (checkpoint_sidecar.Hasher() if integrity_sidecar(final_path)
+            else None)
   side = checkpoint_naming.sidecar_path(final_path)
   upload = None
   try:
@@ -671,7 +661,8 @@ def _write_checkpoint(tree, final_path: str, tmp_path: str | None,
   make_parent_dirs(final_path)
   if not isinstance(tree, EncodedTree):
     tree = encode(tree, sort_keys=sort_keys)
-  hasher = xxhash.xxh3_64() if integrity_sidecar(final_path) else None
+  hasher = (checkpoint_sidecar.Hasher() if integrity_sidecar(final_path)
+            else None)
   try:
     tmp_path = _write_tmp(tree, final_path, tmp_path, sort_keys, tmp_prefix,
                           hasher)
@@ -970,9 +961,49 @@ def _read_local_sidecar(path: str) -> bytes | None:
     raise errors.CheckpointReadError(
         path, f'its integrity sidecar {side} cannot be read: {e}') from e
   try:
-    return os.read(fd, _SIDECAR_MAX_BYTES + 1)
+    parts, left = [], _SIDECAR_MAX_BYTES + 1
+    while left > 0:
+      part = os.read(fd, left)
+      if not part:
+        break
+      parts.append(part)
+      left -= len(part)
+    return b''.join(parts)
   finally:
     os.close(fd)
+
+
+def read_sidecar(path: str) -> checkpoint_sidecar.Sidecar | None:
+  """The parsed sidecar of the local checkpoint file ``path`` (None: it has
+  none).
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: unreadable or malformed.
+  """
+  data = _read_local_sidecar(path)
+  return None if data is None else checkpoint_sidecar.parse(path, data)
+
+
+def verify_sidecar(path: str) -> bool:
+  """Checks the local checkpoint file ``path`` against its sidecar by
+  reading it whole; False if it has no sidecar.
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: it does not match, or the
+      sidecar is malformed.
+  """
+  sidecar = _read_local_sidecar(path)
+  if sidecar is None:
+    return False
+  fd = _open_regular(path, os.O_RDONLY, follow=True)
+  try:
+    try:
+      _verify(fd, os.fstat(fd).st_size, path, sidecar)
+    except (_Corrupt, OSError) as e:
+      raise errors.CheckpointReadError(path, f'read failed: {e}') from e
+  finally:
+    os.close(fd)
+  return True
 
 
 def _read_url_checkpoint(url: str, parallel: bool):
@@ -997,29 +1028,11 @@ def _read_url_checkpoint(url: str, parallel: bool):
 
 
 def _verify(fd: int, size: int, name: str, sidecar: bytes) -> None:
-  """Checks the file against its sidecar (size, then xxh3-64 hash)."""
-  if len(sidecar) > _SIDECAR_MAX_BYTES:
-    raise errors.CheckpointReadError(
-        name, f'its integrity sidecar {checkpoint_naming.sidecar_path(name)}'
-        ' is malformed')
-  digest, nbytes = _parse_sidecar(name, sidecar)
-  if nbytes != size:
-    raise errors.CheckpointReadError(
-        name, f'{size} bytes, but its integrity sidecar says {nbytes}'
-        ' (truncated or replaced)')
-  hasher = xxhash.xxh3_64()
-  buf = bytearray(min(_HASH_PIECE_BYTES, max(size, 1)))
-  view = memoryview(buf)
-  offset = 0
-  while offset < size:
-    piece = view[:min(len(buf), size - offset)]
-    _pread_into(fd, piece, offset)
-    hasher.update(piece)
-    offset += len(piece)
-  if hasher.hexdigest() != digest:
-    raise errors.CheckpointReadError(
-        name, f'its content does not match its integrity sidecar (xxh3_64'
-        f' {hasher.hexdigest()}, expected {digest}): corrupted')
+  """Checks the file against its sidecar (size, then the xxh3-64 hashes of
+  its blocks, or of the whole file for a version-1 sidecar)."""
+  checkpoint_sidecar.verify_file(
+      functools.partial(_pread_into, fd), size, name,
+      checkpoint_sidecar.parse(name, sidecar))
 
 
 def _read_local(path: str, parallel: bool, name: str,
