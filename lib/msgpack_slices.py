@@ -14,13 +14,20 @@ pool; replicas of one box on several devices are read once. Runs under
 ``_MIN_RUN_BYTES`` (a box cutting the last axis finely) are read with
 their surrounding rows and the box copied out.
 
-Integrity: a checkpoint with an integrity sidecar (the hash of the whole
-file, ``lib.checkpoint_io``) can only be vouched for by reading it whole:
-:func:`read_lazily` returns None for it, as for files on object stores and
-files it cannot parse, and the caller reads the file whole as before (its
-errors then name the fault). Without a sidecar a slice read is checked as
-much as a whole read is: the whole framing is parsed, every array's size
-must fit the file, and a file that ends early raises.
+Integrity: a checkpoint whose integrity sidecar hashes each 8 MiB block
+(version 2, ``lib.checkpoint_sidecar``) is read in whole blocks, each
+checked against its hash before any of its bytes is used: the framing and
+small arrays through a few cached blocks, each slice's blocks straight into
+its buffer (the blocks at its edges, shared with the neighbours' slices,
+through the cache). A block that does not match raises
+``CheckpointReadError`` naming the file and the byte range; no unchecked
+byte is returned. A version-1 sidecar (the hash of the whole file) can only
+be vouched for by reading the file whole: :func:`read_lazily` returns None
+for it, as for files on object stores and files it cannot parse, and the
+caller reads the file whole as before (its errors then name the fault).
+Without a sidecar a slice read is checked as much as a whole read is: the
+whole framing is parsed, every array's size must fit the file, and a file
+that ends early raises.
 
   >>> import os, tempfile
   >>> from gintrain.lib import checkpoint_io
@@ -37,6 +44,7 @@ must fit the file, and a file that ends early raises.
 """
 
 import bisect
+import collections
 import dataclasses
 import os
 import threading
@@ -45,6 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gintrain.lib import checkpoint_sidecar
 from gintrain.lib import errors
 from gintrain.lib import msgpack_stream
 from gintrain.lib import packed_arrays
@@ -61,6 +70,9 @@ _TASK_BYTES = 8 << 20
 # Runs shorter than this are read with their surrounding rows.
 _MIN_RUN_BYTES = 64 << 10
 
+# Checked blocks kept for the framing and the edges of slices.
+_CACHED_BLOCKS = 4
+
 _READ = {'bytes': 0}
 _READ_LOCK = threading.Lock()
 
@@ -68,7 +80,8 @@ _READ_LOCK = threading.Lock()
 def bytes_read() -> int:
   """Bytes of array data this module has read in this process (a counter
   for tests and benchmarks: a process that restores its slices reads
-  about its share)."""
+  about its share); with a block-hashed sidecar, every block read (the
+  framing's too)."""
   return _READ['bytes']
 
 
@@ -86,11 +99,13 @@ class StoredArray:
     dtype, shape: the array's.
     segments: ``(flat byte start, file offset, bytes)`` in order: one for a
       plain array, one per chunk of a chunked one.
+    blocks: the file's checked reads (a block-hashed sidecar), or None.
   """
   path: str
   dtype: np.dtype
   shape: tuple
   segments: list
+  blocks: '_Blocks | None' = None
 
   __hash__ = None  # not a valid map key (as an array is not)
 
@@ -119,17 +134,113 @@ class StoredArray:
     return dest
 
 
+class _Blocks:
+  """Checked reads of a file whose sidecar hashes each block: only whole
+  blocks are read, and each is checked before its bytes are used."""
+
+  def __init__(self, path: str, sidecar: checkpoint_sidecar.Sidecar):
+    self.path, self.sidecar = path, sidecar
+    self.block_bytes = sidecar.block_bytes
+    self._cache = collections.OrderedDict()  # index -> checked bytes
+    self._lock = threading.Lock()
+
+  def block(self, fd: int, index: int) -> memoryview:
+    """Block ``index``, checked (a few are kept)."""
+    with self._lock:
+      if index in self._cache:
+        self._cache.move_to_end(index)
+        return self._cache[index]
+    start, n = self.sidecar.block_span(index)
+    data = memoryview(bytearray(n))
+    _pread_all(fd, data, start, self.path)
+    self.sidecar.check_block(index, data, self.path)
+    data = data.toreadonly()
+    with self._lock:
+      self._cache[index] = data
+      while len(self._cache) > _CACHED_BLOCKS:
+        self._cache.popitem(last=False)
+    return data
+
+  def read_into(self, fd: int, view: memoryview, offset: int) -> None:
+    """Fills ``view`` with the file's bytes from ``offset``: the blocks it
+    covers whole are read straight into it, then checked; the blocks at its
+    edges through :meth:`block`.
+
+    Raises:
+      gintrain.lib.errors.CheckpointReadError: a block does not match its
+        hash, or the file ended early.
+    """
+    size, block = self.sidecar.size, self.block_bytes
+    end = offset + len(view)
+    if end > size:
+      raise errors.CheckpointReadError(
+          self.path, f'bytes {offset}-{end} are past its end ({size})')
+    pos = offset
+    while pos < end:
+      index = pos // block
+      start, n = self.sidecar.block_span(index)
+      if pos == start and end >= start + n:  # whole blocks: straight in
+        last = index
+        while (last + 1) * block < size and end >= min((last + 2) * block,
+                                                       size):
+          last += 1
+        stop = min((last + 1) * block, size)
+        part = view[pos - offset:stop - offset]
+        _pread_all(fd, part, pos, self.path)
+        for i in range(index, last + 1):
+          self.sidecar.check_block(
+              i, part[i * block - pos:min((i + 1) * block, size) - pos],
+              self.path)
+        pos = stop
+      else:
+        data = self.block(fd, index)
+        stop = min(end, start + n)
+        view[pos - offset:stop - offset] = data[pos - start:stop - start]
+        pos = stop
+
+
+class _CheckedSource:
+  """The file object the framing parser reads (``seek`` and ``read``):
+  checked bytes, from :class:`_Blocks`."""
+
+  def __init__(self, blocks: _Blocks, fd: int):
+    self.blocks, self.fd, self.pos = blocks, fd, 0
+
+  def seek(self, offset: int) -> None:
+    self.pos = offset
+
+  def read(self, n: int) -> bytes:
+    """Up to ``n`` bytes (to the end of a block); b'' at the end."""
+    if n <= 0 or self.pos >= self.blocks.sidecar.size:
+      return b''
+    index = self.pos // self.blocks.block_bytes
+    start, _ = self.blocks.sidecar.block_span(index)
+    data = self.blocks.block(self.fd, index)
+    out = bytes(data[self.pos - start:self.pos - start + n])
+    self.pos += len(out)
+    return out
+
+
 class _LazyParser(msgpack_stream.Parser):
   """The framing parser; large arrays (and every chunk) stay unread."""
 
-  def __init__(self, fd, size, path, min_bytes):
-    super().__init__(fd, size, slack=4)
-    self.path, self.min_bytes = path, min_bytes
+  def __init__(self, fd, size, path, min_bytes, blocks=None):
+    super().__init__(fd if blocks is None else _CheckedSource(blocks, fd),
+                     size, slack=4)
+    self.path, self.min_bytes, self.blocks = path, min_bytes, blocks
+    self.raw_fd = fd
 
   def array(self, dtype, shape, offset, nbytes, defer):
     if nbytes and (defer or nbytes >= self.min_bytes):
-      return StoredArray(self.path, dtype, tuple(shape), [(0, offset, nbytes)])
-    return super().array(dtype, shape, offset, nbytes, defer)
+      return StoredArray(self.path, dtype, tuple(shape), [(0, offset, nbytes)],
+                         self.blocks)
+    if self.blocks is None or not nbytes:
+      return super().array(dtype, shape, offset, nbytes, defer)
+    arr = np.empty(shape, dtype)
+    self.blocks.read_into(self.raw_fd,
+                          memoryview(arr.reshape(-1).view(np.uint8)), offset)
+    arr.flags.writeable = False
+    return arr
 
 
 class _NotPlain(Exception):
@@ -167,7 +278,8 @@ def _join_chunks(node) -> StoredArray:
     (_, offset, nbytes), = c.segments
     segments.append((flat, offset, nbytes))
     flat += nbytes
-  out = StoredArray(chunks[0].path, chunks[0].dtype, shape, segments)
+  out = StoredArray(chunks[0].path, chunks[0].dtype, shape, segments,
+                    chunks[0].blocks)
   if out.nbytes != flat:
     raise _NotPlain()
   return out
@@ -176,21 +288,44 @@ def _join_chunks(node) -> StoredArray:
 def read_lazily(path: str, min_bytes: int = MIN_BYTES):
   """The tree of the local checkpoint file ``path`` with its arrays of at
   least ``min_bytes`` left unread (:class:`StoredArray`); None if it must
-  be read whole (an integrity sidecar, an object store, a file this parser
-  cannot take): then read it with ``checkpoint_io.read_checkpoint_file``."""
+  be read whole (a version-1 integrity sidecar, an object store, a file
+  this parser cannot take): then read it with
+  ``checkpoint_io.read_checkpoint_file``.
+
+  With a block-hashed sidecar every byte parsed is checked first, and the
+  arrays read later are checked block by block.
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: a block it read does not match
+      its sidecar (naming the file and the byte range).
+  """
+  from gintrain.lib import checkpoint_io  # pylint: disable=g-import-not-at-top
   from gintrain.lib import checkpoint_naming  # pylint: disable=g-import-not-at-top
   if storage.local_file(path) is None:
     return None
+  sidecar = None
   if os.path.lexists(checkpoint_naming.sidecar_path(path)):
-    return None  # its hash covers the whole file
+    try:
+      sidecar = checkpoint_io.read_sidecar(path)
+    except errors.CheckpointReadError:
+      return None  # malformed: the whole read says so
+    if sidecar is None or not sidecar.has_blocks:
+      return None  # its hash covers the whole file
   try:
     fd = msgpack_stream.open_regular(path)
   except OSError:
     return None
   try:
     size = os.fstat(fd).st_size
-    tree = _LazyParser(fd, size, path, min_bytes).parse_all()
+    blocks = None
+    if sidecar is not None:
+      if sidecar.size != size:
+        return None  # the whole read names the size it expected
+      blocks = _Blocks(path, sidecar)
+    tree = _LazyParser(fd, size, path, min_bytes, blocks).parse_all()
     return _unchunk(tree)
+  except errors.CheckpointReadError:
+    raise  # a block does not match its hash
   except (msgpack_stream.StreamError, _NotPlain, ValueError, TypeError,
           OverflowError, MemoryError, RecursionError, OSError):
     return None  # the whole read raises the error naming the fault
@@ -274,6 +409,7 @@ def _tasks(arr: StoredArray, box, dest: np.ndarray, fd: int) -> list:
     return []
   starts, run = _runs(arr.shape, box, arr.dtype.itemsize)
   view = memoryview(dest.reshape(-1).view(np.uint8))
+  blocks = arr.blocks
   reads, pos = [], 0  # (dest byte start, file offset, bytes), merged
   for start in starts.tolist():
     for offset, n in _file_pieces(arr, start, run):
@@ -286,13 +422,20 @@ def _tasks(arr: StoredArray, box, dest: np.ndarray, fd: int) -> list:
   def read_group(items):
     def run_reads():
       for at, offset, n in items:
-        _pread_all(fd, view[at:at + n], offset, arr.path)
+        if blocks is None:
+          _pread_all(fd, view[at:at + n], offset, arr.path)
+        else:
+          blocks.read_into(fd, view[at:at + n], offset)
     return run_reads
   tasks, group, size = [], [], 0
   for at, offset, n in reads:
     while n > _TASK_BYTES:  # one long run: several tasks
-      tasks.append(read_group([(at, offset, _TASK_BYTES)]))
-      at, offset, n = at + _TASK_BYTES, offset + _TASK_BYTES, n - _TASK_BYTES
+      take = _TASK_BYTES
+      if blocks is not None:  # split where blocks end: each read once
+        take = ((offset + take) // blocks.block_bytes * blocks.block_bytes
+                - offset) or take
+      tasks.append(read_group([(at, offset, take)]))
+      at, offset, n = at + take, offset + take, n - take
     group.append((at, offset, n))
     size += n
     if size >= _TASK_BYTES:

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xxhash
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
 from gintrain.lib import errors
 from gintrain.lib import msgpack_slices as ms
@@ -125,13 +126,13 @@ def test_chunked_arrays_are_read_across_their_chunks(tmp_path, monkeypatch):
 
 
 def test_files_it_cannot_vouch_for_are_read_whole(saved, tmp_path):
-  # An integrity sidecar hashes the whole file: read whole, and checked.
-  checkpoint_io.set_integrity_sidecar(True)
-  try:
-    path = checkpoints.save_checkpoint(str(tmp_path / 'side'), {'big': BIG},
-                                       1)
-  finally:
-    checkpoint_io.set_integrity_sidecar('auto')
+  # A version-1 integrity sidecar hashes the whole file: read whole, and
+  # checked. (Block-hashed sidecars: tests/test_sidecar_slices.py.)
+  path = checkpoints.save_checkpoint(str(tmp_path / 'side'), {'big': BIG}, 1)
+  with open(path, 'rb') as f:
+    digest = xxhash.xxh3_64_hexdigest(f.read())
+  with open(checkpoint_naming.sidecar_path(path), 'w', encoding='ascii') as f:
+    f.write(f'xxh3_64 {digest} {os.path.getsize(path)}\n')
   assert ms.read_lazily(path) is None
   target = {'big': _target()['big']}
   before = ms.bytes_read()
