@@ -48,6 +48,7 @@ import collections
 import dataclasses
 import os
 import threading
+import zlib
 from typing import Any
 
 import jax
@@ -57,6 +58,7 @@ from gintrain.lib import checkpoint_sidecar
 from gintrain.lib import errors
 from gintrain.lib import msgpack_stream
 from gintrain.lib import packed_arrays
+from gintrain.lib import save_status
 from gintrain.lib import serialization
 from gintrain.lib import storage
 
@@ -500,14 +502,17 @@ class _Plan:
 def place(pairs: list) -> list:
   """``jax.Array``s of ``pairs`` (``(StoredArray, sharding)``), each with its
   sharding; this process reads only the boxes its devices hold (replicas
-  once), all in parallel, straight into their host buffers.
+  once), all in parallel, straight into their host buffers. Every process
+  calls it with the same arrays (in several processes): all raise, or none.
 
   Raises:
     gintrain.lib.errors.CheckpointReadError: the file ended early (changed
-      since it was parsed).
+      since it was parsed), or a block read does not match its hash (here
+      or, naming the processes, on another process).
   """
   plan = _Plan()
   placed = []
+  error = None
   try:
     for arr, sharding in pairs:
       boxes = {}  # box -> host buffer: replicas are read once
@@ -519,11 +524,27 @@ def place(pairs: list) -> list:
           boxes[box] = plan.add(arr, box)
         devices.append((device, boxes[box]))
       placed.append(devices)
-  except BaseException:
+    plan.run()
+  except Exception as e:  # pylint: disable=broad-except
     plan.close()
-    raise
-  plan.run()
+    error = e
+  _agree(pairs, error)
   return [jax.make_array_from_single_device_arrays(
       arr.shape, sharding, [jax.device_put(host, device)
                             for device, host in devices])
           for (arr, sharding), devices in zip(pairs, placed)]
+
+
+def _agree(pairs: list, error: Exception | None) -> None:
+  """Every process raises if any process's reads failed."""
+  path = pairs[0][0].path if pairs else ''
+  if jax.process_count() > 1:
+    mine = [zlib.crc32(path.encode()) & 0x7fffffff, error is not None]
+    everyone = save_status.allgather(mine)  # no program to compile
+    failed = np.flatnonzero(everyone[:, 1]).tolist()
+    if error is None and failed:
+      raise errors.CheckpointReadError(
+          path, f'its slices failed to read on process(es) {failed} (their'
+          ' log names the bytes)')
+  if error is not None:
+    raise error

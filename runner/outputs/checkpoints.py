@@ -13,6 +13,15 @@ tree in each::
 Restored trees are checked against the model before use: a missing or extra
 leaf, or a shape or dtype mismatch, is a :class:`RunnerError` naming the
 leaves. Loading never executes code (msgpack, no pickle).
+
+In several processes a checkpoint file is read lazily
+(``lib.msgpack_slices``): every process parses its framing and small
+leaves, and reads of each large array only the slices its devices hold;
+with a block-hashed integrity sidecar every block read is checked first
+(a mismatch is the usual ``cannot read checkpoint`` error, on every
+process). The resume's choice of checkpoint then checks what the framing
+and the sidecar say, and the slice reads check the rest. In one process
+files are read whole, as before.
 """
 
 import concurrent.futures
@@ -28,6 +37,7 @@ from absl import logging
 from gintrain.lib import checkpoint_io
 from gintrain.lib import checkpoint_naming
 from gintrain.lib import checkpoints
+from gintrain.lib import msgpack_slices
 from gintrain.lib import multiprocess_arrays
 from gintrain.lib import serialization
 from gintrain.lib import storage
@@ -151,13 +161,78 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
                       + (f' {hint}' if hint else ''))
 
 
-def read_file(path: str):
+def read_file(path: str, lazy: bool = False):
   """The raw tree of the checkpoint file ``path``; arrays saved as sharded
-  files (``<path>_gda``) are left as placeholders (see :func:`read_arrays`)."""
+  files (``<path>_gda``) are left as placeholders (see :func:`read_arrays`).
+  ``lazy``: large arrays are left unread where the file allows
+  (``msgpack_slices.StoredArray``; see :func:`place_stored`)."""
   try:
-    return checkpoint_io.read_checkpoint_file(path)
+    return _read_tree(path, lazy)
   except (OSError, ValueError, ImportError) as e:
     raise RunnerError(f'cannot read checkpoint {path}: {e}') from e
+
+
+def _read_tree(path: str, lazy: bool):
+  """The checkpoint file's tree (``lazy``: large arrays unread, where the
+  file allows: a local file without a sidecar or with a block-hashed one).
+
+  Raises:
+    gintrain.lib.errors.CheckpointReadError: unreadable (a ValueError).
+  """
+  tree = msgpack_slices.read_lazily(path) if lazy else None
+  return checkpoint_io.read_checkpoint_file(path) if tree is None else tree
+
+
+def _stored_pairs(tree, shardings, out: list) -> list:
+  """``(StoredArray, sharding or None)`` of ``tree``'s unread arrays, the
+  sharding from the same key path of ``shardings`` (a state dict)."""
+  if isinstance(tree, msgpack_slices.StoredArray):
+    import jax  # pylint: disable=g-import-not-at-top
+    out.append((tree, shardings if isinstance(
+        shardings, jax.sharding.Sharding) else None))
+  elif isinstance(tree, dict):
+    for k, v in tree.items():
+      _stored_pairs(v, shardings.get(k) if isinstance(shardings, dict)
+                    else None, out)
+  elif isinstance(tree, list):
+    for v in tree:
+      _stored_pairs(v, None, out)
+  return out
+
+
+def _replace_stored(tree, new: dict):
+  if isinstance(tree, msgpack_slices.StoredArray):
+    return new[id(tree)]
+  if isinstance(tree, dict):
+    return {k: _replace_stored(v, new) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_replace_stored(v, new) for v in tree]
+  return tree
+
+
+def place_stored(path: str, tree: Any, shardings: Any = None) -> Any:
+  """``tree`` with its unread arrays (from a lazy read) read: those with a
+  sharding at their key path in ``shardings`` (a state dict of
+  ``jax.sharding.Sharding``) placed with it, each process reading only
+  its devices' slices; the rest read whole onto the host. Every process
+  calls it (errors are agreed).
+
+  Raises:
+    RunnerError: a read failed (e.g. a block does not match its hash).
+  """
+  pairs = _stored_pairs(tree, shardings, [])
+  if not pairs:
+    return tree
+  split = [(a, s) for a, s in pairs if s is not None]
+  try:
+    new = dict(zip([id(a) for a, _ in split],
+                   msgpack_slices.place(split) if split else []))
+    for arr, sharding in pairs:
+      if sharding is None:
+        new[id(arr)] = arr.read()
+  except (OSError, ValueError) as e:
+    raise RunnerError(f'cannot read checkpoint {path}: {e}') from e
+  return _replace_stored(tree, new)
 
 
 def read_arrays(path: str, tree: Any, shardings: Any = None,
@@ -193,13 +268,14 @@ def read_arrays(path: str, tree: Any, shardings: Any = None,
   return jax.device_get(out) if to_host and out is not tree else out
 
 
-def read_runner_checkpoint(path: str) -> dict:
-  """The raw tree of the runner checkpoint file ``path``.
+def read_runner_checkpoint(path: str, lazy: bool = False) -> dict:
+  """The raw tree of the runner checkpoint file ``path`` (``lazy``: see
+  :func:`read_file`).
 
   Raises:
     RunnerError: unreadable, or not a runner checkpoint.
   """
-  raw = read_file(path)
+  raw = read_file(path, lazy)
   if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
     raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
                       ' entry).')
@@ -243,22 +319,35 @@ def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
   Returns:
     ``(placed state, raw tree)``.
 
+  In several processes (``select`` None) the file is read lazily: each
+  process reads of the large arrays only the slices its devices hold (see
+  the module doc); ``raw`` may come from such a read too.
+
   Raises:
     RunnerError: unreadable, not a runner checkpoint, or a state that does
       not fit the model (naming the leaves).
   """
   if select is None:
-    raw = read_runner_checkpoint(path) if raw is None else raw
+    raw = (read_runner_checkpoint(path, lazy=_process_count() > 1)
+           if raw is None else raw)
     shardings = None if partitioner is None else partitioner.shardings(shapes)
     raw['state'] = read_arrays(path, raw['state'], shardings, step)
     tree = raw['state']
+    check_tree(serialization.to_state_dict(shapes), tree,
+               what or f'checkpoint {path}',
+               against='the model and optimizer', hint=hint)
+    tree = raw['state'] = place_stored(
+        path, tree, None if shardings is None else
+        serialization.to_state_dict(shardings))
+    raw = {k: (v if k == 'state' else place_stored(path, v))
+           for k, v in raw.items()}
   else:
     raw = read_arrays(path, read_file(path) if raw is None else raw,
                       step=step)
     tree = select(raw)
-  check_tree(serialization.to_state_dict(shapes), tree,
-             what or f'checkpoint {path}', against='the model and optimizer',
-             hint=hint)
+    check_tree(serialization.to_state_dict(shapes), tree,
+               what or f'checkpoint {path}',
+               against='the model and optimizer', hint=hint)
   state = serialization.from_state_dict(shapes, tree)
   return (state if partitioner is None else partitioner.put_state(state),
           raw)
@@ -297,8 +386,10 @@ class Checkpointer:
     naming it and, once all processes agreed, moved by process 0 to
     ``<workdir>/corrupt_checkpoints/`` (kept, not deleted; out of the way
     of retention and of the next saves). The tree read is kept for
-    :meth:`read`, so the file is read once. Later calls name the newest
-    checkpoint without reading it.
+    :meth:`read`, so the file is read once. In several processes the
+    large arrays are not read here (see the module doc): a block of them
+    that does not match the sidecar fails the restore instead. Later calls
+    name the newest checkpoint without reading it.
 
     Raises:
       RunnerError: a directory (e.g. an Orbax checkpoint) or a name whose
@@ -342,7 +433,9 @@ class Checkpointer:
     for path in reversed(paths):
       step = self._step_of(path)
       try:
-        raw = checkpoint_io.read_checkpoint_file(path)
+        # Several processes: the framing (checked against a block-hashed
+        # sidecar), not the large arrays; their slice reads check them.
+        raw = _read_tree(path, lazy=self._multiprocess)
         _check_array_dir(path, raw)
       except storage.StoreError:
         raise  # the store failed, not this checkpoint: nothing is moved
