@@ -24,7 +24,8 @@ if PLUGINS not in sys.path:
   sys.path.insert(0, PLUGINS)
 
 BUILT_INS = ('report', 'eval', 'early_stopping', 'keep_best', 'checkpoint',
-             'preemption', 'profiler', 'samples', 'spike_guard', 'goodput')
+             'preemption', 'profiler', 'samples', 'spike_guard', 'goodput',
+             'plot')
 
 
 def _records(path):
@@ -72,7 +73,8 @@ def test_a_built_in_action_is_replaced_through_gin(replaced, name):
           'keep_best': lambda: not os.path.isdir(tmp / 'best_checkpoints')
                        or not os.listdir(tmp / 'best_checkpoints'),
           'profiler': lambda: not os.path.isdir(tmp / 'profile'),
-          'samples': lambda: not os.path.exists(tmp / 'samples.txt')}
+          'samples': lambda: not os.path.exists(tmp / 'samples.txt'),
+          'plot': lambda: not os.path.exists(tmp / 'metrics.png')}
   assert gone.get(name, lambda: True)(), (name, sorted(os.listdir(tmp)))
 
 

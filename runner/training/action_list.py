@@ -15,6 +15,7 @@ from gintrain.runner.actions import evaluation
 from gintrain.runner.actions import finite
 from gintrain.runner.actions import goodput as goodput_action
 from gintrain.runner.actions import keep_best
+from gintrain.runner.actions import plot
 from gintrain.runner.actions import preempt
 from gintrain.runner.actions import profiler
 from gintrain.runner.actions import report
@@ -45,7 +46,9 @@ def default_actions(run, workdir: str, writer, checkpointer,
   4. the user's ``train.actions``, then ``profiler``;
   5. ``checkpoint``, after everything that changes a checkpointed state at
      this step (so the checkpoint holds it), then ``preemption`` (which
-     saves through it).
+     saves through it);
+  6. ``plot``, last: it draws the metrics after every other action's
+     end-of-run records are written.
 
   At the end of the run the ``end_first`` actions (``finite_check``,
   ``spike_guard``, ``checkpoint``) end before the others, so the final
@@ -78,7 +81,8 @@ def default_actions(run, workdir: str, writer, checkpointer,
   actions += [base.as_action(a) for a in cfg.actions]
   if cfg.profile_steps:
     actions.append(profiler.Profile(workdir, *cfg.profile_steps))
-  actions += [save, preempt.CheckPreemption(save.save, checkpointer.wait)]
+  actions += [save, preempt.CheckPreemption(save.save, checkpointer.wait),
+              plot.PlotMetrics(writer, main)]
   return replace(actions, cfg.replace_actions or {})
 
 

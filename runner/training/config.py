@@ -66,8 +66,8 @@ class TrainConfig:
     replace_actions: ``{name: factory}``: each built-in action of that
       name (``report``, ``eval``, ``early_stopping``, ``keep_best``,
       ``checkpoint``, ``preemption``, ``profiler``, ``samples``,
-      ``spike_guard``, ``finite_check``, ``goodput``) is replaced by
-      ``factory(built_in)``, e.g. ``{'eval': @my_module.MyEval}``
+      ``spike_guard``, ``finite_check``, ``goodput``, ``plot``) is
+      replaced by ``factory(built_in)``, e.g. ``{'eval': @my_module.MyEval}``
       (``runner.training.action_list``).
     trainable: regular expressions (``re.search``) on '/'-joined parameter
       paths: only those parameters train; the others are frozen, hold no

@@ -12,8 +12,8 @@ calls its ``build``); :func:`train` trains it:
    (``metrics['train']``, ``runner.training.records``); then the actions
    that are due (``runner.actions.base`` has the protocol);
 3. after the final step, each action's end-of-run call (the final
-   checkpoint first, then the final eval, samples, report, ...); the
-   result is read from what they put into the metrics; a plot of the
+   checkpoint first, then the final eval, samples, report, ..., the
+   metrics plot last); the result is read from what they put into the
    metrics.
 
 The loop names no action: which actions run, and in which order, is
@@ -38,7 +38,6 @@ from gintrain.runner.actions import preempt
 from gintrain.runner.errors import RunnerError
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import lock as lock_lib
-from gintrain.runner.outputs import plots
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import workdir as workdir_lib
 from gintrain.runner.parallel import distributed
@@ -79,7 +78,9 @@ class Trainer:
     self.dstate = None  # the placed train state, while training
     self.ckpt = checkpoints.Checkpointer(workdir, run.policy)
     self.actions: list = []  # made by fit()
-    self._parts: list = []  # goodput.part_of each action (made by fit())
+    # Per action: (action, its bound due, goodput part, records_only),
+    # made by fit(): the loop's per-step pass reads no attribute.
+    self._plan: list = []
     self._steps: dict = {}   # compiled train step variants
     self.eval_step = None
     self.eval_seconds = 0.0  # spent evaluating (kept out of the rates)
@@ -142,7 +143,8 @@ class Trainer:
       self.actions = action_list.default_actions(
           run, self.workdir, writer, self.ckpt, self.snapshot, self.evaluate,
           self._install, self.main, lambda: jax.eval_shape(make), self.extra)
-      self._parts = [goodput.part_of(a) for a in self.actions]
+      self._plan = [(a, a.due, goodput.part_of(a), a.records_only)
+                    for a in self.actions]
       memory.check(run, make, None if self.settings is None else
                    settings_lib.flatten(self.settings).get(
                        'flags.memory_budget'))  # before any checkpoint I/O
@@ -157,10 +159,6 @@ class Trainer:
       result = self._loop(dstate, start)
     finally:
       start_lib.close(self, writer)
-    if self.main:
-      plots.plot_metrics(
-          workdir_lib.path(self.workdir, workdir_lib.METRICS_FILE),
-          workdir_lib.path(self.workdir, workdir_lib.METRICS_PLOT))
     return result
 
   def _start(self, dstate, start) -> bool:
@@ -196,9 +194,10 @@ class Trainer:
     saves = self.ckpt.saves
     clock = goodput.CLOCK
     clock.begin_loop(step)
+    input_span = clock.span('input')  # reused: one object for every step
     while step < run.total and not stop:
       try:
-        with clock.span('input'):
+        with input_span:
           batch = p.put_batch(run.source.next_batch())
       except BaseException as e:  # free while nothing fails (a with is not)
         _READING_DATA.note(e)
@@ -224,7 +223,7 @@ class Trainer:
             first=since == start)
         sums, since = zero, step
       stop, ran = (self._run_actions(step, metrics) if step < run.total
-                   else (False, set()))
+                   else (False, []))
     clock.end_loop()
     self._end(step, metrics, ran)
     return TrainResult(p.result(self.dstate), step, last_train,
@@ -232,16 +231,16 @@ class Trainer:
                        metrics.get('stop_reason') == 'early_stopping',
                        list(metrics.get('best', [])))
 
-  def _run_actions(self, step, metrics) -> tuple[bool, set]:
+  def _run_actions(self, step, metrics) -> tuple[bool, list]:
     """Runs the actions due after ``step``; ``(stop asked, ids of the
     actions that ran)``."""
-    stop, ran = False, set()
+    stop, ran = False, []
     try:
-      for action, part in zip(self.actions, self._parts):
-        if action.records_only and not metrics:
+      for action, due, part, records_only in self._plan:
+        if records_only and not metrics:
           continue
-        if action.due(step, False):
-          ran.add(id(action))
+        if due(step, False):
+          ran.append(id(action))
           with goodput.CLOCK.span(part):
             stop = bool(action(step, self.dstate, metrics)) or stop
     except BaseException as e:  # free while nothing fails (a with is not)
