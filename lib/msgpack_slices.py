@@ -72,8 +72,9 @@ _TASK_BYTES = 8 << 20
 # Runs shorter than this are read with their surrounding rows.
 _MIN_RUN_BYTES = 64 << 10
 
-# Checked blocks kept for the framing and the edges of slices.
-_CACHED_BLOCKS = 4
+# Checked blocks kept for the framing and the edges of slices: this many
+# bytes of them (at least 4 blocks).
+_CACHE_BYTES = 32 << 20
 
 _READ = {'bytes': 0}
 _READ_LOCK = threading.Lock()
@@ -143,24 +144,40 @@ class _Blocks:
   def __init__(self, path: str, sidecar: checkpoint_sidecar.Sidecar):
     self.path, self.sidecar = path, sidecar
     self.block_bytes = sidecar.block_bytes
+    self._keep = max(4, _CACHE_BYTES // self.block_bytes)
     self._cache = collections.OrderedDict()  # index -> checked bytes
+    self._loading = {}  # index -> the lock of the thread reading it
     self._lock = threading.Lock()
 
-  def block(self, fd: int, index: int) -> memoryview:
-    """Block ``index``, checked (a few are kept)."""
+  def _cached(self, index: int) -> memoryview | None:
     with self._lock:
       if index in self._cache:
         self._cache.move_to_end(index)
         return self._cache[index]
-    start, n = self.sidecar.block_span(index)
-    data = memoryview(bytearray(n))
-    _pread_all(fd, data, start, self.path)
-    self.sidecar.check_block(index, data, self.path)
-    data = data.toreadonly()
+    return None
+
+  def block(self, fd: int, index: int) -> memoryview:
+    """Block ``index``, checked (a few are kept; two threads that want
+    the same block read it once)."""
+    data = self._cached(index)
+    if data is not None:
+      return data
     with self._lock:
-      self._cache[index] = data
-      while len(self._cache) > _CACHED_BLOCKS:
-        self._cache.popitem(last=False)
+      loading = self._loading.setdefault(index, threading.Lock())
+    with loading:
+      data = self._cached(index)
+      if data is not None:
+        return data
+      start, n = self.sidecar.block_span(index)
+      data = memoryview(bytearray(n))
+      _pread_all(fd, data, start, self.path)
+      self.sidecar.check_block(index, data, self.path)
+      data = data.toreadonly()
+      with self._lock:
+        self._cache[index] = data
+        while len(self._cache) > self._keep:
+          self._cache.popitem(last=False)
+        self._loading.pop(index, None)
     return data
 
   def read_into(self, fd: int, view: memoryview, offset: int) -> None:

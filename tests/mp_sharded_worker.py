@@ -14,6 +14,14 @@ processes (the first failure exits non-zero; 'WORKER OK <id>' at the end):
    the manager does not hang on the failed commit and the next save works.
 3. An asynchronous save without split arrays (process 0's file alone)
    whose write fails raises on process 1 too.
+4. The runner's resume of a checkpoint written by one process with a
+   block-hashed integrity sidecar (``Checkpointer.latest_step``, ``read``,
+   ``restore_state`` with the FSDP partitioner): values exact, and each
+   process reads (``msgpack_slices.bytes_read`` and the kernel's ``rchar``)
+   well under the file; a flipped byte in a block only process 1 reads
+   fails the restore on both processes (process 1 naming the bytes,
+   process 0 naming process 1), through the runner and through
+   ``checkpoints_multiprocess.restore_checkpoint``.
 """
 
 import os
@@ -27,10 +35,15 @@ from jax.experimental.array_serialization import serialization as jax_ser
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gintrain.lib import checkpoint_io
+from gintrain.lib import checkpoint_sidecar
 from gintrain.lib import checkpoints
 from gintrain.lib import checkpoints_multiprocess
 from gintrain.lib import msgpack_slices
 from gintrain.lib import multiprocess_arrays as mpa
+from gintrain.lib import errors
+from gintrain.runner.errors import RunnerError
+from gintrain.runner.outputs import checkpoints as runner_checkpoints
+from gintrain.runner.parallel import partitioners
 
 PID = None
 # 2 MiB and 1.5 MiB: both left unread until placed (MIN_BYTES is 1 MiB).
@@ -171,6 +184,83 @@ def failed_main_file_fails_everywhere(root):
   log(f'a failed main file raised here too: {text}')
 
 
+def rchar():
+  """Bytes this process has read through read/pread syscalls so far."""
+  with open('/proc/self/io', encoding='ascii') as f:
+    return int(f.readline().split()[1])
+
+
+def runner_resume_of_a_one_process_checkpoint(root):
+  workdir = os.path.join(root, 'runner')
+  ckpt_dir = os.path.join(workdir, runner_checkpoints.CHECKPOINT_DIR)
+  state = {'step': np.int32(3), 'params': {'w': W, 'v': V, 'b': SMALL}}
+  if PID == 0:  # what a 1-process run writes, with a sidecar of 64 KiB blocks
+    checkpoint_sidecar.BLOCK_BYTES = 64 << 10
+    checkpoint_io.set_integrity_sidecar(True)
+    checkpoints.save_checkpoint(ckpt_dir, {'state': state,
+                                           'data': {'step': 3}}, 3)
+  sync('runner checkpoint written')
+  path = os.path.join(ckpt_dir, 'checkpoint_3')
+  size = os.path.getsize(path)
+  shapes = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  part = partitioners.Sharded(rules='fsdp')
+  part.shardings(shapes)  # the mesh is made before the reads are counted
+  ckpt = runner_checkpoints.Checkpointer(
+      workdir, runner_checkpoints.CheckpointPolicy(async_save=False))
+  before, io_before = msgpack_slices.bytes_read(), rchar()
+  step = ckpt.latest_step()
+  out, raw = runner_checkpoints.restore_state(
+      ckpt.path(step), shapes, part, ckpt.read(step), step)
+  read, io = msgpack_slices.bytes_read() - before, rchar() - io_before
+  check(step == 3 and raw['data'] == {'step': 3}, f'{step} {raw["data"]}')
+  check(int(out['step']) == 3, 'step')
+  exact(out['params']['w'], W, 'w')
+  exact(out['params']['v'], V, 'v')
+  exact(out['params']['b'], SMALL, 'b')
+  check(out['params']['w'].sharding.spec == P('data'),
+        str(out['params']['w'].sharding))
+  # Its half of the rows, the blocks at their edges and the framing's (4
+  # blocks of 64 KiB), nothing else: the resume's check reads no array.
+  check(read <= size // 2 + 4 * (64 << 10) and io <= read + (64 << 10),
+        f'read {read} bytes ({io} through the kernel) of {size}')
+  log(f'runner resume: read {read} bytes ({io} through the kernel) of'
+      f' {size}')
+
+  # A flipped byte in row 900 of w: in a block only process 1 reads.
+  if PID == 0:
+    tree = msgpack_slices.read_lazily(path)
+    (_, offset, _), = tree['state']['params']['w'].segments
+    with open(path, 'r+b') as f:
+      f.seek(offset + W[:900].nbytes)
+      byte = f.read(1)
+      f.seek(offset + W[:900].nbytes)
+      f.write(bytes([byte[0] ^ 0x20]))
+  sync('flipped')
+  try:
+    runner_checkpoints.restore_state(path, shapes, part, step=3)
+  except RunnerError as e:
+    text = str(e)
+  else:
+    raise AssertionError('the flipped byte was not caught')
+  check(text.startswith(f'cannot read checkpoint {path}:'), text)
+  if PID == 1:
+    check('do not match its integrity sidecar' in text, text)
+  else:
+    check('on process(es) [1]' in text, text)
+  target = {'state': shapes | {'params': {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
+      zip(shapes['params'].items(), [NamedSharding(part.mesh, P('data'))] * 2
+          + [NamedSharding(part.mesh, P())])}}, 'data': {'step': 0}}
+  try:
+    checkpoints_multiprocess.restore_checkpoint(path, target)
+  except errors.CheckpointReadError as e:
+    check(path in str(e), str(e))
+  else:
+    raise AssertionError('the lib restore did not catch the flipped byte')
+  log(f'a flipped byte in process 1\'s slice: {text}')
+
+
 def main():
   global PID
   PID, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -179,6 +269,7 @@ def main():
   one_process_checkpoint_read_by_two(root, mesh)
   failed_part_fails_everywhere(root, mesh)
   failed_main_file_fails_everywhere(root)
+  runner_resume_of_a_one_process_checkpoint(root)
   sync('done')
   log(f'WORKER OK {PID}')
 

@@ -4,7 +4,10 @@
   each reading only the byte ranges its devices hold (a read counter);
 * a packed save whose part fails on one process fails on both at once,
   the other naming the failed process, instead of waiting for jax's
-  commit barrier to time out.
+  commit barrier to time out;
+* the runner's resume of a 1-process checkpoint with a block-hashed
+  integrity sidecar: each process reads its slices (and the framing), each
+  block checked; a flipped byte in one process's slice fails both.
 
 The checks run in tests/mp_sharded_worker.py (one start of both processes).
 """
