@@ -718,8 +718,10 @@ def _copy(dest, dslices, temp, tslices) -> None:
 
 def check_slices(directory: str, merged: dict, items: list) -> None:
   """Reads each stored slice ``(subpath, path, box)`` whole and checks its
-  hash (``path`` names the array in errors); in parallel, at most 256 MiB
-  at a time."""
+  hash (``path`` names the array in errors); in parallel. Local files are
+  read in pieces into per-thread buffers (``_scatter_tasks`` with nothing
+  to copy); slices on a store, or with rows over ``_SCATTER_ROW_MAX``, into
+  temporaries, at most 256 MiB of them at a time."""
   files = _Files(os.path.join(directory, PACKED_DIR))
   piece = _READ_PIECE if files.fs is None else _PIECE_BYTES
   try:
@@ -727,10 +729,18 @@ def check_slices(directory: str, merged: dict, items: list) -> None:
     for n, (subpath, path, box) in enumerate(items):
       info = merged[subpath]
       process, offset, nbytes = info['where'][box]
-      temp = np.empty([d - c for c, d in box], _dtype(info['dtype']))
-      batch += _read_and_check(files.fd(process), _bytes_view(temp), offset,
-                               dict(info['chunks'])[box], path, box, piece)
-      size += nbytes
+      dtype, digest = _dtype(info['dtype']), dict(info['chunks'])[box]
+      row = dtype.itemsize * int(np.prod([d - c for c, d in box[1:]],
+                                         dtype=np.int64))
+      if (files.fs is None and nbytes and box and
+          row <= _SCATTER_ROW_MAX):
+        batch += _scatter_tasks(files.fd(process), offset, box, dtype,
+                                digest, path, [])
+      else:
+        temp = empty_aligned([d - c for c, d in box], dtype)
+        batch += _read_and_check(files.fd(process), _bytes_view(temp),
+                                 offset, digest, path, box, piece)
+        size += nbytes
       if size >= (256 << 20) or n == len(items) - 1:
         run_tasks(batch)
         batch, size = [], 0

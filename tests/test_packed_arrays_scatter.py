@@ -10,6 +10,8 @@ boundaries, pieces hold several rows, and wide rows take the whole-slice
 path, on one process with 8 CPU devices.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,12 +139,27 @@ def test_a_flipped_byte_anywhere_is_caught(tmp_path, small, at):  # pylint: disa
   c = _flip(ckpt, 'params/a3', 1, at)
   assert c['box'] == [[2, 4], [0, 2], [0, 6]]
   block = '0-64' if at < 64 else '64-96'
-  for spec in (P(None, 'model'), P(('data', 'model')),
-               P(None, None, 'model')):
+  checks = [functools.partial(_restore, ckpt, state, {'a3': spec})
+            for spec in (P(None, 'model'), P(('data', 'model')),
+                         P(None, None, 'model'))]
+  for check in checks + [functools.partial(mpa.verify_arrays, ckpt, state)]:
     with pytest.raises(errors.CheckpointReadError,
                        match=rf'params/a3.*slice \[2:4, 0:2, 0:6\].*bytes'
                        rf' {block} of 96'):
-      _restore(ckpt, state, {'a3': spec})
+      check()
+
+
+def test_verify_reads_pieces_and_wide_rows_whole(saved, monkeypatch):
+  ckpt, state = saved
+  seen = _counting(monkeypatch)
+  mpa.verify_arrays(ckpt, state)  # 16 stored slices
+  assert seen == {'scatter': 16, 'whole': 0}
+  monkeypatch.setattr(packed_arrays, '_SCATTER_ROW_MAX', 8)
+  mpa.verify_arrays(ckpt, state)
+  assert seen == {'scatter': 20, 'whole': 12}  # v's 4 slices scatter
+  _flip(ckpt, 'params/m', 3, 111)
+  with pytest.raises(errors.CheckpointReadError, match=r'params/m.*slice'):
+    mpa.verify_arrays(ckpt, state)
 
 
 def test_large_buffers_start_at_a_huge_page():
