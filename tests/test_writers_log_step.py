@@ -13,6 +13,8 @@ import types
 import pytest
 
 from gintrain.runner.actions import base
+from gintrain.runner.actions import deferred
+from gintrain.runner.actions import goodput as goodput_action
 from gintrain.runner.actions import once
 from gintrain.runner.actions import report
 from gintrain.runner.training import action_list
@@ -65,6 +67,39 @@ def test_a_record_comes_out_before_the_next_one_when_logs_are_close():
   assert _loop(action, 11, set(range(1, 13)), 12) == list(range(1, 12))
   assert [r[0] for r in rows.rows] == list(range(1, 13))
   assert [r[2]['loss'] for r in rows.rows] == [s / 10 for s in range(1, 13)]
+
+
+def test_the_goodput_record_is_taken_at_the_log_step_and_written_later():
+  rows, clock = ListWriter(), iter(range(100))
+  action = goodput_action.GoodputReport(
+      rows, lambda: {'taken': float(next(clock))}, delay=8)
+  action.bind(types.SimpleNamespace(config=types.SimpleNamespace(
+      log_every=20)), '/unused')
+  due, written = [], []
+  for step in range(1, 41):
+    metrics = {'train': {'loss': 1.0}} if step % 20 == 0 else {}
+    if action.due(step, False):
+      due.append(step)
+      action(step, None, metrics)
+      written += [(r[0], step) for r in rows.rows[len(written):]]
+  assert due == [20, 28, 40], due
+  assert written == [(20, 28)], written  # taken at 20, written at 28
+  action.close()  # the pending one (40), then one as the run ends
+  assert [(r[0], r[1], r[2]) for r in rows.rows] == [
+      (20, 'goodput', {'taken': 0.0}), (40, 'goodput', {'taken': 1.0}),
+      (40, 'goodput', {'taken': 2.0})]
+  assert doctest.testmod(deferred).failed == 0
+
+
+def test_records_are_written_at_once_when_log_steps_are_close():
+  rows = ListWriter()
+  action = goodput_action.GoodputReport(rows, lambda: {'x': 1.0}, delay=8)
+  action.bind(types.SimpleNamespace(config=types.SimpleNamespace(
+      log_every=8)), '/unused')
+  for step in range(1, 17):
+    if action.due(step, False):
+      action(step, None, {'train': {}} if step % 8 == 0 else {})
+    assert [r[0] for r in rows.rows] == [8, 16][:step // 8], step
 
 
 def test_once_runs_after_the_first_step_only():

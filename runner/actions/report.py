@@ -10,14 +10,15 @@ the first step (compilation): they are measured from the end of the first
 step. The first record also carries ``packing_efficiency`` when the source's
 ``info`` has it. Writing the record and the log line (about a
 millisecond of host work) waits until ``delay`` more steps are dispatched,
-so the device computes meanwhile instead of idling.
+so the device computes meanwhile instead of idling
+(``runner.actions.deferred``).
 """
 
 import math
 
 from absl import logging
 
-from gintrain.runner.actions import base
+from gintrain.runner.actions import deferred
 
 __all__ = ['ReportTrain', 'format_metrics', 'format_eta']
 
@@ -35,8 +36,9 @@ def format_eta(seconds) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-class ReportTrain(base.Action):
-  """Writes ``metrics['train']`` to ``writer`` and logs it (process 0).
+class ReportTrain(deferred.DeferredRecord):
+  """Writes ``metrics['train']`` to ``writer`` and logs it (process 0),
+  ``delay`` steps after the log step (``runner.actions.deferred``).
 
   Args:
     writer: a ``runner.outputs.writers.MetricWriter``.
@@ -48,38 +50,15 @@ class ReportTrain(base.Action):
   name = 'report'
 
   def __init__(self, writer, total: int, log: bool = True, delay: int = 8):
-    self.writer, self.total, self.log, self.delay = writer, total, log, delay
-    self.pending = None
+    super().__init__(delay)
+    self.writer, self.total, self.log = writer, total, log
     self.last: dict = {}
-    self.seen = None  # the step of the last record taken
-    self.log_every = 1  # from the run (bind): where records are
-    self.write_at = None  # the step at which the pending record is written
 
-  def bind(self, run, workdir):
-    self.log_every = run.config.log_every or 1
+  def take(self, step, metrics):
+    self.last = dict(metrics['train'])
+    return self.last
 
-  def due(self, step, last):
-    # At the log steps (to take the record) and `delay` steps after one (to
-    # write it): skipped at the others, without a call.
-    return (step % self.log_every == 0 or last or
-            (self.write_at is not None and step >= self.write_at))
-
-  def __call__(self, step, state, metrics):
-    if 'train' in metrics and step != self.seen:
-      self.seen = step
-      self.write()
-      self.pending = (step, dict(metrics['train']))
-      self.write_at = step + self.delay
-      self.last = self.pending[1]
-    if self.pending is not None and step >= self.pending[0] + self.delay:
-      self.write()
-
-  def write(self) -> None:
-    """Writes the pending record, if any."""
-    if self.pending is None:
-      return
-    step, record = self.pending
-    self.pending = self.write_at = None
+  def emit(self, step, record):
     self.writer.write_scalars(step, record)
     if self.log and logging.level_info():  # no formatting for nothing
       shown = {k: v for k, v in record.items()
@@ -89,10 +68,3 @@ class ReportTrain(base.Action):
                    format_metrics(shown), rate,
                    format_eta((self.total - step) / rate if rate else
                               float('nan')))
-
-  def end(self, step, state, metrics):
-    self(step, state, metrics)
-    self.write()
-
-  def close(self):
-    self.write()
