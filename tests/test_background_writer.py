@@ -122,6 +122,8 @@ def test_a_run_without_the_jsonl_writer_ends_without_a_plot(tmp_path):
 
 def test_a_default_run_plots_after_its_last_records(tmp_path):
   assert run(tmp_path) == 0
+  # the TensorBoard writer's thread ended with the run
+  assert 'gintrain-metric-writer' not in {t.name for t in threading.enumerate()}
   assert os.path.getsize(tmp_path / 'metrics.png') > 1000
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
