@@ -378,8 +378,10 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, target: Any,
   (``packed`` or ``zarr``) wrote it. Each process reads only the slices its
   devices hold, straight into their buffers, checked against the
   checkpoint's hashes; so does a checkpoint written by one process (its
-  arrays whole in the msgpack file: ``lib.msgpack_slices``; a file with an
-  integrity sidecar is read whole, to be checked). Other leaves come back
+  arrays whole in the msgpack file: ``lib.msgpack_slices``; with a
+  block-hashed integrity sidecar each block read is checked, while a file
+  with an older sidecar, one hash of the whole file, is read whole to be
+  checked). Other leaves come back
   as stored. Every process calls it (errors are agreed, so all raise or
   none).
 
