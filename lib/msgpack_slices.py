@@ -149,6 +149,11 @@ class _Blocks:
     self._loading = {}  # index -> the lock of the thread reading it
     self._lock = threading.Lock()
 
+  def clear(self) -> None:
+    """Drops the cached blocks."""
+    with self._lock:
+      self._cache.clear()
+
   def _cached(self, index: int) -> memoryview | None:
     with self._lock:
       if index in self._cache:
@@ -545,6 +550,9 @@ def place(pairs: list) -> list:
   except Exception as e:  # pylint: disable=broad-except
     plan.close()
     error = e
+  for arr, _ in pairs:
+    if arr.blocks is not None:
+      arr.blocks.clear()  # the cached blocks are no longer needed
   _agree(pairs, error)
   return [jax.make_array_from_single_device_arrays(
       arr.shape, sharding, [jax.device_put(host, device)

@@ -159,3 +159,22 @@ def test_a_truncated_file_is_read_whole_and_named(saved):
   assert ms.read_lazily(saved) is None
   with pytest.raises(errors.CheckpointReadError, match='truncated'):
     checkpoint_io.read_checkpoint_file(saved)
+
+
+def test_chunked_arrays_are_checked_across_their_chunks(tmp_path,
+                                                         monkeypatch):
+  from gintrain.lib import serialization  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(serialization, 'MAX_CHUNK_SIZE', 100_000)
+  monkeypatch.setattr(checkpoint_sidecar, 'BLOCK_BYTES', BLOCK)
+  checkpoint_io.set_integrity_sidecar(True)
+  try:
+    path = checkpoints.save_checkpoint(str(tmp_path), {'big': BIG}, 1)
+  finally:
+    checkpoint_io.set_integrity_sidecar('auto')
+  tree = ms.read_lazily(path)
+  assert tree['big'].blocks is not None and len(tree['big'].segments) > 1
+  np.testing.assert_array_equal(tree['big'].read_box(((3, 901), (7, 300))),
+                                BIG[3:901, 7:300])
+  _flip(path, tree['big'].segments[5][1] + 10)
+  with pytest.raises(errors.CheckpointReadError, match='integrity sidecar'):
+    ms.read_lazily(path)['big'].read()
