@@ -228,10 +228,6 @@ class MetricWriter(abc.ABC):
   """
 
   _closed = False  # a class default, so subclasses need no super().__init__
-  # False: a write may stay buffered in the process until flush() (e.g.
-  # TensorBoard's event file), so the runner writes it on a thread of its
-  # own (runner.outputs.background): a crash loses nothing more.
-  durable_writes = True
 
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar],
                     split: str = 'train') -> None:
@@ -637,7 +633,6 @@ class TensorBoardWriter(MetricWriter):
   """
 
   FLUSH_SECS = 60.0
-  durable_writes = False  # buffered until flush: written on a thread
 
   def __init__(self, workdir: str | os.PathLike):
     _import_tensorboardx()

@@ -9,7 +9,6 @@ from absl import logging
 from gintrain.runner import errors
 from gintrain.runner.actions import base as actions_base
 from gintrain.runner.errors import RunnerError
-from gintrain.runner.outputs import background
 from gintrain.runner.outputs import checkpoints
 from gintrain.runner.outputs import settings as settings_lib
 from gintrain.runner.outputs import writers as writers_lib
@@ -29,19 +28,7 @@ def writer(trainer):
   if factories is None:
     factories = (writers_lib.JsonlWriter, writers_lib.TensorBoardWriter)
   return _WritingMetrics(writers_lib.OpenLater(lambda: writers_lib.MultiWriter(
-      [_threaded(f(trainer.workdir)) for f in factories])))
-
-
-def _threaded(writer):
-  """``writer``, on a thread of its own (``runner.outputs.background``)
-  where its writes stay buffered in the process anyway (TensorBoard's
-  event file until its flush): a crash loses nothing more, and a log step
-  costs the loop a check and a queue put instead of the encoding. Writers
-  whose records reach the OS at each write (the JSON lines) stay on the
-  caller's thread."""
-  if getattr(writer, 'durable_writes', True):
-    return writer
-  return background.BackgroundWriter(writer)
+      [f(trainer.workdir) for f in factories])))
 
 
 _WRITING_METRICS = errors.activity('writing the metrics')

@@ -1,0 +1,27 @@
+"""The end-of-run plot as an action (runner.actions.plot): drawn after the
+last records; a run without the JSON-lines writer ends well, with no plot
+(it used to fail at its end reading a metrics.jsonl it never wrote)."""
+
+import doctest
+import json
+import os
+
+from gintrain.runner.actions import plot
+from tiny import run
+
+
+def test_a_run_without_the_jsonl_writer_ends_without_a_plot(tmp_path):
+  assert run(tmp_path, '--gin.train.writers=[@writers.tensorboard]') == 0
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
+  assert not os.path.exists(tmp_path / 'metrics.png')
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_a_default_run_plots_after_its_last_records(tmp_path):
+  assert run(tmp_path) == 0
+  with open(tmp_path / 'metrics.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if r['split'] == 'train'] == [4, 8, 12]
+  assert doctest.testmod(plot).failed == 0
