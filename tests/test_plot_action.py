@@ -25,3 +25,25 @@ def test_a_default_run_plots_after_its_last_records(tmp_path):
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if r['split'] == 'train'] == [4, 8, 12]
   assert doctest.testmod(plot).failed == 0
+
+
+def test_the_writer_is_flushed_before_the_file_is_read(tmp_path):
+  class Staged:
+    """Puts its records in the workdir only when flushed (as a writer
+    staging an object-store workdir does)."""
+
+    def flush(self):
+      (tmp_path / 'metrics.jsonl').write_text(
+          '{"step": 1, "split": "train", "loss": 1.0}\n')
+
+  action = plot.PlotMetrics(Staged())
+  action.bind(None, str(tmp_path))
+  assert not action.due(1, False) and not action.due(1, True)
+  action.after_end(1, None, {})
+  assert os.path.getsize(tmp_path / 'metrics.png') > 1000
+  other = tmp_path / 'not_main'
+  other.mkdir()
+  quiet = plot.PlotMetrics(Staged(), main=False)
+  quiet.bind(None, str(other))
+  quiet.after_end(1, None, {})
+  assert not os.path.exists(other / 'metrics.png')
