@@ -29,21 +29,25 @@ def test_a_default_run_plots_after_its_last_records(tmp_path):
 
 def test_the_writer_is_flushed_before_the_file_is_read(tmp_path):
   class Staged:
-    """Puts its records in the workdir only when flushed (as a writer
+    """Puts its records in ``workdir`` only when flushed (as a writer
     staging an object-store workdir does)."""
 
+    def __init__(self, workdir):
+      self.workdir = workdir
+
     def flush(self):
-      (tmp_path / 'metrics.jsonl').write_text(
+      (self.workdir / 'metrics.jsonl').write_text(
           '{"step": 1, "split": "train", "loss": 1.0}\n')
 
-  action = plot.PlotMetrics(Staged())
+  action = plot.PlotMetrics(Staged(tmp_path))
   action.bind(None, str(tmp_path))
   assert not action.due(1, False) and not action.due(1, True)
   action.after_end(1, None, {})
   assert os.path.getsize(tmp_path / 'metrics.png') > 1000
   other = tmp_path / 'not_main'
   other.mkdir()
-  quiet = plot.PlotMetrics(Staged(), main=False)
+  quiet = plot.PlotMetrics(Staged(other), main=False)
   quiet.bind(None, str(other))
   quiet.after_end(1, None, {})
+  assert not os.path.exists(other / 'metrics.jsonl')  # not even flushed
   assert not os.path.exists(other / 'metrics.png')
