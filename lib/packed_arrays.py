@@ -509,12 +509,7 @@ def _read_and_check(read, view, offset, digest, path, box, piece) -> list:
       part = view[start:min(hi, start + piece)]
       read(part, offset + start, path)
       state.update(part)
-    got = state.hexdigest()
-    if got != hexes[k]:
-      where = f' (bytes {lo}-{hi} of {size})' if len(hexes) > 1 else ''
-      raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
-                     f'{where} (xxh3 {got}, written {hexes[k]}): the data'
-                     ' file is damaged or was swapped')
+    _check_block(state, hexes, k, (lo, hi, size), path, box)
   return [functools.partial(task, k) for k in range(len(hexes))]
 
 
@@ -580,14 +575,22 @@ def _scatter_tasks(read, offset, stored, dtype, digest, path,
         if a < b:
           dest[(slice(a - d0, b - d0),) + dslices] = rows[
               (slice(a - g0, b - g0),) + sslices]
-    got = state.hexdigest()
-    if got != hexes[k]:
-      where = f' (bytes {lo}-{hi} of {size})' if len(hexes) > 1 else ''
-      raise _corrupt(path, f'slice {_box_str(stored)} does not match its'
-                     f' hash{where} (xxh3 {got}, written {hexes[k]}): the'
-                     ' data file is damaged or was swapped')
+    _check_block(state, hexes, k, (lo, hi, size), path, stored)
   return [functools.partial(task, k) for k in range(len(hexes))]
 
+
+
+def _check_block(state, hexes, k, span, path, box) -> None:
+  """Raises the corrupt-slice error unless the xxh3 ``state`` of block
+  ``k`` (bytes ``span`` = (lo, hi, size) of the slice ``box``) is
+  ``hexes[k]``."""
+  got = state.hexdigest()
+  if got != hexes[k]:
+    lo, hi, size = span
+    where = f' (bytes {lo}-{hi} of {size})' if len(hexes) > 1 else ''
+    raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
+                   f'{where} (xxh3 {got}, written {hexes[k]}): the data'
+                   ' file is damaged or was swapped')
 
 def run_tasks(tasks) -> None:
   """Runs ``tasks`` (callables) on the read pool; raises the first error

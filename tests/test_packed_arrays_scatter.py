@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gintrain.lib import errors
 from gintrain.lib import multiprocess_arrays as mpa
 from gintrain.lib import packed_arrays
+from test_sharded_format import _save  # pylint: disable=g-bad-import-order
 
 PH = mpa.MP_ARRAY_PH
 
@@ -29,18 +30,6 @@ PH = mpa.MP_ARRAY_PH
 def _named(spec, shape=(4, 2)):
   return NamedSharding(
       Mesh(np.array(jax.devices()).reshape(shape), ('data', 'model')), spec)
-
-
-def _save(root, arrays):
-  ckpt, tmp = str(root / 'checkpoint_1'), str(root / '.tmp_1')
-  mpa.prepare_array_dir(tmp, ckpt, list(arrays), 'packed')
-  mgr = jax_ser.GlobalAsyncCheckpointManager(timeout_secs=30)
-  mpa.save_multiprocess_arrays(
-      mgr, list(arrays.items()), tmp, ckpt,
-      on_commit=lambda: mpa.commit_array_dir(tmp, ckpt),
-      array_format='packed')
-  mgr.wait_until_finished()
-  return ckpt, {'params': {k.split('/')[1]: PH + k for k in arrays}}
 
 
 def _restore(ckpt, state, specs):
