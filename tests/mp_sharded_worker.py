@@ -198,8 +198,10 @@ def runner_resume_of_a_one_process_checkpoint(root):
   if PID == 0:  # what a 1-process run writes, with a sidecar of 64 KiB blocks
     checkpoint_sidecar.BLOCK_BYTES = 64 << 10
     checkpoint_io.set_integrity_sidecar(True)
-    checkpoints.save_checkpoint(ckpt_dir, {'state': state,
-                                           'data': {'step': 3}}, 3)
+    for step in (2, 3):  # 2: what a corrupt 3 falls back to (at the end)
+      checkpoints.save_checkpoint(
+          ckpt_dir, {'state': state | {'step': np.int32(step)},
+                     'data': {'step': step}}, step, keep=2)
   sync('runner checkpoint written')
   path = os.path.join(ckpt_dir, 'checkpoint_3')
   size = os.path.getsize(path)
@@ -260,6 +262,30 @@ def runner_resume_of_a_one_process_checkpoint(root):
   else:
     raise AssertionError('the lib restore did not catch the flipped byte')
   log(f'a flipped byte in process 1\'s slice: {text}')
+
+  # The resume falls back (runner.training.start.resume_or_start): the
+  # failure, agreed, rejects checkpoint 3; process 0 moves it aside and
+  # both resume from checkpoint 2.
+  ckpt = runner_checkpoints.Checkpointer(  # as a relaunch makes it
+      workdir, runner_checkpoints.CheckpointPolicy(async_save=False))
+  step = ckpt.latest_step()
+  check(step == 3, f'{step}')  # its framing reads back
+  try:
+    runner_checkpoints.restore_state(ckpt.path(3), shapes, part,
+                                     ckpt.read(3), 3)
+  except runner_checkpoints.CorruptCheckpointError as e:
+    step = ckpt.reject(3, str(e))
+  else:
+    raise AssertionError('the flipped byte was not caught on resume')
+  check(step == 2, f'{step}')
+  out, raw = runner_checkpoints.restore_state(
+      ckpt.path(2), shapes, part, ckpt.read(2), 2)
+  check(int(out['step']) == 2 and raw['data'] == {'step': 2}, 'step 2')
+  exact(out['params']['w'], W, 'w after the fall back')
+  sync('fell back')
+  moved = os.path.join(workdir, runner_checkpoints.CORRUPT_DIR, 'checkpoint_3')
+  check(not os.path.exists(path) and os.path.exists(moved),
+        f'{os.listdir(ckpt_dir)}')
   log(f'runner resume checks took {time.monotonic() - start:.2f} s')
 
 

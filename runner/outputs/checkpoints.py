@@ -19,7 +19,7 @@ In several processes a checkpoint file is read lazily
 leaves, and reads of each large array only the slices its devices hold;
 with a block-hashed integrity sidecar every block read is checked first
 (a mismatch is the usual ``cannot read checkpoint`` error, on every
-process). The resume's choice of checkpoint then checks what the framing
+process, and the resume falls back to the previous checkpoint). The resume's choice of checkpoint then checks what the framing
 and the sidecar say, and the slice reads check the rest. In one process
 files are read whole, as before.
 """
@@ -161,6 +161,13 @@ def check_tree(expected, restored, what: str, against: str = 'the model',
                       + (f' {hint}' if hint else ''))
 
 
+class CorruptCheckpointError(RunnerError):
+  """The slice reads of a checkpoint failed (a block that does not match
+  its integrity sidecar, a read error), agreed on every process: the
+  resume moves it aside and falls back to an older one
+  (:meth:`Checkpointer.reject`)."""
+
+
 def read_file(path: str, lazy: bool = False):
   """The raw tree of the checkpoint file ``path``; arrays saved as sharded
   files (``<path>_gda``) are left as placeholders (see :func:`read_arrays`).
@@ -224,9 +231,12 @@ def place_stored(path: str, tree: Any, shardings: Any = None) -> Any:
   if not pairs:
     return tree
   split = [(a, s) for a, s in pairs if s is not None]
-  try:
+  try:  # a failure on any process fails it on every one (agreed)
     new = dict(zip([id(a) for a, _ in split],
                    msgpack_slices.place(split) if split else []))
+  except (OSError, ValueError) as e:
+    raise CorruptCheckpointError(f'cannot read checkpoint {path}: {e}') from e
+  try:
     for arr, sharding in pairs:
       if sharding is None:
         new[id(arr)] = arr.read()
@@ -373,6 +383,7 @@ class Checkpointer:
     self._gda = None  # jax's GlobalAsyncCheckpointManager, when needed
     self._checked = False  # latest_step has validated the resume point
     self._validated = None  # (step, raw tree) read by latest_step
+    self._rejected: dict = {}  # step -> why its restore failed (reject)
 
   # -- resume -------------------------------------------------------------
 
@@ -388,7 +399,8 @@ class Checkpointer:
     of retention and of the next saves). The tree read is kept for
     :meth:`read`, so the file is read once. In several processes the
     large arrays are not read here (see the module doc): a block of them
-    that does not match the sidecar fails the restore instead. Later calls
+    that does not match the sidecar fails the restore on every process
+    instead, and the resume falls back through :meth:`reject`. Later calls
     name the newest checkpoint without reading it.
 
     Raises:
@@ -405,6 +417,18 @@ class Checkpointer:
     if skipped and distributed.is_main_process():
       self._move_aside(skipped)
     return step
+
+  @_CHECKPOINT_IO
+  def reject(self, step: int, reason: str) -> int | None:
+    """After the restore of ``step`` failed on every process with a
+    :class:`CorruptCheckpointError` (``reason``): that checkpoint is moved
+    aside as :meth:`latest_step` moves unreadable ones, and the next step
+    to resume from (agreed, None if no older one reads back) is returned.
+    """
+    self._rejected[step] = reason
+    self._saved_steps.discard(step)
+    self._checked, self._validated = False, None
+    return self.latest_step()
 
   def _step_of(self, path: str) -> int:
     name = os.path.basename(path)[len(self.policy.prefix):]
@@ -432,6 +456,14 @@ class Checkpointer:
     paths = checkpoint_naming.all_checkpoints(self.dir, self.policy.prefix)
     for path in reversed(paths):
       step = self._step_of(path)
+      if step in self._rejected:
+        if distributed.is_main_process():
+          logging.warning(
+              'Skipping checkpoint %s: %s. It is moved to %s/; the run'
+              ' resumes from an older checkpoint, if any.', path,
+              self._rejected[step], CORRUPT_DIR)
+        skipped.append(path)
+        continue
       try:
         # Several processes: the framing (checked against a block-hashed
         # sidecar), not the large arrays; their slice reads check them.

@@ -91,9 +91,18 @@ def resume_or_start(trainer, make):
   target = jax.eval_shape(make)
   if frozen.has_frozen(target):  # the checkpoint holds what trains: the base
     target = _fresh(trainer, make)
-  state, raw = checkpoints.restore_state(
-      ckpt.path(latest), target, trainer.run.partitioner,
-      ckpt.read(latest), latest)
+  while True:
+    try:
+      state, raw = checkpoints.restore_state(
+          ckpt.path(latest), target, trainer.run.partitioner,
+          ckpt.read(latest), latest)
+      break
+    except checkpoints.CorruptCheckpointError as e:  # agreed: all fall back
+      latest = ckpt.reject(latest, ' '.join(str(e).split()))
+      if latest is None and mode != 'require':
+        return _fresh(trainer, make), 0, False
+      if latest is None:
+        raise
   step = int(np.asarray(state.step))
   _restore_positions(trainer, raw, ckpt.path(latest), step)
   if trainer.main:
