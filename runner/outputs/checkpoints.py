@@ -19,9 +19,10 @@ In several processes a checkpoint file is read lazily
 leaves, and reads of each large array only the slices its devices hold;
 with a block-hashed integrity sidecar every block read is checked first
 (a mismatch is the usual ``cannot read checkpoint`` error, on every
-process, and the resume falls back to the previous checkpoint). The resume's choice of checkpoint then checks what the framing
-and the sidecar say, and the slice reads check the rest. In one process
-files are read whole, as before.
+process, and the resume falls back to the previous checkpoint). The
+resume's choice of checkpoint then checks what the framing and the
+sidecar say, and the slice reads check the rest. In one process files are
+read whole, as before.
 """
 
 import concurrent.futures
