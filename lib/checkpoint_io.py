@@ -146,10 +146,6 @@ def integrity_sidecar(path: str) -> bool:
   return bool(_sidecar_mode)
 
 
-def _sidecar_text(hasher: checkpoint_sidecar.Hasher, nbytes: int) -> bytes:
-  return hasher.text(nbytes)
-
-
 # ---------------------------------------------------------------------------
 # Errors (``OSError`` subclasses, as the raw errors they replace).
 
@@ -606,7 +602,7 @@ def _write_local_sidecar(final_path: str, hasher, nbytes: int) -> None:
     return
   fd = _create_file(side, exclusive=False)
   try:
-    _write_all(fd, _sidecar_text(hasher, nbytes))
+    _write_all(fd, hasher.text(nbytes))
     os.fsync(fd)
   finally:
     os.close(fd)
@@ -635,7 +631,7 @@ def _write_url_checkpoint(tree, final_path: str, overwrite: bool,
     upload = storage.Upload(final_path)
     _write_segments(tree, upload.write, hasher)
     if hasher is not None:
-      storage.write_bytes(side, _sidecar_text(hasher, tree.nbytes))
+      storage.write_bytes(side, hasher.text(tree.nbytes))
     elif storage.exists(side):
       storage.remove(side)
     upload.commit()

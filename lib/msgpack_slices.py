@@ -48,7 +48,6 @@ import collections
 import dataclasses
 import os
 import threading
-import zlib
 from typing import Any
 
 import jax
@@ -564,9 +563,8 @@ def _agree(pairs: list, error: Exception | None) -> None:
   """Every process raises if any process's reads failed."""
   path = pairs[0][0].path if pairs else ''
   if jax.process_count() > 1:
-    mine = [zlib.crc32(path.encode()) & 0x7fffffff, error is not None]
-    everyone = save_status.allgather(mine)  # no program to compile
-    failed = np.flatnonzero(everyone[:, 1]).tolist()
+    everyone = save_status.allgather([error is not None])  # no compile
+    failed = np.flatnonzero(everyone[:, 0]).tolist()
     if error is None and failed:
       raise errors.CheckpointReadError(
           path, f'its slices failed to read on process(es) {failed} (their'

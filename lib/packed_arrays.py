@@ -544,7 +544,7 @@ def _scatter_tasks(read, offset, stored, dtype, digest, path,
   returns none of them."""
   block, hexes = digest
   shape = [d - c for c, d in stored]
-  row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+  row = _row_bytes(stored, dtype)
   size = row * shape[0]
   block = block or max(size, 1)
   per_piece = max(1, _READ_PIECE // row)
@@ -579,7 +579,6 @@ def _scatter_tasks(read, offset, stored, dtype, digest, path,
   return [functools.partial(task, k) for k in range(len(hexes))]
 
 
-
 def _check_block(state, hexes, k, span, path, box) -> None:
   """Raises the corrupt-slice error unless the xxh3 ``state`` of block
   ``k`` (bytes ``span`` = (lo, hi, size) of the slice ``box``) is
@@ -591,6 +590,13 @@ def _check_block(state, hexes, k, span, path, box) -> None:
     raise _corrupt(path, f'slice {_box_str(box)} does not match its hash'
                    f'{where} (xxh3 {got}, written {hexes[k]}): the data'
                    ' file is damaged or was swapped')
+
+
+def _row_bytes(box, dtype) -> int:
+  """Bytes of one row (first dimension) of the slice ``box``."""
+  return dtype.itemsize * int(np.prod([d - c for c, d in box[1:]],
+                                      dtype=np.int64))
+
 
 def run_tasks(tasks) -> None:
   """Runs ``tasks`` (callables) on the read pool; raises the first error
@@ -690,9 +696,7 @@ def read_arrays(directory: str, merged: dict, wanted: list) -> list:
       plans.append(placed)
     for (_, stored), (read, offset, dtype, digest, path,
                       targets) in partial.items():
-      row = dtype.itemsize * int(np.prod([d - c for c, d in stored[1:]],
-                                         dtype=np.int64))
-      if files.fs is None and row <= _SCATTER_ROW_MAX:
+      if files.fs is None and _row_bytes(stored, dtype) <= _SCATTER_ROW_MAX:
         tasks += _scatter_tasks(read, offset, stored, dtype, digest, path,
                                 targets)
         continue
@@ -733,10 +737,8 @@ def check_slices(directory: str, merged: dict, items: list) -> None:
       info = merged[subpath]
       process, offset, nbytes = info['where'][box]
       dtype, digest = _dtype(info['dtype']), dict(info['chunks'])[box]
-      row = dtype.itemsize * int(np.prod([d - c for c, d in box[1:]],
-                                         dtype=np.int64))
       if (files.fs is None and nbytes and box and
-          row <= _SCATTER_ROW_MAX):
+          _row_bytes(box, dtype) <= _SCATTER_ROW_MAX):
         batch += _scatter_tasks(files.fd(process), offset, box, dtype,
                                 digest, path, [])
       else:

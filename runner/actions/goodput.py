@@ -38,8 +38,7 @@ class GoodputReport(deferred.DeferredRecord):
                delay: int = 8):
     super().__init__(delay)
     self.writer, self.record, self.main = writer, record, main
-    self.step = None     # the last step seen
-    self.written = None  # the last step written
+    self.step = None  # the last step seen
 
   def __call__(self, step, state, metrics):
     self.step = step
@@ -51,7 +50,6 @@ class GoodputReport(deferred.DeferredRecord):
   def emit(self, step, record):
     if self.main:
       self.writer.write_scalars(step, record, split='goodput')
-      self.written = step
 
   def close(self):
     if self.step is None or not self.main:

@@ -344,24 +344,32 @@ def restore_state(path: str, shapes: Any, partitioner, raw: dict | None = None,
     shardings = None if partitioner is None else partitioner.shardings(shapes)
     raw['state'] = read_arrays(path, raw['state'], shardings, step)
     tree = raw['state']
-    check_tree(serialization.to_state_dict(shapes), tree,
-               what or f'checkpoint {path}',
-               against='the model and optimizer', hint=hint)
+  else:
+    raw = read_arrays(path, read_file(path) if raw is None else raw,
+                      step=step)
+    tree = select(raw)
+  check_tree(serialization.to_state_dict(shapes), tree,
+             what or f'checkpoint {path}', against='the model and optimizer',
+             hint=hint)
+  if select is None:  # lazily read arrays: read once the shapes fit
     tree = raw['state'] = place_stored(
         path, tree, None if shardings is None else
         serialization.to_state_dict(shardings))
     raw = {k: (v if k == 'state' else place_stored(path, v))
            for k, v in raw.items()}
-  else:
-    raw = read_arrays(path, read_file(path) if raw is None else raw,
-                      step=step)
-    tree = select(raw)
-    check_tree(serialization.to_state_dict(shapes), tree,
-               what or f'checkpoint {path}',
-               against='the model and optimizer', hint=hint)
   state = serialization.from_state_dict(shapes, tree)
   return (state if partitioner is None else partitioner.put_state(state),
           raw)
+
+
+def _skip(path: str, why: str, skipped: list) -> None:
+  """Notes the checkpoint ``path`` as one the resume skips (``why``: the
+  warning's reason); :meth:`Checkpointer.latest_step` moves it aside."""
+  if distributed.is_main_process():
+    logging.warning('Skipping checkpoint %s: %s. It is moved to %s/; the run'
+                    ' resumes from an older checkpoint, if any.', path, why,
+                    CORRUPT_DIR)
+  skipped.append(path)
 
 
 class Checkpointer:
@@ -458,12 +466,7 @@ class Checkpointer:
     for path in reversed(paths):
       step = self._step_of(path)
       if step in self._rejected:
-        if distributed.is_main_process():
-          logging.warning(
-              'Skipping checkpoint %s: %s. It is moved to %s/; the run'
-              ' resumes from an older checkpoint, if any.', path,
-              self._rejected[step], CORRUPT_DIR)
-        skipped.append(path)
+        _skip(path, self._rejected[step], skipped)
         continue
       try:
         # Several processes: the framing (checked against a block-hashed
@@ -473,13 +476,8 @@ class Checkpointer:
       except storage.StoreError:
         raise  # the store failed, not this checkpoint: nothing is moved
       except (OSError, ValueError) as e:
-        if distributed.is_main_process():
-          logging.warning(
-              'Skipping checkpoint %s: it does not read back (%s). It is'
-              ' moved to %s/; the run resumes from an older checkpoint, if'
-              ' any.',
-              path, ' '.join(str(e).split()), CORRUPT_DIR)
-        skipped.append(path)
+        _skip(path, f'it does not read back ({" ".join(str(e).split())})',
+              skipped)
         continue
       if not isinstance(raw, dict) or not isinstance(raw.get('state'), dict):
         raise RunnerError(f'{path} is not a runner checkpoint (no "state"'
@@ -487,12 +485,8 @@ class Checkpointer:
                           ' directory.')
       stored = _stored_step(raw)
       if stored is not None and stored != step:
-        if distributed.is_main_process():
-          logging.warning(
-              'Skipping checkpoint %s: it holds step %d, not the step of its'
-              ' name. It is moved to %s/; the run resumes from an older'
-              ' checkpoint, if any.', path, stored, CORRUPT_DIR)
-        skipped.append(path)
+        _skip(path, f'it holds step {stored}, not the step of its name',
+              skipped)
         continue
       self._validated = (step, raw)
       return step, skipped

@@ -53,8 +53,7 @@ def part_of(action) -> str:
 
 
 class _Span:
-  """One :meth:`Clock.span`: pushes its frame on entry, books it on exit.
-  Reusable, one entry at a time (the loop keeps its input span)."""
+  """One :meth:`Clock.span`: pushes its frame on entry, books it on exit."""
   __slots__ = ('clock', 'frame')
 
   def __init__(self, clock: 'Clock', part: str):
@@ -62,9 +61,8 @@ class _Span:
     self.frame = [part, 0.0, 0.0]
 
   def __enter__(self) -> None:
-    frame = self.frame
-    frame[1], frame[2] = self.clock.now(), 0.0
-    self.clock._stack.append(frame)  # pylint: disable=protected-access
+    self.frame[1] = self.clock.now()
+    self.clock._stack.append(self.frame)  # pylint: disable=protected-access
 
   def __exit__(self, *exc) -> bool:
     self.clock._close(self.frame)  # pylint: disable=protected-access

@@ -78,9 +78,7 @@ class Trainer:
     self.dstate = None  # the placed train state, while training
     self.ckpt = checkpoints.Checkpointer(workdir, run.policy)
     self.actions: list = []  # made by fit()
-    # Per action: (action, its bound due, goodput part, records_only),
-    # made by fit(): the loop's per-step pass reads no attribute.
-    self._plan: list = []
+    self._parts: list = []  # goodput.part_of each action (made by fit())
     self._steps: dict = {}   # compiled train step variants
     self.eval_step = None
     self.eval_seconds = 0.0  # spent evaluating (kept out of the rates)
@@ -143,8 +141,7 @@ class Trainer:
       self.actions = action_list.default_actions(
           run, self.workdir, writer, self.ckpt, self.snapshot, self.evaluate,
           self._install, self.main, lambda: jax.eval_shape(make), self.extra)
-      self._plan = [(a, a.due, goodput.part_of(a), a.records_only)
-                    for a in self.actions]
+      self._parts = [goodput.part_of(a) for a in self.actions]
       memory.check(run, make, None if self.settings is None else
                    settings_lib.flatten(self.settings).get(
                        'flags.memory_budget'))  # before any checkpoint I/O
@@ -194,10 +191,9 @@ class Trainer:
     saves = self.ckpt.saves
     clock = goodput.CLOCK
     clock.begin_loop(step)
-    input_span = clock.span('input')  # reused: one object for every step
     while step < run.total and not stop:
       try:
-        with input_span:
+        with clock.span('input'):
           batch = p.put_batch(run.source.next_batch())
       except BaseException as e:  # free while nothing fails (a with is not)
         _READING_DATA.note(e)
@@ -223,7 +219,7 @@ class Trainer:
             first=since == start)
         sums, since = zero, step
       stop, ran = (self._run_actions(step, metrics) if step < run.total
-                   else (False, []))
+                   else (False, set()))
     clock.end_loop()
     self._end(step, metrics, ran)
     return TrainResult(p.result(self.dstate), step, last_train,
@@ -231,16 +227,16 @@ class Trainer:
                        metrics.get('stop_reason') == 'early_stopping',
                        list(metrics.get('best', [])))
 
-  def _run_actions(self, step, metrics) -> tuple[bool, list]:
+  def _run_actions(self, step, metrics) -> tuple[bool, set]:
     """Runs the actions due after ``step``; ``(stop asked, ids of the
     actions that ran)``."""
-    stop, ran = False, []
+    stop, ran = False, set()
     try:
-      for action, due, part, records_only in self._plan:
-        if records_only and not metrics:
+      for action, part in zip(self.actions, self._parts):
+        if action.records_only and not metrics:
           continue
-        if due(step, False):
-          ran.append(id(action))
+        if action.due(step, False):
+          ran.add(id(action))
           with goodput.CLOCK.span(part):
             stop = bool(action(step, self.dstate, metrics)) or stop
     except BaseException as e:  # free while nothing fails (a with is not)
